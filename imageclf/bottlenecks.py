@@ -1,0 +1,165 @@
+"""Bottleneck vectors: computed in batches with parallel decoding, cached on disk by content.
+
+The cache key is the base model's fingerprint plus the SHA-256 of each image file's bytes, so
+renaming or moving a picture costs nothing, and editing one recomputes just that one. Entries
+are written atomically; an unreadable or malformed entry is recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import tensorflow as tf
+from tqdm import tqdm
+
+from imageclf.atomic import write_bytes_atomic
+from imageclf.bases import BaseModel
+from imageclf.errors import BadImageError
+from imageclf.images import DEFAULT_MAX_PIXELS, read_image
+from imageclf.preprocess import pack_images, packed_to_model_input
+
+
+def feature_function(base: BaseModel) -> Callable[[tf.Tensor], tf.Tensor]:
+    """The frozen base as a TF2 function: float32 ``[n, H, W, 3]`` in [0, 1] -> ``[n, D]``."""
+    def imported():
+        tf.compat.v1.import_graph_def(base.graph_def, name="")
+    wrapped = tf.compat.v1.wrap_function(imported, [])
+    return wrapped.prune(wrapped.graph.get_tensor_by_name(base.input_name),
+                         wrapped.graph.get_tensor_by_name(base.output_name))
+
+
+def pixels_feature_function(base: BaseModel) -> Callable[[np.ndarray, np.ndarray], tf.Tensor]:
+    """Packed decoded pixels (see preprocess.pack_images) -> bottlenecks, in one graph call."""
+    features = feature_function(base)
+    return tf.function(
+        lambda flat, shapes: features(packed_to_model_input(flat, shapes, base.input_size)),
+        input_signature=[tf.TensorSpec([None, 3], tf.uint8), tf.TensorSpec([None, 2], tf.int32)])
+
+
+class BottleneckCache:
+    """One ``.npy`` file per (base model, image content) under ``root``."""
+
+    def __init__(self, root: str | os.PathLike, base: BaseModel):
+        self.dir = Path(root) / hashlib.sha256(base.fingerprint.encode()).hexdigest()[:16]
+        self.size = base.bottleneck_size
+
+    def _path(self, key: str) -> Path:
+        return self.dir / key[:2] / f"{key}.npy"
+
+    def get(self, key: str) -> np.ndarray | None:
+        """The cached vector, or None when absent or unreadable (it will be recomputed)."""
+        path = self._path(key)
+        try:
+            vector = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError):
+            return None
+        if vector.shape != (self.size,) or vector.dtype != np.float32 or not np.isfinite(vector).all():
+            return None
+        return vector
+
+    def put(self, key: str, vector: np.ndarray) -> None:
+        buffer = io.BytesIO()
+        np.save(buffer, np.asarray(vector, np.float32), allow_pickle=False)
+        write_bytes_atomic(self._path(key), buffer.getvalue(), durable=False)
+
+
+@dataclass
+class BottleneckReport:
+    computed: int = 0
+    reused: int = 0
+    skipped: list[str] = field(default_factory=list)  # one message per unusable file
+
+    def summary(self) -> str:
+        return f"computed {self.computed:,}, reused {self.reused:,}, skipped {len(self.skipped):,}"
+
+
+def content_key(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def get_bottlenecks(paths: Sequence[Path], base: BaseModel, cache: BottleneckCache | None, *,
+                    batch_size: int = 32, workers: int | None = None,
+                    max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True
+                    ) -> tuple[dict[Path, np.ndarray], BottleneckReport]:
+    """Bottleneck vectors for ``paths``; files that are not usable images are reported, not fatal."""
+    report = BottleneckReport()
+    workers = workers or min(8, (os.cpu_count() or 2) + 2)
+    vectors: dict[Path, np.ndarray] = {}
+    keys: dict[Path, str] = {}
+    with ThreadPoolExecutor(workers) as pool:
+        for path, key in zip(paths, pool.map(_safe_key, paths)):
+            if isinstance(key, BadImageError):
+                report.skipped.append(str(key))
+            else:
+                keys[path] = key
+        todo = []
+        for path, key in keys.items():
+            cached = cache.get(key) if cache else None
+            if cached is None:
+                todo.append(path)
+            else:
+                vectors[path] = cached
+                report.reused += 1
+        if todo:
+            features = pixels_feature_function(base)
+            bar = tqdm(total=len(todo), desc="Bottlenecks", unit="img", disable=not progress, leave=False)
+            for attempted, batch_paths, batch in _decoded_batches(todo, pool, batch_size,
+                                                                  max_pixels, report):
+                out = features(*pack_images(batch)).numpy() if batch else []
+                for path, vector in zip(batch_paths, out):
+                    vectors[path] = vector
+                    if cache:
+                        cache.put(keys[path], vector)
+                report.computed += len(batch_paths)
+                bar.update(attempted)
+            bar.close()
+    return vectors, report
+
+
+def _safe_key(path: Path):
+    try:
+        return content_key(path)
+    except OSError as e:
+        return BadImageError(f"{path}: cannot read file ({e.strerror})")
+
+
+def _decode_one(path: Path, max_pixels: int):
+    try:
+        return read_image(path, max_pixels)
+    except BadImageError as e:
+        return e
+
+
+def _decoded_batches(paths: list[Path], pool: ThreadPoolExecutor, batch_size: int,
+                     max_pixels: int, report: BottleneckReport
+                     ) -> Iterable[tuple[int, list[Path], list[np.ndarray]]]:
+    """Yield decoded batches while the pool already decodes the next ones."""
+    chunks = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
+    pending: deque = deque()
+    ahead = 2  # batches decoded ahead of the forward pass; bounds memory
+    for i, chunk in enumerate(chunks):
+        while len(pending) <= ahead and i + len(pending) < len(chunks):
+            nxt = chunks[i + len(pending)]
+            pending.append((nxt, [pool.submit(_decode_one, p, max_pixels) for p in nxt]))
+        chunk, futures = pending.popleft()
+        good, arrays = [], []
+        for path, future in zip(chunk, futures):
+            result = future.result()
+            if isinstance(result, BadImageError):
+                report.skipped.append(str(result))
+            else:
+                good.append(path)
+                arrays.append(result)
+        yield len(chunk), good, arrays

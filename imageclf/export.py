@@ -1,0 +1,114 @@
+"""Writing a retrained classifier: frozen GraphDef, labels, metadata sidecar, SavedModel.
+
+The graph contract (what label_image, the service and TF Serving rely on):
+- ``Placeholder:0``  float32 [None, H, W, 3], RGB in [0, 1] (as TF Hub's retrain.py graphs);
+- ``image_bytes:0``  string [None], encoded images decoded and resized inside the graph
+  (it feeds ``Placeholder`` by default, so feed one or the other);
+- ``final_result:0`` (or ``--final_tensor_name``) float32 [None, classes], softmax;
+- ``bottleneck:0``   float32 [None, D], the base model's features;
+- ``labels:0``       string [classes]; ``metadata:0`` string scalar, JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import tensorflow as tf
+
+from imageclf.atomic import write_bytes_atomic, write_text_atomic
+from imageclf.bases import BaseModel
+from imageclf.preprocess import decode_to_model_input
+from imageclf.training import FinalLayer
+
+FORMAT = "imageclf-graph/1"
+INPUT_TENSOR = "Placeholder:0"
+BYTES_TENSOR = "image_bytes:0"
+BOTTLENECK_TENSOR = "bottleneck:0"
+LABELS_TENSOR = "labels:0"
+METADATA_TENSOR = "metadata:0"
+
+
+def graph_metadata(base: BaseModel, labels: list[str], final_tensor_name: str, extra: dict) -> dict:
+    """The self-description embedded in the graph and written to the ``.json`` sidecar."""
+    return {
+        "format": FORMAT,
+        "input_tensor": INPUT_TENSOR,
+        "image_bytes_tensor": BYTES_TENSOR,
+        "output_tensor": f"{final_tensor_name}:0",
+        "bottleneck_tensor": BOTTLENECK_TENSOR,
+        "input_size": list(base.input_size),
+        # Pixels p in 0..255 are fed as (p - mean) / std, the convention label_image users know.
+        "input_mean": 0.0,
+        "input_std": 255.0,
+        "labels": list(labels),
+        "base_model": base.info(),
+        **extra,
+    }
+
+
+def build_graph(base: BaseModel, layer: FinalLayer, labels: list[str], metadata: dict,
+                final_tensor_name: str = "final_result") -> tf.compat.v1.GraphDef:
+    """The complete frozen classifier as one GraphDef (every value a constant)."""
+    height, width = base.input_size
+    graph = tf.Graph()
+    with graph.as_default():
+        encoded = tf.compat.v1.placeholder(tf.string, [None], name="image_bytes")
+        decoded = tf.map_fn(lambda one: decode_to_model_input(one, base.input_size), encoded,
+                            fn_output_signature=tf.TensorSpec([height, width, 3], tf.float32))
+        images = tf.compat.v1.placeholder_with_default(decoded, [None, height, width, 3], name="Placeholder")
+        features = tf.import_graph_def(base.graph_def, input_map={base.input_name: images},
+                                       return_elements=[base.output_name], name="base")[0]
+        bottleneck = tf.identity(tf.reshape(features, [-1, base.bottleneck_size]), name="bottleneck")
+        with tf.name_scope("final_training_ops"):
+            logits = tf.matmul(bottleneck, tf.constant(layer.weights, name="weights")) + \
+                tf.constant(layer.biases, name="biases")
+        tf.nn.softmax(logits, name=final_tensor_name)
+        tf.constant(labels, dtype=tf.string, name="labels")
+        tf.constant(json.dumps(metadata), dtype=tf.string, name="metadata")
+    return graph.as_graph_def()
+
+
+def write_outputs(graph_def: tf.compat.v1.GraphDef, metadata: dict, evaluation: dict | None,
+                  output_graph: str | Path, output_labels: str | Path) -> Path:
+    """Labels, sidecar JSON, then the graph itself last, each replaced atomically.
+
+    The graph carries its own labels and metadata, so a reader that sees a new graph never
+    depends on the other files being in step with it.
+    """
+    output_graph = Path(output_graph)
+    write_text_atomic(output_labels, "".join(f"{label}\n" for label in metadata["labels"]))
+    sidecar = output_graph.with_suffix(".json")
+    write_text_atomic(sidecar, json.dumps({**metadata, "evaluation": evaluation}, indent=2) + "\n")
+    write_bytes_atomic(output_graph, graph_def.SerializeToString())
+    return sidecar
+
+
+def write_saved_model(graph_def: tf.compat.v1.GraphDef, metadata: dict, export_dir: str | Path) -> Path:
+    """A versioned SavedModel (``export_dir/<version>/``) that TensorFlow Serving can load.
+
+    Signatures: ``serving_default`` takes ``image_bytes`` (encoded images), ``predict_images``
+    takes ``images`` (float32 [None, H, W, 3] in [0, 1]); both return ``scores`` and, per
+    image, all labels as ``classes``.
+    """
+    final = Path(export_dir) / str(metadata["version"])
+    if final.exists():
+        raise FileExistsError(f"{final} already exists")
+    staging = final.with_name(f".{final.name}.tmp")
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.import_graph_def(graph_def, name="")
+        scores = graph.get_tensor_by_name(metadata["output_tensor"])
+        classes = tf.tile(graph.get_tensor_by_name(LABELS_TENSOR)[None, :], [tf.shape(scores)[0], 1])
+        outputs = {"scores": scores, "classes": classes}
+        signature = tf.compat.v1.saved_model.predict_signature_def
+        signatures = {
+            "serving_default": signature({"image_bytes": graph.get_tensor_by_name(BYTES_TENSOR)}, outputs),
+            "predict_images": signature({"images": graph.get_tensor_by_name(INPUT_TENSOR)}, outputs),
+        }
+        with tf.compat.v1.Session(graph=graph) as session:
+            builder = tf.compat.v1.saved_model.Builder(str(staging))
+            builder.add_meta_graph_and_variables(session, [tf.saved_model.SERVING], signature_def_map=signatures)
+            builder.save()
+    staging.rename(final)  # TF Serving watches the parent folder; it must never see a partial version
+    return final

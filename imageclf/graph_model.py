@@ -1,0 +1,196 @@
+"""Loading a frozen classifier graph and running it in a ``tf.compat.v1`` session.
+
+Our own graphs describe themselves (labels and metadata are constants inside). Graphs from
+the older retrain scripts need their input tensor, size and mean/std: from arguments, or from
+a ``<graph stem>.json`` file beside the graph, e.g.::
+
+    {"input_tensor": "input:0", "output_tensor": "final_result:0", "input_size": [128, 128],
+     "input_mean": 127.5, "input_std": 127.5, "labels_file": "retrained_labels.txt"}
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import tensorflow as tf
+from google.protobuf.message import DecodeError
+
+from imageclf.errors import UserError
+from imageclf.preprocess import to_model_input
+
+_SETTINGS = ("input_tensor", "output_tensor", "input_size", "input_mean", "input_std", "labels_file")
+
+
+@dataclass(frozen=True)
+class GraphSettings:
+    """How to feed a graph and read its answer. ``None`` means: find out from the graph."""
+
+    input_tensor: str | None = None
+    output_tensor: str | None = None
+    input_size: tuple[int, int] | None = None
+    input_mean: float | None = None
+    input_std: float | None = None
+    labels_file: str | None = None
+
+    def merged(self, fallback: "GraphSettings") -> "GraphSettings":
+        return GraphSettings(**{k: getattr(self, k) if getattr(self, k) is not None else getattr(fallback, k)
+                                for k in _SETTINGS})
+
+
+class GraphModel:
+    """A loaded classifier: one Graph and one Session, safe to share between threads."""
+
+    def __init__(self, path: str | Path, settings: GraphSettings | None = None):
+        self.path = Path(path)
+        graph_def = _read_graph_def(self.path)
+        self.graph = tf.Graph()
+        with self.graph.as_default():
+            tf.import_graph_def(graph_def, name="")
+        self.metadata = self._embedded("metadata:0")
+        if self.metadata is not None:
+            self.metadata = json.loads(self.metadata)
+        resolved = (settings or GraphSettings()).merged(self._described()).merged(_sidecar(self.path))
+        self.input = self._tensor(_with_port(resolved.input_tensor or self._default_input()), "input")
+        self.output = self._tensor(_with_port(resolved.output_tensor or "final_result"), "output")
+        self.input_size = self._input_size(resolved.input_size)
+        if resolved.input_mean is None or resolved.input_std is None:
+            raise UserError(f"{self.path.name}: cannot tell how this graph expects pixels to be scaled; "
+                            "give --input_mean and --input_std (pixels are fed as (p - mean) / std, "
+                            "e.g. 127.5 and 127.5 for MobileNet graphs from the Poets retrain.py)")
+        self.input_mean, self.input_std = float(resolved.input_mean), float(resolved.input_std)
+        self.labels = self._labels(resolved.labels_file)
+        self.bytes_input = self._optional_tensor("image_bytes:0") if self.metadata else None
+        self.batchable = self.input.shape.rank is None or self.input.shape[0] != 1
+        self.session = tf.compat.v1.Session(graph=self.graph)
+
+    @property
+    def name(self) -> str:
+        return (self.metadata or {}).get("name") or self.path.stem
+
+    def model_input(self, pixels: np.ndarray) -> np.ndarray:
+        """Decoded RGB uint8 ``[h, w, 3]`` -> what this graph's input tensor takes for it."""
+        x = to_model_input(pixels, self.input_size).numpy()
+        if (self.input_mean, self.input_std) == (0.0, 255.0):
+            return x
+        return (x * 255.0 - self.input_mean) / self.input_std
+
+    def predict(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
+        """Probabilities ``[n, classes]`` for decoded images (see images.decode_image)."""
+        batch = np.stack([self.model_input(p) for p in pixels])
+        if self.batchable:
+            return self.session.run(self.output, {self.input: batch})
+        return np.concatenate([self.session.run(self.output, {self.input: one[None]}) for one in batch])
+
+    def predict_encoded(self, encoded: Sequence[bytes]) -> np.ndarray:
+        """Probabilities for encoded images, decoded inside the graph (``image_bytes:0``)."""
+        if self.bytes_input is None:
+            raise UserError(f"{self.path.name} has no image_bytes input")
+        return self.session.run(self.output, {self.bytes_input: list(encoded)})
+
+    def top_k(self, probabilities: np.ndarray, k: int = 5) -> list[tuple[str, float]]:
+        order = np.argsort(-probabilities, kind="stable")[:k]
+        return [(self.labels[i], float(probabilities[i])) for i in order]
+
+    def close(self) -> None:
+        self.session.close()
+
+    # -- resolving settings -------------------------------------------------------------
+
+    def _embedded(self, name: str):
+        tensor = self._optional_tensor(name)
+        if tensor is None or tensor.op.type != "Const":
+            return None
+        return tf.make_ndarray(tensor.op.get_attr("value"))
+
+    def _described(self) -> GraphSettings:
+        meta = self.metadata or {}
+        return GraphSettings(input_tensor=meta.get("input_tensor"), output_tensor=meta.get("output_tensor"),
+                             input_size=tuple(meta["input_size"]) if "input_size" in meta else None,
+                             input_mean=meta.get("input_mean"), input_std=meta.get("input_std"))
+
+    def _default_input(self) -> str:
+        placeholders = [op.name for op in self.graph.get_operations() if op.type == "Placeholder"]
+        if "input" in placeholders or len(placeholders) != 1:
+            return "input"
+        return placeholders[0]
+
+    def _tensor(self, name: str, role: str) -> tf.Tensor:
+        tensor = self._optional_tensor(name)
+        if tensor is None:
+            raise UserError(f"{self.path.name}: no {role} tensor named '{name}' in this graph")
+        return tensor
+
+    def _optional_tensor(self, name: str) -> tf.Tensor | None:
+        try:
+            return self.graph.get_tensor_by_name(name)
+        except (KeyError, ValueError):
+            return None
+
+    def _input_size(self, given) -> tuple[int, int]:
+        shape = self.input.shape
+        declared = tuple(shape[1:3]) if shape.rank == 4 and None not in shape[1:3] else None
+        if given is not None:
+            if declared and tuple(int(v) for v in given) != declared:
+                raise UserError(f"{self.path.name}: input is {declared[0]}x{declared[1]}, "
+                                f"not {given[0]}x{given[1]}")
+            return int(given[0]), int(given[1])
+        if declared is None:
+            raise UserError(f"{self.path.name}: the input size is not fixed in the graph; "
+                            "give --input_height and --input_width")
+        return int(declared[0]), int(declared[1])
+
+    def _labels(self, labels_file: str | None) -> list[str]:
+        if labels_file is None:
+            embedded = self._embedded("labels:0")
+            if embedded is None:
+                raise UserError(f"{self.path.name} has no embedded labels; give --labels FILE")
+            labels = [v.decode("utf-8") for v in embedded]
+        else:
+            path = Path(labels_file)
+            if not path.is_absolute() and not path.exists():
+                path = self.path.parent / path
+            try:
+                labels = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            except OSError as e:
+                raise UserError(f"--labels {labels_file}: {e.strerror}") from None
+        width = self.output.shape[-1] if self.output.shape.rank else None
+        if width is not None and width != len(labels):
+            raise UserError(f"{self.path.name}: the graph outputs {width} scores but there are {len(labels)} labels")
+        return labels
+
+
+def _read_graph_def(path: Path) -> tf.compat.v1.GraphDef:
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"--graph {path}: {e.strerror}") from None
+    graph_def = tf.compat.v1.GraphDef()
+    try:
+        graph_def.ParseFromString(data)
+    except DecodeError:
+        raise UserError(f"--graph {path}: not a frozen TensorFlow GraphDef (.pb)") from None
+    if not graph_def.node:
+        raise UserError(f"--graph {path}: the graph is empty")
+    return graph_def
+
+
+def _sidecar(graph_path: Path) -> GraphSettings:
+    path = graph_path.with_suffix(".json")
+    if not path.is_file():
+        return GraphSettings()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read settings: {e}") from None
+    values = {k: data.get(k) for k in _SETTINGS}
+    if values["input_size"] is not None:
+        values["input_size"] = tuple(values["input_size"])
+    return GraphSettings(**values)
+
+
+def _with_port(name: str) -> str:
+    return name if ":" in name else f"{name}:0"

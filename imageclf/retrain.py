@@ -1,0 +1,189 @@
+"""Retraining: labelled folders -> bottlenecks -> new softmax layer -> frozen graph."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import tensorflow as tf
+from tqdm import tqdm
+
+from imageclf import export
+from imageclf.bases import BaseModel, FrozenGraphSpec, load_base
+from imageclf.bottlenecks import (BottleneckCache, BottleneckReport, feature_function,
+                                  get_bottlenecks)
+from imageclf.dataset import TEST, TRAIN, VALIDATION, ImageFile, check_trainable, scan_image_dir
+from imageclf.images import DEFAULT_MAX_PIXELS, read_image
+from imageclf.metrics import evaluation_report, format_report
+from imageclf.preprocess import distort, pack_images, packed_to_model_input
+from imageclf.training import FinalLayer, TrainConfig, sampler_from_arrays, train_final_layer
+
+
+@dataclass
+class RetrainOptions:
+    image_dir: str
+    output_graph: str | None = None
+    output_labels: str | None = None
+    bottleneck_dir: str | None = "bottlenecks"
+    tfhub_module: str = "builtin"
+    frozen_base: FrozenGraphSpec = field(default_factory=FrozenGraphSpec)
+    training: TrainConfig = field(default_factory=TrainConfig)
+    testing_percentage: float = 10
+    validation_percentage: float = 10
+    test_batch_size: int = -1
+    print_misclassified_test_images: bool = False
+    final_tensor_name: str = "final_result"
+    flip_left_right: bool = False
+    random_crop: float = 0
+    random_scale: float = 0
+    random_brightness: float = 0
+    saved_model_dir: str | None = None
+    batch_size: int = 32
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    @property
+    def distortions(self) -> bool:
+        return bool(self.flip_left_right or self.random_crop or self.random_scale or self.random_brightness)
+
+    def graph_path(self) -> Path:
+        if self.output_graph:
+            return Path(self.output_graph)
+        return Path("graphs") / f"{Path(self.image_dir).resolve().name}.pb"
+
+    def labels_path(self) -> Path:
+        return Path(self.output_labels) if self.output_labels else self.graph_path().with_suffix(".labels.txt")
+
+
+@dataclass
+class RetrainResult:
+    graph: Path
+    labels_file: Path
+    sidecar: Path
+    saved_model: Path | None
+    labels: list[str]
+    bottlenecks: BottleneckReport
+    split_counts: dict[str, int]
+    evaluation: dict | None
+    validation_accuracy: float | None
+    seconds: float
+
+
+def retrain(opts: RetrainOptions, log: Callable[[str], None] = tqdm.write) -> RetrainResult:
+    """Run a whole retrain; raises UserError for anything the user can fix."""
+    started = time.time()
+    labels, files = scan_image_dir(opts.image_dir, opts.validation_percentage, opts.testing_percentage)
+    log(f"Found {len(labels)} classes and {len(files):,} files in {opts.image_dir}")
+    base = load_base(opts.tfhub_module, opts.frozen_base)
+    log(f"Base model: {base.description} ({base.input_size[0]}x{base.input_size[1]}, "
+        f"{base.bottleneck_size} features)")
+    cache = BottleneckCache(opts.bottleneck_dir, base) if opts.bottleneck_dir else None
+    vectors, report = get_bottlenecks([f.path for f in files], base, cache, batch_size=opts.batch_size,
+                                      max_pixels=opts.max_pixels, progress=opts.training.progress)
+    log(f"Bottlenecks: {report.summary()}" + (f" (cache {cache.dir})" if cache else ""))
+    files = [f for f in files if f.path in vectors]
+    check_trainable(labels, files)
+    class_id = {label: i for i, label in enumerate(labels)}
+    splits = {name: _arrays([f for f in files if f.split == name], vectors, class_id, base)
+              for name in (TRAIN, VALIDATION, TEST)}
+    split_counts = {name: len(y) for name, (_, y) in splits.items()}
+    log("Images: " + ", ".join(f"{name} {n:,}" for name, n in split_counts.items()))
+
+    sampler = (_distorted_sampler([f for f in files if f.split == TRAIN], class_id, base, opts)
+               if opts.distortions else sampler_from_arrays(*splits[TRAIN]))
+    layer = train_final_layer(sampler, splits[VALIDATION], base.bottleneck_size, len(labels),
+                              opts.training, log=log)
+
+    evaluation = _evaluate(layer, splits[TEST], labels, opts, [f for f in files if f.split == TEST], log)
+    accuracies = {name: _accuracy(layer, *splits[name]) for name in (TRAIN, VALIDATION, TEST)}
+    metadata = _metadata(opts, base, labels, files, accuracies, report)
+    graph_def = export.build_graph(base, layer, labels, metadata, opts.final_tensor_name)
+    sidecar = export.write_outputs(graph_def, metadata, evaluation, opts.graph_path(), opts.labels_path())
+    saved_model = (export.write_saved_model(graph_def, metadata, opts.saved_model_dir)
+                   if opts.saved_model_dir else None)
+    return RetrainResult(graph=opts.graph_path(), labels_file=opts.labels_path(), sidecar=sidecar,
+                         saved_model=saved_model, labels=labels, bottlenecks=report,
+                         split_counts=split_counts, evaluation=evaluation,
+                         validation_accuracy=accuracies[VALIDATION], seconds=time.time() - started)
+
+
+def _arrays(files: list[ImageFile], vectors: dict, class_id: dict, base: BaseModel):
+    x = np.stack([vectors[f.path] for f in files]) if files else np.zeros((0, base.bottleneck_size), np.float32)
+    return x, np.array([class_id[f.label] for f in files], dtype=np.int32)
+
+
+def _accuracy(layer: FinalLayer, x: np.ndarray, y: np.ndarray) -> float | None:
+    return float((layer.probabilities(x).argmax(axis=1) == y).mean()) if len(y) else None
+
+
+def _evaluate(layer: FinalLayer, test: tuple[np.ndarray, np.ndarray], labels: list[str],
+              opts: RetrainOptions, test_files: list[ImageFile], log) -> dict | None:
+    x, y = test
+    if opts.test_batch_size >= 0:
+        keep = np.random.default_rng(opts.training.seed).permutation(len(y))[:opts.test_batch_size]
+        x, y, test_files = x[keep], y[keep], [test_files[i] for i in keep]
+    if not len(y):
+        log("No test images (--testing_percentage is 0 or the classes are small); skipping the test.")
+        return None
+    probabilities = layer.probabilities(x)
+    predicted = probabilities.argmax(axis=1)
+    report = evaluation_report(y, predicted, labels)
+    log(f"Final test accuracy = {100 * report['accuracy']:.1f}% (N={report['n']})")
+    log(format_report(report))
+    if opts.print_misclassified_test_images:
+        log("=== MISCLASSIFIED TEST IMAGES ===")
+        for f, truth, guess, p in zip(test_files, y, predicted, probabilities):
+            if truth != guess:
+                log(f"{f.path}  {labels[truth]} -> {labels[guess]} ({p[guess]:.3f})")
+    return report
+
+
+def _metadata(opts: RetrainOptions, base: BaseModel, labels: list[str], files: list[ImageFile],
+              accuracies: dict, report: BottleneckReport) -> dict:
+    now = datetime.now(timezone.utc)
+    counts = {label: {name: 0 for name in (TRAIN, VALIDATION, TEST)} for label in labels}
+    for f in files:
+        counts[f.label][f.split] += 1
+    return export.graph_metadata(base, labels, opts.final_tensor_name, {
+        "name": opts.graph_path().stem,
+        "version": int(now.timestamp()),
+        "created": now.isoformat(timespec="seconds"),
+        "class_counts": counts,
+        "accuracy": accuracies,
+        "skipped_files": len(report.skipped),
+        "training": {"steps": opts.training.steps, "learning_rate": opts.training.learning_rate,
+                     "train_batch_size": opts.training.train_batch_size,
+                     "distortions": {"flip_left_right": opts.flip_left_right, "random_crop": opts.random_crop,
+                                     "random_scale": opts.random_scale,
+                                     "random_brightness": opts.random_brightness}},
+    })
+
+
+def _distorted_sampler(train_files: list[ImageFile], class_id: dict, base: BaseModel, opts: RetrainOptions):
+    """Batches of freshly distorted training images, one graph call per batch (never per image)."""
+    size = base.input_size
+    resize = tf.function(lambda flat, shapes: packed_to_model_input(flat, shapes, size))
+    chunks = []
+    for i in tqdm(range(0, len(train_files), opts.batch_size), desc="Decoding for distortions",
+                  disable=not opts.training.progress, leave=False):
+        pixels = [read_image(f.path, opts.max_pixels) for f in train_files[i:i + opts.batch_size]]
+        chunks.append(tf.cast(tf.round(resize(*pack_images(pixels)) * 255.0), tf.uint8).numpy())
+    images = np.concatenate(chunks)
+    y = np.array([class_id[f.label] for f in train_files], dtype=np.int32)
+    features = feature_function(base)
+    generator = tf.random.Generator.from_seed(opts.training.seed)
+
+    @tf.function
+    def distorted_features(batch):
+        x = tf.image.convert_image_dtype(batch, tf.float32)
+        return features(distort(x, flip_left_right=opts.flip_left_right, random_crop=opts.random_crop,
+                                random_scale=opts.random_scale, random_brightness=opts.random_brightness,
+                                generator=generator))
+
+    def sample(rng: np.random.Generator, n: int):
+        idx = np.arange(len(y)) if n < 0 else rng.integers(0, len(y), size=n)
+        return distorted_features(tf.constant(images[idx])).numpy(), y[idx]
+    return sample

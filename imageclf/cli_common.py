@@ -8,8 +8,24 @@ from typing import Callable, Sequence
 
 
 def quiet_tensorflow() -> None:
-    """Hide TensorFlow's C++ start-up chatter (CUDA probing on CPU machines and the like)."""
+    """Import TensorFlow without its C++ start-up chatter (CUDA probing on CPU machines...).
+
+    Some of those lines are printed before TensorFlow's logging honours TF_CPP_MIN_LOG_LEVEL,
+    so standard error is silenced at the file-descriptor level for the import alone.
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if "tensorflow" in sys.modules or os.environ["TF_CPP_MIN_LOG_LEVEL"] != "3":
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def run(prog: str, main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:

@@ -50,9 +50,8 @@ class GraphModel:
         self.graph = tf.Graph()
         with self.graph.as_default():
             tf.import_graph_def(graph_def, name="")
-        self.metadata = self._embedded("metadata:0")
-        if self.metadata is not None:
-            self.metadata = json.loads(self.metadata)
+        metadata = self._embedded("metadata:0")
+        self.metadata = json.loads(metadata.item()) if metadata is not None else None
         resolved = (settings or GraphSettings()).merged(self._described()).merged(_sidecar(self.path))
         self.input = self._tensor(_with_port(resolved.input_tensor or self._default_input()), "input")
         self.output = self._tensor(_with_port(resolved.output_tensor or "final_result"), "output")

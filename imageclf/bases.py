@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import tensorflow as tf
 
@@ -143,33 +143,22 @@ def _load_hub_handle(handle: str, size_override: Sequence[int] | None) -> BaseMo
 
 def _module_callable(module, handle: str) -> tuple[Callable, list | None]:
     """The image -> feature vector function of a loaded module, and its declared input shape."""
-    signatures = getattr(module, "signatures", {})
-    if callable(module) and not (signatures and "default" in signatures and not _has_call_fn(module)):
-        shape = None
-        fns = getattr(module.__call__, "concrete_functions", None) or []
-        for fn in fns:
+    traced = getattr(module.__call__, "concrete_functions", None) if callable(module) else None
+    if traced:  # TF2 SavedModel: call the object itself
+        for fn in traced:
             specs = tf.nest.flatten(fn.structured_input_signature)
             if specs and isinstance(specs[0], tf.TensorSpec) and specs[0].shape.rank == 4:
-                shape = specs[0].shape.as_list()
-                break
-        return (lambda x: _as_vector(module(x))), shape
-    if "default" in signatures:
-        sig = signatures["default"]
-        kwargs = sig.structured_input_signature[1]
-        if len(kwargs) != 1:
-            raise UserError(f"--tfhub_module {handle}: the default signature must take one image input")
-        (name, spec), = kwargs.items()
-
-        def call(x):
-            out = sig(**{name: x})
-            return _as_vector(out.get("default", next(iter(out.values()))))
-        return call, spec.shape.as_list()
-    raise UserError(f"--tfhub_module {handle}: not an image feature-vector module "
-                    "(neither callable nor with a 'default' signature)")
-
-
-def _has_call_fn(module) -> bool:
-    return bool(getattr(getattr(module, "__call__", None), "concrete_functions", None))
+                return (lambda x: _as_vector(module(x))), specs[0].shape.as_list()
+        return (lambda x: _as_vector(module(x))), None
+    signature = getattr(module, "signatures", {}).get("default")
+    if signature is None:
+        raise UserError(f"--tfhub_module {handle}: not an image feature-vector module "
+                        "(neither callable nor with a 'default' signature)")
+    inputs = signature.structured_input_signature[1]
+    if len(inputs) != 1:
+        raise UserError(f"--tfhub_module {handle}: the default signature must take one image input")
+    (name, spec), = inputs.items()
+    return (lambda x: _as_vector(signature(**{name: x}))), spec.shape.as_list()
 
 
 def _as_vector(out):

@@ -11,10 +11,10 @@ import hashlib
 import io
 import os
 from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -99,7 +99,7 @@ def get_bottlenecks(paths: Sequence[Path], base: BaseModel, cache: BottleneckCac
     vectors: dict[Path, np.ndarray] = {}
     keys: dict[Path, str] = {}
     with ThreadPoolExecutor(workers) as pool:
-        for path, key in zip(paths, pool.map(_safe_key, paths)):
+        for path, key in zip(paths, pool.map(_safe_key, paths), strict=False):
             if isinstance(key, BadImageError):
                 report.skipped.append(str(key))
             else:
@@ -118,7 +118,7 @@ def get_bottlenecks(paths: Sequence[Path], base: BaseModel, cache: BottleneckCac
             for attempted, batch_paths, batch in _decoded_batches(todo, pool, batch_size,
                                                                   max_pixels, report):
                 out = features(*pack_images(batch)).numpy() if batch else []
-                for path, vector in zip(batch_paths, out):
+                for path, vector in zip(batch_paths, out, strict=False):
                     vectors[path] = vector
                     if cache:
                         cache.put(keys[path], vector)
@@ -155,7 +155,7 @@ def _decoded_batches(paths: list[Path], pool: ThreadPoolExecutor, batch_size: in
             pending.append((nxt, [pool.submit(_decode_one, p, max_pixels) for p in nxt]))
         chunk, futures = pending.popleft()
         good, arrays = [], []
-        for path, future in zip(chunk, futures):
+        for path, future in zip(chunk, futures, strict=False):
             result = future.result()
             if isinstance(result, BadImageError):
                 report.skipped.append(str(result))

@@ -11,9 +11,9 @@ a ``<graph stem>.json`` file beside the graph, e.g.::
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -36,7 +36,7 @@ class GraphSettings:
     input_std: float | None = None
     labels_file: str | None = None
 
-    def merged(self, fallback: "GraphSettings") -> "GraphSettings":
+    def merged(self, fallback: GraphSettings) -> GraphSettings:
         return GraphSettings(**{k: getattr(self, k) if getattr(self, k) is not None else getattr(fallback, k)
                                 for k in _SETTINGS})
 

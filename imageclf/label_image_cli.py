@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from imageclf.cli_common import quiet_tensorflow, run
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -29,7 +29,7 @@ def evaluation_report(truth: np.ndarray, predicted: np.ndarray, labels: Sequence
         "n": int(len(truth)),
         "per_class": {label: {"precision": round(float(p), 4), "recall": round(float(r), 4),
                               "f1": round(float(f), 4), "support": int(s)}
-                      for label, p, r, f, s in zip(labels, precision, recall, f1, support)},
+                      for label, p, r, f, s in zip(labels, precision, recall, f1, support, strict=False)},
         "labels": list(labels),
         "confusion_matrix": matrix.tolist(),
     }
@@ -46,6 +46,6 @@ def format_report(report: dict) -> str:
     lines.append("")
     lines.append("Confusion matrix (rows: true class, columns: predicted, in the order above):")
     cell = max(4, len(str(max((max(r) for r in report["confusion_matrix"]), default=0))) + 1)
-    for label, row in zip(labels, report["confusion_matrix"]):
+    for label, row in zip(labels, report["confusion_matrix"], strict=False):
         lines.append(f"{label:<{width}} " + "".join(f"{v:>{cell}d}" for v in row))
     return "\n".join(lines)

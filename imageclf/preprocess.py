@@ -8,7 +8,7 @@ base model's size with antialiased bilinear interpolation.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import tensorflow as tf

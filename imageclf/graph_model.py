@@ -173,7 +173,7 @@ def _read_graph_def(path: Path) -> tf.compat.v1.GraphDef:
     except DecodeError:
         raise UserError(f"--graph {path}: not a frozen TensorFlow GraphDef (.pb)") from None
     if not graph_def.node:
-        raise UserError(f"--graph {path}: the graph is empty")
+        raise UserError(f"--graph {path}: not a frozen TensorFlow GraphDef (it has no nodes)")
     return graph_def
 
 

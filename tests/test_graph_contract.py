@@ -68,7 +68,7 @@ def test_demo_reaches_high_accuracy_on_new_pictures(model, demo_model, tmp_path)
     fresh = make_dataset(tmp_path, per_class=15, seed=12345)  # pictures it has never seen
     truth = [p.parent.name for p in fresh]
     predicted = [model.labels[i] for i in model.predict([read_image(p) for p in fresh]).argmax(axis=1)]
-    assert np.mean([t == p for t, p in zip(truth, predicted)]) >= 0.9
+    assert np.mean([t == p for t, p in zip(truth, predicted, strict=True)]) >= 0.9
 
 
 def test_both_inputs_give_the_same_probabilities(model, tmp_path):

@@ -1,0 +1,400 @@
+"""Benchmark of the retrain pipeline: bottleneck throughput and wall time of whole retrains.
+
+Part 1 runs, in one process and on one base model, a bare forward pass over random pixels and
+``get_bottlenecks`` over the real files (hash, decode, resize, forward pass, cache writes). Their
+ratio is what the pipeline around the model costs. Part 2 times ``retrain.py`` end to end in
+subprocesses: once on an empty cache, then again after one class folder is added, which is the
+case the bottleneck cache exists for.
+
+    python benchmarks/bench_retrain.py [--image_dir DIR] [--quick] [--output FILE.json]
+
+Results are printed as a table and written as JSON (with machine details) to
+benchmarks/results/ unless --output says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from imageclf.bases import BaseModel
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_IMAGE_DIR = REPO_ROOT.parent / "shared" / "data" / "stanford_dogs_9"
+FALLBACK_IMAGE_DIR = REPO_ROOT / "sample_images"
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+BATCH_SIZE = 32  # retrain.py's default --batch_size
+WARMUP_IMAGES = 64
+QUICK_IMAGES = 200
+LEFT_OUT_CLASS = "beagle"  # the class added back in part 2, when the data set has it
+TARGET_RATIO = 0.8
+ROUNDS = 3  # alternating bare/ours rounds in part 1; the best of each is reported
+
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------- set-up and inputs
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--image_dir", type=Path,
+                   help=f"one subfolder of images per class (default: {DEFAULT_IMAGE_DIR})")
+    p.add_argument("--quick", action="store_true",
+                   help=f"at most {QUICK_IMAGES} images for the throughput part; no retrains")
+    p.add_argument("--output", type=Path, help="JSON file to write (default: under benchmarks/results/)")
+    return p.parse_args(argv)
+
+
+def prepare_imports() -> None:
+    """Make ``import imageclf`` work from any working directory and keep TensorFlow quiet."""
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    # Must be set before TensorFlow is imported; its C++ logging reads it once.
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    from imageclf.cli_common import quiet_tensorflow
+
+    # Also hides the CUDA probing lines that TensorFlow prints before honouring the variable.
+    quiet_tensorflow()
+
+
+def resolve_image_dir(requested: Path | None) -> tuple[Path, str | None]:
+    """The image folder to use, and a note when the default data set is missing."""
+    if requested is not None:
+        return requested, None
+    if DEFAULT_IMAGE_DIR.is_dir():
+        return DEFAULT_IMAGE_DIR, None
+    note = (f"{DEFAULT_IMAGE_DIR} not found; using the small generated set {FALLBACK_IMAGE_DIR} "
+            "instead, so the numbers are not comparable with the README's")
+    return FALLBACK_IMAGE_DIR, note
+
+
+def image_paths(image_dir: Path) -> list[Path]:
+    """Every file retrain.py would consider, found by the same code retrain.py uses."""
+    from imageclf.dataset import scan_image_dir
+
+    _, files = scan_image_dir(image_dir)
+    return [f.path for f in files]
+
+
+def spread_sample(paths: list[Path], n: int) -> list[Path]:
+    """At most ``n`` paths taken evenly across the list, so every class is represented."""
+    step = max(1, len(paths) // n)
+    return paths[::step][:n]
+
+
+def class_folders(image_dir: Path) -> list[str]:
+    return sorted(p.name for p in image_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+# ---------------------------------------------------------------- timing helpers
+
+def timed(fn: Callable[[], T]) -> tuple[T, float]:
+    """``fn()`` and its wall time in seconds."""
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def rate(images: int, seconds: float) -> dict:
+    return {"images": images, "seconds": round(seconds, 3), "images_per_s": round(images / seconds, 1)}
+
+
+# ---------------------------------------------------------------- part 1: throughput
+
+def bare_runner(base: BaseModel, n_images: int) -> Callable[[], float]:
+    """A timed pass of forward passes alone: random float32 batches, as many images as given."""
+    import numpy as np
+    import tensorflow as tf
+
+    from imageclf.bottlenecks import feature_function
+
+    features = feature_function(base)
+    height, width = base.input_size
+    pixels = np.random.default_rng(0).random((BATCH_SIZE, height, width, 3), dtype=np.float32)
+    batch = tf.constant(pixels)
+    # One tensor reused for every full batch: values do not change the cost, and holding
+    # a distinct batch per step would take ~0.5 GB for the dogs set.
+    batches = [batch] * (n_images // BATCH_SIZE)
+    if n_images % BATCH_SIZE:
+        batches.append(tf.constant(pixels[:n_images % BATCH_SIZE]))
+    features(batch).numpy()  # warm-up: the first call allocates buffers and picks kernels
+
+    def forward_all() -> None:
+        for b in batches:
+            features(b).numpy()
+
+    return lambda: timed(forward_all)[1]
+
+
+def _get_bottlenecks(base: BaseModel, paths: list[Path], cache_root: str):
+    from imageclf.bottlenecks import BottleneckCache, get_bottlenecks
+
+    return get_bottlenecks(paths, base, BottleneckCache(cache_root, base),
+                           batch_size=BATCH_SIZE, progress=False)
+
+
+def bench_warmup(base: BaseModel, paths: list[Path]) -> dict:
+    """Two small calls, each on its own empty cache.
+
+    If tracing carried over between calls, the second would be much faster than the first.
+    """
+    sample = paths[:WARMUP_IMAGES]
+    seconds = []
+    for _ in range(2):
+        with tempfile.TemporaryDirectory(prefix="bench-warmup-") as tmp:
+            seconds.append(timed(lambda tmp=tmp: _get_bottlenecks(base, sample, tmp))[1])
+    return {"images": len(sample), "first_call_s": round(seconds[0], 3),
+            "second_call_s": round(seconds[1], 3)}
+
+
+def bench_call_setup(base: BaseModel, paths: list[Path]) -> dict:
+    """The fixed cost every get_bottlenecks call pays before its first batch runs at speed.
+
+    Measured directly: build pixels_feature_function (imports the frozen graph again), then
+    its first call (traces the tf.function) against later calls on the same batch.
+    """
+    from imageclf.bottlenecks import pixels_feature_function
+    from imageclf.images import read_image
+    from imageclf.preprocess import pack_images
+
+    packed = pack_images([read_image(p) for p in paths[:BATCH_SIZE]])
+    fn, build = timed(lambda: pixels_feature_function(base))
+    _, first = timed(lambda: fn(*packed).numpy())
+    steady = min(timed(lambda: fn(*packed).numpy())[1] for _ in range(3))
+    return {"build_s": round(build, 3), "first_batch_s": round(first, 3),
+            "steady_batch_s": round(steady, 3), "setup_s": round(build + first - steady, 3)}
+
+
+def bench_ours(base: BaseModel, paths: list[Path], rerun: bool) -> dict:
+    """get_bottlenecks on an empty cache and, if ``rerun``, again on the now full cache."""
+    result = {}
+    with tempfile.TemporaryDirectory(prefix="bench-cache-") as tmp:
+        (_, report), seconds = timed(lambda: _get_bottlenecks(base, paths, tmp))
+        result["empty_cache"] = {**rate(len(paths), seconds), "summary": report.summary()}
+        if rerun:
+            (_, report), seconds = timed(lambda: _get_bottlenecks(base, paths, tmp))
+            result["cached_rerun"] = {**rate(len(paths), seconds), "summary": report.summary()}
+    return result
+
+
+def _best(runs: list[dict]) -> dict:
+    """The fastest run, with every run's rate kept to show the spread."""
+    best = max(runs, key=lambda r: r["images_per_s"])
+    return {**best, "images_per_s_all_rounds": [r["images_per_s"] for r in runs]}
+
+
+def bench_throughput(paths: list[Path]) -> dict:
+    from imageclf.bases import load_base
+
+    base = load_base("builtin")
+    warmup = bench_warmup(base, paths)
+    setup = bench_call_setup(base, paths)
+    bare = bare_runner(base, len(paths))
+    # Alternate bare and ours so that load from other work on a shared machine hits both
+    # alike; the best round of each is the least disturbed one.
+    bare_runs, ours_runs = [], []
+    for i in range(ROUNDS):
+        bare_runs.append(rate(len(paths), bare()))
+        ours_runs.append(bench_ours(base, paths, rerun=i == ROUNDS - 1))
+    cached = ours_runs[-1]["cached_rerun"]
+    best_bare, best_ours = _best(bare_runs), _best([r["empty_cache"] for r in ours_runs])
+    ratio = best_ours["images_per_s"] / best_bare["images_per_s"]
+    # The setup cost is paid once per call, so it weighs less the more images a call gets.
+    without_setup = len(paths) / (best_ours["seconds"] - setup["setup_s"]) / best_bare["images_per_s"]
+    round_ratios = [o["empty_cache"]["images_per_s"] / b["images_per_s"]
+                    for b, o in zip(bare_runs, ours_runs, strict=True)]
+    return {"base": base.description, "input_size": list(base.input_size),
+            "bottleneck_size": base.bottleneck_size, "batch_size": BATCH_SIZE, "rounds": ROUNDS,
+            "warmup": warmup, "call_setup": setup, "bare": best_bare, "empty_cache": best_ours,
+            "cached_rerun": cached, "ratio": round(ratio, 3),
+            "ratio_per_round": [round(r, 3) for r in round_ratios],
+            "ratio_without_call_setup": round(without_setup, 3), "target_ratio": TARGET_RATIO}
+
+
+# ---------------------------------------------------------------- part 2: retrains
+
+_ACCURACY = re.compile(r"^Final test accuracy = ([\d.]+)% \(N=(\d+)\)", re.MULTILINE)
+_BOTTLENECKS = re.compile(r"^Bottlenecks: (computed [\d,]+, reused [\d,]+, skipped [\d,]+)", re.MULTILINE)
+_DONE = re.compile(r"^Done in ([\d.]+) s\.", re.MULTILINE)
+
+
+def run_retrain(image_dir: Path, work: Path) -> dict:
+    """One ``retrain.py`` run with default flags; its wall time and what it printed."""
+    cmd = [sys.executable, "retrain.py", "--image_dir", str(image_dir), "--bottleneck_dir", str(work),
+           "--output_graph", str(work / "out.pb"), "--quiet"]
+    proc, seconds = timed(lambda: subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True))
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    accuracy, bottlenecks, done = (r.search(proc.stdout) for r in (_ACCURACY, _BOTTLENECKS, _DONE))
+    return {"classes": len(class_folders(image_dir)), "wall_s": round(seconds, 1),
+            # retrain's own clock: without interpreter start, TensorFlow import and exit
+            "in_process_s": float(done.group(1)) if done else None,
+            "test_accuracy_pct": float(accuracy.group(1)) if accuracy else None,
+            "test_n": int(accuracy.group(2)) if accuracy else None,
+            "bottlenecks": bottlenecks.group(1) if bottlenecks else None}
+
+
+def link_classes(source: Path, target: Path, classes: Sequence[str]) -> None:
+    """Symlink class folders, so a data set variant costs no copying and keeps file contents."""
+    for name in classes:
+        (target / name).symlink_to((source / name).resolve(), target_is_directory=True)
+
+
+def bench_add_class(image_dir: Path) -> dict | None:
+    """Retrain on all classes but one (empty cache), then add that class and retrain again."""
+    classes = class_folders(image_dir)
+    if len(classes) < 3:
+        return None  # leaving one out must still leave the two classes a classifier needs
+    left_out = LEFT_OUT_CLASS if LEFT_OUT_CLASS in classes else classes[-1]
+    with tempfile.TemporaryDirectory(prefix="bench-retrain-") as tmp:
+        data, work = Path(tmp) / "data", Path(tmp) / "work"
+        data.mkdir()
+        work.mkdir()
+        link_classes(image_dir, data, [c for c in classes if c != left_out])
+        first = run_retrain(data, work)
+        link_classes(image_dir, data, [left_out])
+        second = run_retrain(data, work)
+    return {"left_out_class": left_out, "first_run": first, "after_adding_class": second}
+
+
+# ---------------------------------------------------------------- machine and report
+
+def machine_info() -> dict:
+    import numpy as np
+    import tensorflow as tf
+
+    return {"hostname": socket.gethostname(),
+            "date": datetime.now().astimezone().isoformat(timespec="seconds"),
+            "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "cpu_model": _proc_field("/proc/cpuinfo", "model name") or platform.processor(),
+            "memory_total_gib": _memory_gib(),
+            "python": platform.python_version(), "tensorflow": tf.__version__,
+            "numpy": np.__version__, "platform": platform.platform()}
+
+
+def _proc_field(path: str, key: str) -> str | None:
+    """The first ``key: value`` line of a /proc file, or None off Linux."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        name, _, value = line.partition(":")
+        if name.strip() == key:
+            return value.strip()
+    return None
+
+
+def _memory_gib() -> float | None:
+    total = _proc_field("/proc/meminfo", "MemTotal")  # "24576000 kB"
+    return round(int(total.split()[0]) / 2**20, 1) if total else None
+
+
+def default_output(machine: dict) -> Path:
+    return RESULTS_DIR / f"bench_retrain-{machine['hostname']}-{machine['date'][:10]}.json"
+
+
+def format_report(results: dict) -> str:
+    lines = [f"Machine: {_machine_line(results['machine'])}",
+             f"Images:  {results['n_images']:,} files in {results['image_dir']}"]
+    if results["note"]:
+        lines.append(f"Note:    {results['note']}")
+    lines += ["", *_throughput_lines(results["throughput"])]
+    if results["retrain"]:
+        lines += ["", *_retrain_lines(results["retrain"])]
+    return "\n".join(lines)
+
+
+def _machine_line(m: dict) -> str:
+    return (f"{m['nproc']} CPUs ({m['cpu_model']}), {m['memory_total_gib']} GiB, Python {m['python']}, "
+            f"TensorFlow {m['tensorflow']}, {m['date']}, load {m['load_average_start']}"
+            f" -> {m['load_average_end']}")
+
+
+def _row(label: str, value: dict) -> str:
+    line = (f"  {label:<38} {value['images']:>6,} img {value['seconds']:>8.2f} s"
+            f" {value['images_per_s']:>8.1f} img/s")
+    rounds = value.get("images_per_s_all_rounds")
+    return line + (f"  (rounds: {', '.join(f'{r:.1f}' for r in rounds)})" if rounds else "")
+
+
+def _throughput_lines(t: dict) -> list[str]:
+    w, s = t["warmup"], t["call_setup"]
+    verdict = "meets" if t["ratio"] >= t["target_ratio"] else "BELOW"
+    per_round = ", ".join(f"{r:.2f}" for r in t["ratio_per_round"])
+    return [
+        f"Bottleneck throughput ({t['base']}; batch {t['batch_size']}; best of {t['rounds']} rounds)",
+        _row("bare forward pass, random pixels", t["bare"]),
+        _row("get_bottlenecks, empty cache", t["empty_cache"]),
+        f"  {'ratio ours / bare':<38} {t['ratio']:.2f} ({verdict} the {t['target_ratio']} target;"
+        f" per round: {per_round})",
+        f"  {'  without the per-call setup':<38} {t['ratio_without_call_setup']:.2f}",
+        _row("get_bottlenecks, cached rerun", t["cached_rerun"]) + f"  ({t['cached_rerun']['summary']})",
+        f"  per-call setup: build {s['build_s']:.2f} s + first batch {s['first_batch_s']:.2f} s"
+        f" - steady batch {s['steady_batch_s']:.2f} s = {s['setup_s']:.2f} s, paid by every call",
+        f"  warm-up calls ({w['images']} img, fresh caches): {w['first_call_s']:.2f} s, then"
+        f" {w['second_call_s']:.2f} s",
+    ]
+
+
+def _retrain_lines(r: dict) -> list[str]:
+    first, second = r["first_run"], r["after_adding_class"]
+    return [
+        "Retrain wall time (retrain.py, default flags, separate process)",
+        _retrain_row(f"{first['classes']} classes (no {r['left_out_class']}), empty cache", first),
+        _retrain_row(f"+ {r['left_out_class']} ({second['classes']} classes), same cache", second),
+    ]
+
+
+def _retrain_row(label: str, run: dict) -> str:
+    accuracy = (f"test {run['test_accuracy_pct']:.1f}% (N={run['test_n']})"
+                if run["test_accuracy_pct"] is not None else "no test accuracy")
+    return (f"  {label:<38} {run['wall_s']:>6.1f} s (in-process {run['in_process_s']} s)  {accuracy}"
+            f"  bottlenecks: {run['bottlenecks']}")
+
+
+# ---------------------------------------------------------------- main
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    prepare_imports()
+    image_dir, note = resolve_image_dir(args.image_dir)
+    if note:
+        print(f"Note: {note}", file=sys.stderr)
+    paths = image_paths(image_dir)
+    if args.quick:
+        paths = spread_sample(paths, QUICK_IMAGES)
+    machine = machine_info()
+    machine["load_average_start"] = [round(x, 2) for x in os.getloadavg()]
+    print(f"Part 1: bottleneck throughput on {len(paths):,} images...", file=sys.stderr)
+    throughput = bench_throughput(paths)
+    retrain = None
+    if not args.quick:
+        print("Part 2: two retrains (a few minutes)...", file=sys.stderr)
+        retrain = bench_add_class(image_dir)
+    machine["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    results = {"machine": machine, "image_dir": str(image_dir), "note": note, "quick": args.quick,
+               "n_images": len(paths), "throughput": throughput, "retrain": retrain}
+    print(format_report(results))
+    output = args.output or default_output(machine)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nWrote {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

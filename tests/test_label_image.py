@@ -78,7 +78,8 @@ def test_sidecar_settings_make_a_foreign_graph_need_no_flags(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--graph", "missing.pb", "--image", "sample_images/circle/circle_000.jpg"], "No such file"),
-    (["--graph", "requirements.txt", "--image", "sample_images/circle/circle_000.jpg"], "not a frozen TensorFlow GraphDef"),
+    (["--graph", "requirements.txt", "--image", "sample_images/circle/circle_000.jpg"],
+     "not a frozen TensorFlow GraphDef"),
     (["--graph", "x.pb", "--image", "missing.jpg"], "cannot read file"),
     (["--graph", "x.pb", "--image", "requirements.txt"], "not an image"),
     (["--graph", "x.pb", "--image", "y.jpg", "--input_height", "3"], "give both --input_height and --input_width"),

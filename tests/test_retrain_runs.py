@@ -77,9 +77,13 @@ def test_distortions_train_in_batches(tmp_path, tiny_module):
     make_dataset(data, per_class=8)
     opts = quick_options(data, tmp_path, tfhub_module=str(tiny_module), flip_left_right=True,
                          random_crop=10, random_scale=10, random_brightness=10,
-                         training=TrainConfig(steps=20, train_batch_size=16, eval_step_interval=10, progress=False))
-    result = retrain(opts, log=lambda s: None)
+                         training=TrainConfig(steps=20, train_batch_size=16, eval_step_interval=10, progress=False,
+                                              summaries_dir=str(tmp_path / "summaries")))
+    lines: list[str] = []
+    result = retrain(opts, log=lines.append)
     assert result.graph.is_file() and result.evaluation is not None
+    assert sum(line.startswith("Step ") for line in lines) == 3  # steps 0, 10 and the last
+    assert list((tmp_path / "summaries").glob("events.out.tfevents.*"))
 
 
 def test_distort_changes_each_image_differently():

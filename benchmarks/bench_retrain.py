@@ -30,7 +30,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from imageclf.bases import BaseModel
+    from imageclf.bottlenecks import BottleneckReport
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_IMAGE_DIR = REPO_ROOT.parent / "shared" / "data" / "stanford_dogs_9"
@@ -139,7 +142,8 @@ def bare_runner(base: BaseModel, n_images: int) -> Callable[[], float]:
     return lambda: timed(forward_all)[1]
 
 
-def _get_bottlenecks(base: BaseModel, paths: list[Path], cache_root: str):
+def _get_bottlenecks(base: BaseModel, paths: list[Path], cache_root: str
+                     ) -> tuple[dict[Path, np.ndarray], BottleneckReport]:
     from imageclf.bottlenecks import BottleneckCache, get_bottlenecks
 
     return get_bottlenecks(paths, base, BottleneckCache(cache_root, base),
@@ -371,10 +375,16 @@ def _retrain_row(label: str, run: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     prepare_imports()
+    from imageclf.errors import UserError
+
     image_dir, note = resolve_image_dir(args.image_dir)
     if note:
         print(f"Note: {note}", file=sys.stderr)
-    paths = image_paths(image_dir)
+    try:
+        paths = image_paths(image_dir)
+    except UserError as e:  # a folder retrain.py would refuse: say why, no traceback
+        print(f"bench_retrain.py: error: {e}", file=sys.stderr)
+        return 2
     if args.quick:
         paths = spread_sample(paths, QUICK_IMAGES)
     machine = machine_info()
@@ -385,6 +395,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.quick:
         print("Part 2: two retrains (a few minutes)...", file=sys.stderr)
         retrain = bench_add_class(image_dir)
+        if retrain is None:
+            note = "; ".join(filter(None, [note, "retrains skipped: they need at least 3 class folders"]))
     machine["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     results = {"machine": machine, "image_dir": str(image_dir), "note": note, "quick": args.quick,
                "n_images": len(paths), "throughput": throughput, "retrain": retrain}

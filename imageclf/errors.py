@@ -9,5 +9,9 @@ class BadImageError(UserError):
     """A file or upload that cannot be used as an image (empty, corrupt, too large...)."""
 
 
+class NotAnImageError(BadImageError):
+    """Content that no image decoder recognises (a text file, a PDF...)."""
+
+
 class ImageTooLargeError(BadImageError):
     """An image whose pixel count is over the configured limit (decompression bombs)."""

@@ -14,7 +14,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from imageclf.errors import BadImageError, ImageTooLargeError
+from imageclf.errors import BadImageError, ImageTooLargeError, NotAnImageError
 
 #: Default bound on width * height; larger images are refused before their pixels are decoded.
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -45,7 +45,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = 
     except BadImageError:
         raise
     except UnidentifiedImageError:
-        raise BadImageError(f"{name}: not an image (unrecognised content)") from None
+        raise NotAnImageError(f"{name}: not an image (unrecognised content)") from None
     except Image.DecompressionBombError:
         # Pillow's own, looser bound tripped while opening: the same answer in our words.
         raise ImageTooLargeError(f"{name}: image is over the limit of {max_pixels:,} pixels") from None

@@ -1,0 +1,72 @@
+"""``python -m service``: serve every graph in a folder with waitress."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from imageclf.cli_common import quiet_tensorflow, run
+
+EPILOG = """\
+Every flag can also be set with an environment variable: IMAGECLF_HOST, IMAGECLF_PORT,
+IMAGECLF_GRAPHS_DIR, IMAGECLF_IMAGE_ROOT, IMAGECLF_THREADS, IMAGECLF_MAX_UPLOAD_BYTES,
+IMAGECLF_MAX_PIXELS. Flags win over the environment.
+
+Try:
+  curl 'localhost:8000/?file=sample_images/circle/circle_000.jpg'
+  curl -F image=@sample_images/square/square_000.jpg localhost:8000/classify
+  open http://localhost:8000/ in a browser
+"""
+
+
+def _env(name: str, default):
+    value = os.environ.get(f"IMAGECLF_{name.upper()}")
+    return type(default)(value) if value is not None else default
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m service", epilog=EPILOG,
+                                description="Serve the frozen graphs in a folder over HTTP (JSON, "
+                                            "a browser page, and the TensorFlow Serving REST API).",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default=_env("host", "127.0.0.1"), help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=_env("port", 8000), help="port (default: %(default)s)")
+    p.add_argument("--graphs_dir", default=_env("graphs_dir", "graphs"),
+                   help="folder of .pb graphs to serve; watched for changes (default: %(default)s)")
+    p.add_argument("--image_root", default=_env("image_root", "."),
+                   help="GET /?file=PATH reads only below this folder (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=_env("threads", 8), help="request threads (default: %(default)s)")
+    p.add_argument("--max_upload_bytes", type=int, default=_env("max_upload_bytes", 10 * 1024 * 1024),
+                   help="largest upload or file accepted (default: %(default)s)")
+    p.add_argument("--max_pixels", type=int, default=_env("max_pixels", 40_000_000),
+                   help="largest image, in pixels (default: %(default)s)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    quiet_tensorflow()
+    import waitress
+
+    from imageclf.errors import UserError
+    from service.app import ServiceConfig, create_app
+
+    if not os.path.isdir(args.graphs_dir):
+        raise UserError(f"--graphs_dir {args.graphs_dir}: no such folder (run retrain.py first)")
+    if not os.path.isdir(args.image_root):
+        raise UserError(f"--image_root {args.image_root}: no such folder")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = ServiceConfig(graphs_dir=args.graphs_dir, image_root=args.image_root,
+                           max_upload_bytes=args.max_upload_bytes, max_pixels=args.max_pixels)
+    app = create_app(config)
+    print(f"Serving {args.graphs_dir}/ on http://{args.host}:{args.port}/  (Ctrl-C to stop)", flush=True)
+    waitress.serve(app, host=args.host, port=args.port, threads=args.threads,
+                   max_request_body_size=args.max_upload_bytes + 65536, ident="imageclf")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run("python -m service", main))

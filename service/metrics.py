@@ -1,0 +1,22 @@
+"""Prometheus metrics of one service instance."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+
+class ServiceMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("imageclf_requests_total", "HTTP requests answered",
+                                ["endpoint", "status"], registry=self.registry)
+        self.latency = Histogram("imageclf_request_seconds", "Time to answer a request", ["endpoint"],
+                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+                                 registry=self.registry)
+        self.errors = Counter("imageclf_errors_total", "Requests answered with an error, by kind",
+                              ["kind"], registry=self.registry)
+        self.reloads = Counter("imageclf_model_reloads_total", "Model (re)loads, by result",
+                               ["model", "result"], registry=self.registry)
+
+    def reloaded(self, model: str, ok: bool) -> None:
+        self.reloads.labels(model, "ok" if ok else "failed").inc()

@@ -308,7 +308,9 @@ def _memory_gib() -> float | None:
 
 
 def default_output(machine: dict) -> Path:
-    return RESULTS_DIR / f"bench_retrain-{machine['hostname']}-{machine['date'][:10]}.json"
+    # Host and start time to the minute, so that runs on one machine never overwrite each other.
+    stamp = datetime.fromisoformat(machine["date"]).strftime("%Y%m%d-%H%M")
+    return RESULTS_DIR / f"bench_retrain-{machine['hostname']}-{stamp}.json"
 
 
 def format_report(results: dict) -> str:

@@ -230,9 +230,24 @@ def _freeze(fn: Callable, size: tuple[int, int], fingerprint: str, description: 
     if out.shape.rank != 2 or out.shape[1] is None:
         raise UserError(f"{description}: output is {out.shape}, expected a feature vector [batch, D]")
     return BaseModel(description=description, fingerprint=fingerprint,
-                     graph_def=frozen.graph.as_graph_def(), input_name=frozen.inputs[0].name,
+                     graph_def=_without_control_inputs(frozen.graph.as_graph_def()),
+                     input_name=frozen.inputs[0].name,
                      output_name=out.name, input_size=(int(size[0]), int(size[1])),
                      bottleneck_size=int(out.shape[1]))
+
+
+def _without_control_inputs(graph_def: tf.compat.v1.GraphDef) -> tf.compat.v1.GraphDef:
+    """Drop control edges left over from inlined functions.
+
+    Once variables are constants they order nothing, but they tie the graph to its input
+    placeholder in a way that breaks feeding ``Placeholder:0`` of an exported classifier
+    (TensorFlow then asks for ``image_bytes`` too).
+    """
+    for node in graph_def.node:
+        data_inputs = [name for name in node.input if not name.startswith("^")]
+        del node.input[:]
+        node.input.extend(data_inputs)
+    return graph_def
 
 
 def _sha256_file(path: Path) -> str:

@@ -60,11 +60,10 @@ class ModelEntry:
 
 
 class ModelRegistry:
-    def __init__(self, graphs_dir: str | Path, poll_seconds: float = 1.0,
-                 on_reload: Callable[[str, bool], None] | None = None):
+    def __init__(self, graphs_dir: str | Path, poll_seconds: float = 1.0):
         self.graphs_dir = Path(graphs_dir)
         self.poll_seconds = poll_seconds
-        self.on_reload = on_reload or (lambda name, ok: None)
+        self._listeners: list[Callable[[str, bool], None]] = []
         self._entries: dict[str, ModelEntry] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -95,6 +94,14 @@ class ModelRegistry:
         return any(e.model is not None for e in self.entries())
 
     # -- keeping up with the folder -----------------------------------------------------
+
+    def add_listener(self, listener: Callable[[str, bool], None]) -> None:
+        """Call ``listener(model_name, ok)`` after every load attempt."""
+        self._listeners.append(listener)
+
+    def _notify(self, name: str, ok: bool) -> None:
+        for listener in self._listeners:
+            listener(name, ok)
 
     def start(self) -> None:
         self.scan()
@@ -141,14 +148,14 @@ class ModelRegistry:
                 entry.error = message
                 entry.signature = signature
                 self._entries[name] = entry
-            self.on_reload(name, False)
+            self._notify(name, False)
             return
         entry = ModelEntry(name=name, path=path, model=model, state="ready", loaded_at=time.time(),
                            load_seconds=round(time.perf_counter() - started, 3), signature=signature)
         with self._lock:
             self._entries[name] = entry  # the swap: new requests get the new model from here on
         log.info("model %s loaded in %.2f s", name, entry.load_seconds)
-        self.on_reload(name, True)
+        self._notify(name, True)
 
 
 def _signature(graph: Path) -> tuple:

@@ -39,10 +39,17 @@ class ApiError(Exception):
 
 
 def create_app(config: ServiceConfig, registry: ModelRegistry | None = None) -> Flask:
-    """A Flask app over ``config.graphs_dir``; starts the registry's poller if it makes one."""
+    """A Flask app over ``config.graphs_dir``.
+
+    Without ``registry`` it makes one and starts its poller; a registry passed in is started
+    by the caller (after this call, so that its first loads are counted in the metrics).
+    """
     metrics = ServiceMetrics()
-    if registry is None:
-        registry = ModelRegistry(config.graphs_dir, config.poll_seconds, on_reload=metrics.reloaded)
+    own_registry = registry is None
+    if own_registry:
+        registry = ModelRegistry(config.graphs_dir, config.poll_seconds)
+    registry.add_listener(metrics.reloaded)
+    if own_registry:
         registry.start()
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.max_upload_bytes
@@ -105,7 +112,7 @@ def _install_tf_serving_routes(app: Flask, registry: ModelRegistry, config: Serv
         return jsonify({"model_spec": {"name": name, "signature_name": "", "version": str(entry.version)},
                         "metadata": {"signature_def": {"signature_def": {"serving_default": {
                             "inputs": {"image_bytes": {"dtype": "DT_STRING", "tensor_shape": [-1],
-                                                       "name": model.bytes_input.name if model.bytes_input
+                                                       "name": model.bytes_input.name if model.bytes_input is not None
                                                        else None}},
                             "outputs": {"scores": {"dtype": "DT_FLOAT", "tensor_shape": [-1, len(model.labels)],
                                                    "name": model.output.name}},

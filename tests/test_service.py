@@ -1,0 +1,260 @@
+"""The service over real HTTP on 127.0.0.1, with real graphs."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import waitress
+from PIL import Image
+
+from imageclf.demo_data import make_dataset
+from imageclf.graph_model import GraphModel
+from imageclf.registry import ModelRegistry
+from imageclf.retrain import retrain
+from service import ServiceConfig, create_app
+
+from .conftest import POETS, REPO, needs_shared, quick_options, run_tool
+
+
+class Server:
+    """A real waitress server on a free 127.0.0.1 port, in a thread."""
+
+    def __init__(self, graphs: Path, root: Path, **config):
+        self.registry = ModelRegistry(graphs, poll_seconds=0.2)
+        app = create_app(ServiceConfig(graphs_dir=str(graphs), image_root=str(root), **config), self.registry)
+        self.registry.start()
+        self.server = waitress.create_server(app, host="127.0.0.1", port=0, threads=8)
+        self.url = f"http://127.0.0.1:{self.server.effective_port}"
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+
+    def request(self, path: str, data: bytes | None = None, headers: dict | None = None, method: str | None = None):
+        req = urllib.request.Request(self.url + path, data=data, headers=headers or {}, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=60) as response:
+                return response.status, response.headers.get_content_type(), response.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.headers.get_content_type(), e.read()
+
+    def json(self, path: str, **kw):
+        status, kind, body = self.request(path, **kw)
+        assert kind == "application/json", body[:200]
+        return status, json.loads(body)
+
+    def close(self):
+        self.server.close()
+        self.registry.stop()
+
+
+def multipart(field: str, filename: str, data: bytes) -> tuple[bytes, dict]:
+    boundary = "----imageclf-test"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+@pytest.fixture(scope="module")
+def served(demo_model, tmp_path_factory):
+    graphs = tmp_path_factory.mktemp("graphs")
+    shutil.copy(demo_model.graph, graphs / "shapes.pb")
+    root = tmp_path_factory.mktemp("images")
+    shutil.copytree(REPO / "sample_images", root / "pictures")
+    (root / "escape").symlink_to("/etc")
+    server = Server(graphs, root, max_upload_bytes=2_000_000, max_pixels=4_000_000)
+    yield server, root
+    server.close()
+
+
+def test_classify_by_path_matches_label_image(served, demo_model):
+    server, root = served
+    status, answer = server.json("/?file=pictures/circle/circle_003.jpg&top_k=2")
+    assert status == 200
+    assert answer["model"]["name"] == "shapes" and answer["model"]["version"] > 0
+    cli = run_tool("label_image.py", "--graph", str(demo_model.graph), "--json",
+                   "--image", str(root / "pictures" / "circle" / "circle_003.jpg"))
+    expected = json.loads(cli.stdout)["predictions"][:2]
+    assert [p["label"] for p in answer["predictions"]] == [p["label"] for p in expected]
+    for got, want in zip(answer["predictions"], expected, strict=True):
+        assert got["score"] == pytest.approx(want["score"], abs=1e-5)
+    assert sum(answer["probabilities"].values()) == pytest.approx(1, abs=1e-5)
+    assert answer["time_ms"]["total"] > 0
+
+
+def test_upload_multipart_and_raw_body_answer_the_same(served):
+    server, root = served
+    data = (root / "pictures" / "square" / "square_004.jpg").read_bytes()
+    body, headers = multipart("image", "sq.jpg", data)
+    _, by_form = server.json("/classify", data=body, headers=headers)
+    _, by_body = server.json("/", data=data, headers={"Content-Type": "image/jpeg"})
+    _, by_path = server.json("/?file=pictures/square/square_004.jpg")
+    assert by_form["predictions"][0]["label"] == "square" and by_form["image"] == "sq.jpg"
+    assert by_form["probabilities"] == by_body["probabilities"] == by_path["probabilities"]
+
+
+@pytest.mark.parametrize("path", ["../outside.jpg", "/etc/passwd", "escape/passwd", "pictures/../../x.jpg"])
+def test_paths_outside_the_root_are_refused(served, path):
+    server, _ = served
+    (served[1].parent / "outside.jpg").write_bytes(b"secret")
+    status, answer = server.json("/?file=" + urllib.request.quote(path))
+    assert status == 403 and "outside the image root" in answer["error"]
+
+
+def _png(size) -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", size).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("request_args, status, message", [
+    (dict(path="/?file=pictures/nothing.jpg"), 404, "no such file"),
+    (dict(path="/?file="), 400, "empty 'file'"),
+    (dict(path="/"), 400, "missing 'file' parameter"),
+    (dict(path="/?file=pictures/circle/circle_000.jpg&model=nope"), 404, "unknown model 'nope'"),
+    (dict(path="/?file=pictures/circle/circle_000.jpg&top_k=zero"), 400, "top_k must be a positive integer"),
+    (dict(path="/classify", data=b"%PDF-1.4 not an image"), 415, "not an image"),
+    (dict(path="/classify", data=b""), 400, "empty upload"),
+    (dict(path="/classify", data=(REPO / "sample_images/circle/circle_000.jpg").read_bytes()[:900]), 400,
+     "truncated or corrupt"),
+    (dict(path="/classify", data=b"\xff" * 2_100_000), 413, "over the 2,000,000 byte limit"),
+    (dict(path="/classify", data=_png((3000, 3000))), 400, "over the limit of 4,000,000 pixels"),
+    (dict(path="/classify", method="PUT", data=b"x"), 405, "method PUT is not allowed"),
+    (dict(path="/nowhere"), 404, "no such endpoint"),
+    (dict(path="/v1/models/shapes:predict", data=b"{}"), 400, "instances"),
+    (dict(path="/v1/models/shapes:predict", data=b'{"instances": [{"b64": "***"}]}'), 400, "invalid base64"),
+])
+def test_bad_requests_get_json_errors(served, request_args, status, message):
+    server, _ = served
+    got, answer = server.json(request_args.pop("path"), **request_args)
+    assert got == status and message in answer["error"]
+
+
+def test_tf_serving_rest(served, demo_model):
+    server, root = served
+    image = (root / "pictures" / "triangle" / "triangle_005.jpg").read_bytes()
+    status, answer = server.json("/v1/models/shapes")
+    assert status == 200 and answer["model_version_status"][0]["state"] == "AVAILABLE"
+    status, answer = server.json("/v1/models/shapes/metadata")
+    assert answer["metadata"]["signature_def"]["signature_def"]["serving_default"]["labels"] == \
+        ["circle", "square", "triangle"]
+    body = json.dumps({"instances": [{"b64": base64.b64encode(image).decode()}] * 2}).encode()
+    status, answer = server.json("/v1/models/shapes:predict", data=body)
+    expected = GraphModel(demo_model.graph).predict_encoded([image])[0]
+    assert status == 200 and np.allclose(answer["predictions"], [expected, expected], atol=1e-4)
+    status, answer = server.json("/v1/models/shapes:classify", data=body)
+    assert status == 200 and answer["results"][0][2][0] == "triangle"
+    assert answer["results"][0][2][1] == pytest.approx(float(expected[2]), abs=1e-4)
+
+
+def test_health_models_and_metrics(served):
+    server, _ = served
+    assert server.json("/healthz") == (200, {"status": "alive"})
+    assert server.json("/readyz")[0] == 200
+    _, models = server.json("/models")
+    (entry,) = models["models"]
+    assert entry["name"] == "shapes" and entry["state"] == "ready" and entry["labels"][0] == "circle"
+    assert entry["last_error"] is None and entry["load_seconds"] > 0
+    server.request("/?file=pictures/circle/circle_000.jpg")
+    status, kind, body = server.request("/metrics")
+    text = body.decode()
+    assert status == 200 and kind == "text/plain"
+    assert 'imageclf_requests_total{endpoint="/",status="200"}' in text
+    assert "imageclf_request_seconds_bucket" in text and 'imageclf_model_reloads_total{model="shapes"' in text
+
+
+def test_browser_page_is_served_to_browsers(served):
+    server, _ = served
+    status, kind, body = server.request("/", headers={"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"})
+    assert status == 200 and kind == "text/html" and b"Drop an image here" in body
+
+
+def test_not_ready_without_graphs(tmp_path):
+    server = Server(tmp_path, tmp_path)
+    try:
+        assert server.json("/readyz")[0] == 503
+        status, answer = server.json("/classify", data=(REPO / "sample_images/circle/circle_000.jpg").read_bytes())
+        assert status == 404 and "no model is loaded" in answer["error"]
+    finally:
+        server.close()
+
+
+def _wait_for(predicate, seconds=60.0):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_hot_reload_while_answering(tmp_path, tiny_module):
+    data, graphs = tmp_path / "data", tmp_path / "graphs"
+    make_dataset(data, per_class=8)
+    opts = quick_options(data, tmp_path, tfhub_module=str(tiny_module))
+    opts.output_graph = str(graphs / "live.pb")
+    retrain(opts, log=lambda s: None)
+    server = Server(graphs, data)
+    failures, answers, stop = [], [], threading.Event()
+
+    def client():
+        while not stop.is_set():
+            status, body = server.json("/?file=circle/circle_001.jpg")
+            (answers if status == 200 else failures).append(body)
+    threads = [threading.Thread(target=client) for _ in range(3)]
+    try:
+        for t in threads:
+            t.start()
+        assert _wait_for(lambda: len(answers) > 5)
+        make_dataset(data, per_class=8, classes=("star",))
+        retrain(opts, log=lambda s: None)
+        assert _wait_for(lambda: answers and "star" in answers[-1]["probabilities"])
+        # A broken replacement keeps the good version serving and reports the error.
+        (graphs / "live.pb").write_bytes(b"not a graph")
+        assert _wait_for(lambda: server.json("/models")[1]["models"][0]["last_error"])
+        count = len(answers)
+        assert _wait_for(lambda: len(answers) > count + 3)
+        assert "star" in answers[-1]["probabilities"]
+        # A removed graph stops being served.
+        (graphs / "live.pb").unlink()
+        assert _wait_for(lambda: server.json("/readyz")[0] == 503)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        server.close()
+    assert not [f for f in failures if "no model is loaded" not in f.get("error", "")], failures[:3]
+
+
+@needs_shared
+def test_poets_graph_served_with_its_settings_file(tmp_path):
+    graphs = tmp_path / "graphs"
+    graphs.mkdir()
+    shutil.copy(POETS / "retrained_graph.pb", graphs / "defects.pb")
+    shutil.copy(POETS / "retrained_labels.txt", graphs / "defects.labels.txt")
+    (graphs / "defects.json").write_text(json.dumps({
+        "input_tensor": "input:0", "output_tensor": "final_result:0", "input_mean": 127.5, "input_std": 127.5,
+        "labels_file": "defects.labels.txt"}))
+    server = Server(graphs, POETS / "sample_images")
+    try:
+        status, answer = server.json("/?file=scratch2.png")
+        assert status == 200 and answer["predictions"][0]["label"] == "61326 wrinkle"
+        assert answer["predictions"][0]["score"] == pytest.approx(0.977, abs=0.02)
+    finally:
+        server.close()
+
+
+def test_service_command_starts_and_refuses_missing_graphs_dir(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "service", "--graphs_dir", str(tmp_path / "none")],
+                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 2 and "no such folder" in result.stderr and "Traceback" not in result.stderr

@@ -203,6 +203,33 @@ def bench_in_process_threads(model: GraphModel, encoded: list[bytes], n: int, th
     return {**rate(n, time.perf_counter() - start), "threads": threads}
 
 
+def bench_in_process_stages(model: GraphModel, encoded: list[bytes], n: int) -> dict:
+    """Where a batch-1 request's time goes: Pillow decode, eager preprocessing, Session.run.
+
+    Also ``predict_encoded`` (decode and resize inside the graph), the alternative to the
+    eager preprocessing that the service uses through ``predict``.
+    """
+    from imageclf.images import decode_image
+
+    stages: dict[str, list[float]] = {"decode": [], "model_input": [], "session_run": [], "predict_encoded": []}
+    for i in range(n):
+        data = encoded[i % len(encoded)]
+        t0 = time.perf_counter()
+        pixels = decode_image(data)
+        t1 = time.perf_counter()
+        x = model.model_input(pixels)[None]
+        t2 = time.perf_counter()
+        model.session.run(model.output, {model.input: x})
+        t3 = time.perf_counter()
+        stages["decode"].append(t1 - t0)
+        stages["model_input"].append(t2 - t1)
+        stages["session_run"].append(t3 - t2)
+        if model.bytes_input is not None:
+            model.predict_encoded([data])
+            stages["predict_encoded"].append(time.perf_counter() - t3)
+    return {name: percentiles(seconds) for name, seconds in stages.items() if seconds}
+
+
 def bench_in_process(graph: Path, encoded: list[bytes], sizes: Sizes) -> dict:
     from imageclf.graph_model import GraphModel
 
@@ -210,7 +237,8 @@ def bench_in_process(graph: Path, encoded: list[bytes], sizes: Sizes) -> dict:
     try:
         return {"latency": bench_in_process_latency(model, encoded, sizes.latency),
                 "batched": bench_in_process_batched(model, encoded, sizes.batched_images),
-                "threads_batch_1": bench_in_process_threads(model, encoded, sizes.load // 2)}
+                "threads_batch_1": bench_in_process_threads(model, encoded, sizes.load // 2),
+                "stages_batch_1": bench_in_process_stages(model, encoded, sizes.latency // 2)}
     finally:
         # Frees its thread pools and memory before the service processes compete for the CPUs.
         model.close()
@@ -557,10 +585,19 @@ def _latency_lines(r: dict) -> list[str]:
 
     return ["Latency, one client, one request at a time",
             _lat("in-process decode + predict([pixels])", r["in_process"]["latency"]),
+            _stages_line(r["in_process"]["stages_batch_1"]),
             _lat("service GET /?file=", svc["by_path"]["latency"], server(svc["by_path"])),
             _lat("service POST /classify (raw body)", svc["by_upload"]["latency"], server(svc["by_upload"])),
             f"  ratio service / in-process p50: by path {ratios['latency_p50_by_path']:.2f}, by upload "
             f"{ratios['latency_p50_by_upload']:.2f} (target <= {TARGET_LATENCY_RATIO})"]
+
+
+def _stages_line(stages: dict) -> str:
+    parts = [f"{name} {stages[name]['p50_ms']:.1f}" for name in ("decode", "model_input", "session_run")]
+    line = f"    p50 by stage (ms): {', '.join(parts)}"
+    if "predict_encoded" in stages:
+        line += f"; predict_encoded([bytes]) {stages['predict_encoded']['p50_ms']:.1f}"
+    return line
 
 
 def _rate_row(label: str, per_s: float, extra: str = "") -> str:

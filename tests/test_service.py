@@ -35,7 +35,8 @@ class Server:
         self.registry = ModelRegistry(graphs, poll_seconds=0.2)
         app = create_app(ServiceConfig(graphs_dir=str(graphs), image_root=str(root), **config), self.registry)
         self.registry.start()
-        self.server = waitress.create_server(app, host="127.0.0.1", port=0, threads=8)
+        # poll() rather than select(): closing the socket from close() then ends the loop cleanly.
+        self.server = waitress.create_server(app, host="127.0.0.1", port=0, threads=8, asyncore_use_poll=True)
         self.url = f"http://127.0.0.1:{self.server.effective_port}"
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -55,6 +56,8 @@ class Server:
 
     def close(self):
         self.server.close()
+        self.thread.join(timeout=10)
+        self.server.task_dispatcher.shutdown()
         self.registry.stop()
 
 

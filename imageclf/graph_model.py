@@ -79,7 +79,10 @@ class GraphModel:
 
     def predict(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
         """Probabilities ``[n, classes]`` for decoded images (see images.decode_image)."""
-        batch = np.stack([self.model_input(p) for p in pixels])
+        return self.run(np.stack([self.model_input(p) for p in pixels]))
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Probabilities for a batch of model inputs (see model_input)."""
         if self.batchable:
             return self.session.run(self.output, {self.input: batch})
         return np.concatenate([self.session.run(self.output, {self.input: one[None]}) for one in batch])

@@ -13,7 +13,7 @@ from imageclf.cli_common import quiet_tensorflow, run
 EPILOG = """\
 Every flag can also be set with an environment variable: IMAGECLF_HOST, IMAGECLF_PORT,
 IMAGECLF_GRAPHS_DIR, IMAGECLF_IMAGE_ROOT, IMAGECLF_THREADS, IMAGECLF_MAX_UPLOAD_BYTES,
-IMAGECLF_MAX_PIXELS. Flags win over the environment.
+IMAGECLF_MAX_PIXELS, IMAGECLF_BATCH_SIZE, IMAGECLF_BATCH_WAIT_MS. Flags win over the environment.
 
 Try:
   curl 'localhost:8000/?file=sample_images/circle/circle_000.jpg'
@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest upload or file accepted (default: %(default)s)")
     p.add_argument("--max_pixels", type=int, default=_env("max_pixels", 40_000_000),
                    help="largest image, in pixels (default: %(default)s)")
+    p.add_argument("--batch_size", type=int, default=_env("batch_size", 16),
+                   help="most concurrent requests served by one model call (default: %(default)s)")
+    p.add_argument("--batch_wait_ms", type=float, default=_env("batch_wait_ms", 2.0),
+                   help="how long a request waits for others to share its model call; 0 disables "
+                        "waiting (default: %(default)s)")
     return p
 
 
@@ -60,7 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--image_root {args.image_root}: no such folder")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServiceConfig(graphs_dir=args.graphs_dir, image_root=args.image_root,
-                           max_upload_bytes=args.max_upload_bytes, max_pixels=args.max_pixels)
+                           max_upload_bytes=args.max_upload_bytes, max_pixels=args.max_pixels,
+                           batch_size=args.batch_size, batch_wait_ms=args.batch_wait_ms)
     app = create_app(config)
     print(f"Serving {args.graphs_dir}/ on http://{args.host}:{args.port}/  (Ctrl-C to stop)", flush=True)
     waitress.serve(app, host=args.host, port=args.port, threads=args.threads,

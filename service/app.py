@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import base64
 import binascii
+import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, current_app, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException
 
+from imageclf.batching import MicroBatcher
 from imageclf.errors import BadImageError, ImageTooLargeError, NotAnImageError
+from imageclf.graph_model import GraphModel
 from imageclf.images import DEFAULT_MAX_PIXELS, decode_image
 from imageclf.paths import PathEscapeError, confined
 from imageclf.registry import ModelRegistry, UnknownModelError
@@ -30,6 +34,25 @@ class ServiceConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     top_k: int = 5
     poll_seconds: float = 1.0
+    batch_size: int = 16          # most requests one Session.run may serve together
+    batch_wait_ms: float = 2.0    # how long a request waits for others to join its batch
+
+
+class Batchers:
+    """One MicroBatcher per loaded model; forgotten with the model (weak references)."""
+
+    def __init__(self, config: ServiceConfig):
+        self.config = config
+        self._lock = threading.Lock()
+        self._by_model: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def predict(self, model: GraphModel, pixels: np.ndarray) -> np.ndarray:
+        with self._lock:
+            batcher = self._by_model.get(model)
+            if batcher is None:
+                batcher = MicroBatcher(model.run, self.config.batch_size, self.config.batch_wait_ms / 1000)
+                self._by_model[model] = batcher
+        return batcher.submit(model.model_input(pixels))
 
 
 class ApiError(Exception):
@@ -53,7 +76,8 @@ def create_app(config: ServiceConfig, registry: ModelRegistry | None = None) -> 
         registry.start()
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.max_upload_bytes
-    app.extensions["imageclf"] = {"registry": registry, "metrics": metrics, "config": config}
+    app.extensions["imageclf"] = {"registry": registry, "metrics": metrics, "config": config,
+                                  "batchers": Batchers(config)}
     _install_error_handlers(app, metrics)
     _install_metrics_hooks(app, metrics)
     _install_routes(app, registry, metrics, config)
@@ -159,7 +183,7 @@ def _classify_bytes(registry: ModelRegistry, config: ServiceConfig, data: bytes,
     entry, model = _model(registry, request.args.get("model") or None)
     pixels = _decode(data, config, name)
     decoded = time.perf_counter()
-    probabilities = model.predict([pixels])[0]
+    probabilities = current_app.extensions["imageclf"]["batchers"].predict(model, pixels)
     done = time.perf_counter()
     top_k = _top_k(config)
     return {

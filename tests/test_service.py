@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -261,3 +262,14 @@ def test_service_command_starts_and_refuses_missing_graphs_dir(tmp_path):
     result = subprocess.run([sys.executable, "-m", "service", "--graphs_dir", str(tmp_path / "none")],
                             capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 2 and "no such folder" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_concurrent_requests_each_get_their_own_answer(served):
+    server, root = served
+    files = [f"pictures/{kind}/{kind}_{i:03d}.jpg" for kind in ("circle", "square", "triangle") for i in range(6)]
+    alone = {f: server.json("/?file=" + f)[1]["probabilities"] for f in files}
+    with ThreadPoolExecutor(12) as pool:
+        together = list(pool.map(lambda f: server.json("/?file=" + f)[1]["probabilities"], files * 3))
+    for f, got in zip(files * 3, together, strict=True):
+        for label, p in got.items():
+            assert p == pytest.approx(alone[f][label], abs=1e-5)

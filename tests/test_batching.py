@@ -1,0 +1,55 @@
+"""Micro-batching with real threads: concurrent submissions share batches, errors reach everyone."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from imageclf.batching import MicroBatcher
+
+
+def test_concurrent_items_are_batched_and_each_gets_its_own_result():
+    sizes = []
+
+    def run(items):
+        sizes.append(len(items))
+        time.sleep(0.02)  # a model call takes a while; others queue up meanwhile
+        return [item * 10 for item in items]
+    batcher = MicroBatcher(run, max_batch=8, max_wait=0.01)
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(batcher.submit, range(64)))
+    assert results == [i * 10 for i in range(64)]
+    assert sum(sizes) == 64 and max(sizes) <= 8 and len(sizes) < 32
+
+
+def test_a_lone_item_runs_without_waiting_for_a_full_batch():
+    batcher = MicroBatcher(lambda items: items, max_batch=32, max_wait=0.005)
+    started = time.perf_counter()
+    assert batcher.submit("x") == "x"
+    assert time.perf_counter() - started < 1.0
+
+
+def test_errors_reach_every_member_and_the_batcher_recovers():
+    calls = threading.Event()
+
+    def run(items):
+        if not calls.is_set():
+            calls.set()
+            raise ValueError("bad batch")
+        return items
+    batcher = MicroBatcher(run, max_batch=4, max_wait=5.0)  # the 4th arrival closes the batch
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(batcher.submit, i) for i in range(4)]
+        errors = [f.exception() for f in futures]
+    assert all(isinstance(e, ValueError) for e in errors)
+    assert batcher.submit(7) == 7
+
+
+def test_invalid_sizes_are_clamped():
+    batcher = MicroBatcher(lambda items: items, max_batch=0, max_wait=-1)
+    assert (batcher.max_batch, batcher.max_wait) == (1, 0.0)
+    with pytest.raises(TypeError):
+        MicroBatcher()  # run_batch is required

@@ -1,14 +1,17 @@
 """Benchmark of the classification service against in-process inference on the same graph.
 
-One run retrains a small graph (or takes ``--graph``) and measures, in this order:
+One run retrains a small graph (or takes ``--graph``) and measures:
 
 1. in-process reference: ``decode_image`` + ``GraphModel.predict([pixels])`` one image at a
-   time (latency), and ``predict`` on batches of 8 and 32 (the best batched rate);
+   time (latency), and decode + ``predict`` on batches of 8 and 32 (the best batched rate);
 2. ``python -m service`` in a subprocess, one keep-alive client: latency by path
    (``GET /?file=``) and by upload (``POST /classify``, raw body);
-3. throughput with 8 and 32 concurrent keep-alive clients (``--threads`` 8 and 32);
+3. throughput with 8 and 32 concurrent keep-alive clients (services with ``--threads`` 8 and 32);
 4. the same 8-client load on a naive Flask app that loads the graph on every request;
-5. resident memory of the service after 100 and after 10,000 uploads (1,000 with --quick).
+5. resident memory of a fresh service after 100 and after 10,000 uploads (1,000 with --quick).
+
+Parts 1-3 run in interleaved rounds (in-process, then each service, then again), so that load
+from other work on a shared machine hits the reference and the service alike.
 
     python benchmarks/bench_service.py [--quick] [--output FILE.json] [--graph G.pb]
 
@@ -28,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -48,21 +51,24 @@ HOST = "127.0.0.1"  # never anything else: the benchmark only talks to its own p
 TARGET_LATENCY_RATIO = 1.3
 TARGET_THROUGHPUT_RATIO = 0.8
 N_IMAGES = 256  # distinct images cycled through by every measurement
+BATCH_SIZES = (8, 32)
+CLIENTS = (8, 32)  # each against a service with as many --threads
 READY_TIMEOUT_S = 180
 
 
 @dataclass(frozen=True)
 class Sizes:
-    """How many requests each measurement makes."""
+    """How many requests each measurement makes, in total over its rounds."""
 
     latency: int = 200
-    batched_images: int = 320  # a multiple of 8 and 32
-    load: int = 400
+    latency_rounds: int = 4
+    load: int = 480  # per configuration; each round's share is a multiple of 32 (batches, clients)
+    load_rounds: int = 3
     naive: int = 40
     memory_checkpoints: tuple[int, ...] = (100, 1_000, 4_000, 10_000)
 
 
-QUICK = Sizes(latency=60, batched_images=128, load=160, naive=16, memory_checkpoints=(100, 500, 1_000))
+QUICK = Sizes(latency=60, latency_rounds=2, load=192, load_rounds=2, naive=16, memory_checkpoints=(100, 500, 1_000))
 
 
 # ---------------------------------------------------------------- set-up and inputs
@@ -72,7 +78,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="fewer requests everywhere; memory after 1,000 uploads")
     p.add_argument("--output", type=Path, help="JSON file to write (default: under benchmarks/results/)")
     p.add_argument("--graph", type=Path, help="graph to serve (default: retrain one on sample_images, ~20 s)")
-    p.add_argument("--image_dir", type=Path, help=f"images to classify (default: {DEFAULT_IMAGE_DIR})")
+    p.add_argument("--image_dir", type=Path,
+                   help=f"class folders of JPEGs to classify (default: {DEFAULT_IMAGE_DIR}, else sample_images)")
     # Internal: this same file serves the naive app in its own process (see serve_naive).
     p.add_argument("--serve_naive", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -100,16 +107,17 @@ def resolve_image_dir(requested: Path | None) -> tuple[Path, str | None]:
     return FALLBACK_IMAGE_DIR, f"{DEFAULT_IMAGE_DIR} not found; using {FALLBACK_IMAGE_DIR}"
 
 
-def pick_images(image_dir: Path, n: int) -> list[Path]:
-    """At most ``n`` JPEGs spread evenly over the sorted list, so every class is represented."""
+def load_images(image_dir: Path, n: int = N_IMAGES) -> tuple[list[Path], list[bytes]]:
+    """At most ``n`` JPEGs spread evenly over the sorted list (every class represented), and their bytes."""
     paths = sorted(image_dir.glob("*/*.jpg"))
     if not paths:
         raise SystemExit(f"bench_service.py: error: no */*.jpg under {image_dir}")
-    return paths[::max(1, len(paths) // n)][:n]
+    paths = paths[::max(1, len(paths) // n)][:n]
+    return paths, [p.read_bytes() for p in paths]
 
 
 def make_graph(work: Path) -> Path:
-    """A small graph from sample_images with the built-in base: the one every part serves."""
+    """A small graph from sample_images with the built-in base (MobileNetV2, 160x160)."""
     out = work / "graphs" / "shapes.pb"
     cmd = [sys.executable, "retrain.py", "--image_dir", "sample_images", "--output_graph", str(out),
            "--bottleneck_dir", str(work / "bn"), "--quiet", "--how_many_training_steps", "200"]
@@ -129,6 +137,10 @@ def graphs_dir_with(graph: Path, work: Path) -> Path:
     return folder
 
 
+def graph_details(model: GraphModel, graph: Path) -> dict:
+    return {"name": model.name, "path": str(graph), "input_size": list(model.input_size), "labels": model.labels}
+
+
 # ---------------------------------------------------------------- statistics
 
 def percentiles(seconds: Sequence[float]) -> dict:
@@ -139,75 +151,65 @@ def percentiles(seconds: Sequence[float]) -> dict:
             "p99_ms": round(float(np.percentile(ms, 99)), 2), "mean_ms": round(float(ms.mean()), 2)}
 
 
-def rate(images: int, seconds: float) -> dict:
-    return {"images": images, "seconds": round(seconds, 3), "images_per_s": round(images / seconds, 1)}
+def per_s(n: int, seconds: float) -> float:
+    return round(n / seconds, 1)
 
 
-# ---------------------------------------------------------------- part 1: in-process reference
+def rounds_summary(rates: list[float]) -> dict:
+    """The best round (the least disturbed by other work) and every round, to show the spread."""
+    return {"best_per_s": max(rates), "rounds_per_s": rates}
 
-def bench_in_process_latency(model: GraphModel, encoded: list[bytes], n: int) -> dict:
+
+# ---------------------------------------------------------------- in-process reference
+
+def inproc_latencies(model: GraphModel, encoded: list[bytes], start: int, n: int) -> list[float]:
     """decode + predict of one image per call: what one request costs without HTTP."""
     from imageclf.images import decode_image
 
-    for data in encoded[:10]:  # warm-up: first runs allocate buffers and pick kernels
-        model.predict([decode_image(data)])
     seconds = []
-    for i in range(n):
-        start = time.perf_counter()
+    for i in range(start, start + n):
+        t0 = time.perf_counter()
         model.predict([decode_image(encoded[i % len(encoded)])])
-        seconds.append(time.perf_counter() - start)
-    return percentiles(seconds)
+        seconds.append(time.perf_counter() - t0)
+    return seconds
 
 
-def bench_in_process_batched(model: GraphModel, encoded: list[bytes], n_images: int,
-                             batch_sizes: Sequence[int] = (8, 32)) -> dict:
+def inproc_batched_rate(model: GraphModel, encoded: list[bytes], batch_size: int, n: int) -> float:
     """Images/s of decode + predict on whole batches; decoding is timed because the service does it too."""
     from imageclf.images import decode_image
 
-    out = {}
-    for size in batch_sizes:
-        batches = [[encoded[(b * size + j) % len(encoded)] for j in range(size)] for b in range(n_images // size)]
-        model.predict([decode_image(d) for d in batches[0]])  # warm-up for this batch shape
-        start = time.perf_counter()
-        for batch in batches:
-            model.predict([decode_image(d) for d in batch])
-        out[f"batch_{size}"] = rate(len(batches) * size, time.perf_counter() - start)
-    best = max(out.values(), key=lambda r: r["images_per_s"])
-    return {**out, "best_images_per_s": best["images_per_s"]}
+    batches = [[encoded[(b * batch_size + j) % len(encoded)] for j in range(batch_size)]
+               for b in range(n // batch_size)]
+    t0 = time.perf_counter()
+    for batch in batches:
+        model.predict([decode_image(d) for d in batch])
+    return per_s(len(batches) * batch_size, time.perf_counter() - t0)
 
 
-def bench_in_process_threads(model: GraphModel, encoded: list[bytes], n: int, threads: int = 8) -> dict:
-    """Batch-1 predict from several threads at once: what the service does inside, minus HTTP.
-
-    Separates the cost of concurrent single-image Session.run calls from the cost of HTTP.
-    """
+def inproc_threads_rate(model: GraphModel, encoded: list[bytes], n: int, threads: int = 8) -> float:
+    """Batch-1 predict from several threads at once: what the service does inside, minus HTTP."""
     from imageclf.images import decode_image
 
-    counter = iter(range(n))
-    lock = threading.Lock()
+    shares = [range(i, n, threads) for i in range(threads)]
 
-    def worker() -> None:
-        while True:
-            with lock:
-                i = next(counter, None)
-            if i is None:
-                return
+    def worker(indices: range) -> None:
+        for i in indices:
             model.predict([decode_image(encoded[i % len(encoded)])])
 
-    workers = [threading.Thread(target=worker) for _ in range(threads)]
-    start = time.perf_counter()
+    workers = [threading.Thread(target=worker, args=(share,)) for share in shares]
+    t0 = time.perf_counter()
     for w in workers:
         w.start()
     for w in workers:
         w.join()
-    return {**rate(n, time.perf_counter() - start), "threads": threads}
+    return per_s(n, time.perf_counter() - t0)
 
 
-def bench_in_process_stages(model: GraphModel, encoded: list[bytes], n: int) -> dict:
-    """Where a batch-1 request's time goes: Pillow decode, eager preprocessing, Session.run.
+def inproc_stages(model: GraphModel, encoded: list[bytes], n: int) -> dict:
+    """Where a batch-1 request's time goes: Pillow decode, the eager preprocessing, Session.run.
 
-    Also ``predict_encoded`` (decode and resize inside the graph), the alternative to the
-    eager preprocessing that the service uses through ``predict``.
+    Also ``predict_encoded`` (decode and resize inside the graph), the alternative to the eager
+    preprocessing that the service runs through ``predict``.
     """
     from imageclf.images import decode_image
 
@@ -221,27 +223,20 @@ def bench_in_process_stages(model: GraphModel, encoded: list[bytes], n: int) -> 
         t2 = time.perf_counter()
         model.session.run(model.output, {model.input: x})
         t3 = time.perf_counter()
-        stages["decode"].append(t1 - t0)
-        stages["model_input"].append(t2 - t1)
-        stages["session_run"].append(t3 - t2)
+        for name, seconds in (("decode", t1 - t0), ("model_input", t2 - t1), ("session_run", t3 - t2)):
+            stages[name].append(seconds)
         if model.bytes_input is not None:
             model.predict_encoded([data])
             stages["predict_encoded"].append(time.perf_counter() - t3)
     return {name: percentiles(seconds) for name, seconds in stages.items() if seconds}
 
 
-def bench_in_process(graph: Path, encoded: list[bytes], sizes: Sizes) -> dict:
-    from imageclf.graph_model import GraphModel
+def warm_up_model(model: GraphModel, encoded: list[bytes]) -> None:
+    """First runs of each batch shape allocate buffers and pick kernels; keep them out of the timings."""
+    from imageclf.images import decode_image
 
-    model = GraphModel(graph)
-    try:
-        return {"latency": bench_in_process_latency(model, encoded, sizes.latency),
-                "batched": bench_in_process_batched(model, encoded, sizes.batched_images),
-                "threads_batch_1": bench_in_process_threads(model, encoded, sizes.load // 2),
-                "stages_batch_1": bench_in_process_stages(model, encoded, sizes.latency // 2)}
-    finally:
-        # Frees its thread pools and memory before the service processes compete for the CPUs.
-        model.close()
+    for size in (1, *BATCH_SIZES):
+        model.predict([decode_image(d) for d in encoded[:size]])
 
 
 # ---------------------------------------------------------------- subprocesses
@@ -261,31 +256,31 @@ class Server:
     port: int
     log: Path
 
-    def rss_kib(self) -> dict:
-        """VmRSS (now) and VmHWM (peak) of the server process, from /proc."""
+    def memory(self) -> dict:
+        """VmRSS (now) and VmHWM (peak) of the server process, from /proc, in MiB."""
         fields = {}
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
             key, _, value = line.partition(":")
             if key in ("VmRSS", "VmHWM"):
-                fields[key] = int(value.split()[0])
+                fields[key] = int(value.split()[0])  # kB
         return {"rss_mib": round(fields["VmRSS"] / 1024, 1), "peak_rss_mib": round(fields["VmHWM"] / 1024, 1)}
 
 
 class Servers:
-    """Every process started by the benchmark, so that all are stopped in a finally block."""
+    """Every process the benchmark starts, so that all of them are stopped in one finally block."""
 
     def __init__(self, work: Path):
         self.work = work
         self.started: list[Server] = []
 
     def start(self, name: str, cmd: list[str]) -> Server:
+        """Start without waiting, so that several servers can load their models at the same time."""
         port = free_port()
         log = self.work / f"{name}.log"
         with open(log, "wb") as f:  # a file, not a pipe: a full pipe would block the server
             proc = subprocess.Popen([*cmd, "--port", str(port)], cwd=REPO_ROOT, stdout=f, stderr=subprocess.STDOUT)
         server = Server(name, proc, port, log)
         self.started.append(server)
-        wait_ready(server)
         return server
 
     def stop(self, server: Server) -> None:
@@ -302,21 +297,21 @@ class Servers:
             self.stop(server)
 
 
-def wait_ready(server: Server, timeout: float = READY_TIMEOUT_S) -> None:
+def wait_ready(server: Server, timeout: float = READY_TIMEOUT_S) -> Server:
     """Poll ``/readyz`` until 200: the model is loaded and warmed up."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.proc.poll() is not None:
             raise RuntimeError(f"{server.name} exited ({server.proc.returncode}):\n{_tail(server.log)}")
+        conn = http.client.HTTPConnection(HOST, server.port, timeout=5)
         try:
-            conn = http.client.HTTPConnection(HOST, server.port, timeout=5)
             conn.request("GET", "/readyz")
             if conn.getresponse().status == 200:
-                conn.close()
-                return
-            conn.close()
+                return server
         except OSError:
             pass  # not listening yet
+        finally:
+            conn.close()
         time.sleep(0.2)
     raise RuntimeError(f"{server.name} not ready after {timeout:.0f} s:\n{_tail(server.log)}")
 
@@ -351,8 +346,9 @@ def upload_requests(encoded: list[bytes]) -> list[Request]:
     return [Request("POST", "/classify", data) for data in encoded]
 
 
-def cycle(requests: list[Request], n: int) -> list[Request]:
-    return [requests[i % len(requests)] for i in range(n)]
+def take(requests: list[Request], start: int, n: int) -> list[Request]:
+    """``n`` requests cycling through the list from ``start``: each round sends different images."""
+    return [requests[(start + i) % len(requests)] for i in range(n)]
 
 
 @dataclass
@@ -362,11 +358,15 @@ class LoadResult:
     server_ms: list[dict] = field(default_factory=list)  # the service's own time_ms breakdown
     errors: list[str] = field(default_factory=list)
 
-    def summary(self, clients: int) -> dict:
-        out = {"clients": clients, "requests": len(self.latencies), "errors": len(self.errors),
-               **rate(len(self.latencies), self.seconds), "latency": percentiles(self.latencies)}
-        out["requests_per_s"] = out.pop("images_per_s")
-        out.pop("images")
+    def add(self, other: LoadResult) -> None:
+        self.seconds += other.seconds
+        self.latencies += other.latencies
+        self.server_ms += other.server_ms
+        self.errors += other.errors
+
+    def summary(self) -> dict:
+        out = {"requests": len(self.latencies), "errors": len(self.errors), "seconds": round(self.seconds, 3),
+               "requests_per_s": per_s(len(self.latencies), self.seconds), "latency": percentiles(self.latencies)}
         if self.server_ms:
             out["server_time_ms_p50"] = {key: percentiles([t[key] / 1000 for t in self.server_ms])["p50_ms"]
                                          for key in ("decode", "inference", "total")}
@@ -379,8 +379,8 @@ def _client(port: int, requests: list[Request], start: threading.Barrier, result
             lock: threading.Lock) -> None:
     """One keep-alive connection sending its requests one after the other."""
     conn = http.client.HTTPConnection(HOST, port, timeout=300)
-    conn.connect()  # before the barrier, so connecting is not timed
-    latencies, server_ms, errors = [], [], []
+    conn.connect()  # before the barrier, so that connecting is not timed
+    own = LoadResult()
     start.wait()
     for req in requests:
         headers = {"Content-Type": "application/octet-stream"} if req.body is not None else {}
@@ -390,29 +390,25 @@ def _client(port: int, requests: list[Request], start: threading.Barrier, result
             response = conn.getresponse()
             body = response.read()
         except (OSError, http.client.HTTPException) as e:
-            errors.append(f"{type(e).__name__}: {e}")
+            own.errors.append(f"{type(e).__name__}: {e}")
             conn.close()  # http.client reconnects on the next request
             continue
-        latencies.append(time.perf_counter() - t0)
+        own.latencies.append(time.perf_counter() - t0)
         if response.status != 200:
-            errors.append(f"HTTP {response.status}: {body[:200]!r}")
-            continue
-        timing = json.loads(body).get("time_ms")
-        if timing:
-            server_ms.append(timing)
+            own.errors.append(f"HTTP {response.status}: {body[:200]!r}")
+        elif timing := json.loads(body).get("time_ms"):
+            own.server_ms.append(timing)
     conn.close()
     with lock:
-        result.latencies += latencies
-        result.server_ms += server_ms
-        result.errors += errors
+        result.add(own)
 
 
 def run_load(port: int, requests: list[Request], clients: int) -> LoadResult:
     """Send ``requests`` from ``clients`` threads at once; wall time from the common start to the last answer."""
     result, lock = LoadResult(), threading.Lock()
     start = threading.Barrier(clients + 1)
-    shares = [requests[i::clients] for i in range(clients)]
-    threads = [threading.Thread(target=_client, args=(port, share, start, result, lock)) for share in shares]
+    threads = [threading.Thread(target=_client, args=(port, requests[i::clients], start, result, lock))
+               for i in range(clients)]
     for t in threads:
         t.start()
     start.wait()
@@ -420,67 +416,113 @@ def run_load(port: int, requests: list[Request], clients: int) -> LoadResult:
     for t in threads:
         t.join()
     result.seconds = time.perf_counter() - t0
-    if not result.latencies or len(result.errors) == len(requests):
-        raise RuntimeError(f"every request failed; first error: {result.errors[:1]}")
+    if len(result.errors) == len(requests):
+        raise RuntimeError(f"every request failed; first error: {result.errors[0]}")
     return result
 
 
 def warm_up(server: Server, requests: list[Request], clients: int) -> None:
     """A few requests first: waitress threads, TensorFlow's pools and the page cache get going."""
-    run_load(server.port, cycle(requests, 2 * clients), clients)
+    run_load(server.port, take(requests, 0, 2 * clients), clients)
 
 
-# ---------------------------------------------------------------- parts 2-5: the service
+# ---------------------------------------------------------------- parts 1-3: interleaved rounds
 
-def bench_service_latency(servers: Servers, graphs_dir: Path, image_root: Path, by_path: list[Request],
-                          uploads: list[Request], sizes: Sizes) -> dict:
-    """One client, one request at a time, by path and by upload; then 8 clients on the same server."""
-    server = servers.start("service-threads-8", service_cmd(graphs_dir, image_root, threads=8))
+def bench_latency(model: GraphModel, svc: Server, encoded: list[bytes], by_path: list[Request],
+                  uploads: list[Request], sizes: Sizes) -> dict:
+    """One request at a time: in-process, by path, by upload, in alternating rounds; p50/p99 pooled."""
+    chunk = sizes.latency // sizes.latency_rounds
+    inproc: list[float] = []
+    path, upload = LoadResult(), LoadResult()
+    round_p50: dict[str, list[float]] = {"in_process": [], "by_path": [], "by_upload": []}
+    for r in range(sizes.latency_rounds):
+        times = inproc_latencies(model, encoded, r * chunk, chunk)
+        p, u = (run_load(svc.port, take(reqs, r * chunk, chunk), 1) for reqs in (by_path, uploads))
+        inproc += times
+        path.add(p)
+        upload.add(u)
+        for key, seconds in (("in_process", times), ("by_path", p.latencies), ("by_upload", u.latencies)):
+            round_p50[key].append(percentiles(seconds)["p50_ms"])
+    return {"in_process": percentiles(inproc), "by_path": path.summary(), "by_upload": upload.summary(),
+            "p50_ms_per_round": round_p50}
+
+
+def bench_throughput(model: GraphModel, services: dict[int, Server], encoded: list[bytes],
+                     uploads: list[Request], sizes: Sizes) -> dict:
+    """In-process batches of 8 and 32, batch 1 from 8 threads, then each service, round after round."""
+    chunk = sizes.load // sizes.load_rounds
+    rates: dict[str, list[float]] = {f"batch_{b}": [] for b in BATCH_SIZES}
+    rates["threads_8_batch_1"] = []
+    loads = {clients: LoadResult() for clients in services}
+    for r in range(sizes.load_rounds):
+        for b in BATCH_SIZES:
+            rates[f"batch_{b}"].append(inproc_batched_rate(model, encoded, b, chunk))
+        rates["threads_8_batch_1"].append(inproc_threads_rate(model, encoded, chunk))
+        for clients, server in services.items():
+            result = run_load(server.port, take(uploads, r * chunk, chunk), clients)
+            loads[clients].add(result)
+            rates[f"service_{clients}_clients"] = [*rates.get(f"service_{clients}_clients", []),
+                                                   per_s(len(result.latencies), result.seconds)]
+    return {"images_per_round": chunk, "rates": {k: rounds_summary(v) for k, v in rates.items()},
+            "service": {f"{c}_clients": {"clients": c, "service_threads": c, **loads[c].summary()} for c in services}}
+
+
+def bench_rounds(graph: Path, graphs_dir: Path, image_root: Path, images: tuple[list[Path], list[bytes]],
+                 servers: Servers, sizes: Sizes, step: Callable[[str], None]) -> dict:
+    """Parts 1-3: the in-process model and both services are up together, used in turns."""
+    from imageclf.graph_model import GraphModel
+
+    paths, encoded = images
+    by_path, uploads = path_requests(paths, image_root), upload_requests(encoded)
+    services = {c: servers.start(f"service-threads-{c}", service_cmd(graphs_dir, image_root, threads=c))
+                for c in CLIENTS}
+    model = GraphModel(graph)  # loads while the services load theirs
     try:
-        warm_up(server, by_path + uploads, 1)
-        path = run_load(server.port, cycle(by_path, sizes.latency), 1).summary(1)
-        upload = run_load(server.port, cycle(uploads, sizes.latency), 1).summary(1)
-        warm_up(server, uploads, 8)
-        load_8 = run_load(server.port, cycle(uploads, sizes.load), 8).summary(8)
+        for clients, server in services.items():
+            wait_ready(server)
+            warm_up(server, by_path + uploads, clients)
+        warm_up_model(model, encoded)
+        step("where a batch-1 request's time goes, in-process")
+        stages = inproc_stages(model, encoded, sizes.latency // 2)
+        step(f"latency, 1 client, {sizes.latency_rounds} rounds")
+        latency = bench_latency(model, services[CLIENTS[0]], encoded, by_path, uploads, sizes)
+        step(f"throughput, {sizes.load_rounds} rounds of in-process and {' and '.join(map(str, CLIENTS))} clients")
+        throughput = bench_throughput(model, services, encoded, uploads, sizes)
+        return {"graph": graph_details(model, graph), "stages_batch_1": stages, "latency": latency,
+                "throughput": throughput}
     finally:
-        servers.stop(server)
-    return {"by_path": path, "by_upload": upload, "load": {"8_clients": {"service_threads": 8, **load_8}}}
+        model.close()  # frees its thread pools before the next parts
+        for server in services.values():
+            servers.stop(server)
 
 
-def bench_service_32(servers: Servers, graphs_dir: Path, image_root: Path, uploads: list[Request],
-                     sizes: Sizes) -> dict:
-    server = servers.start("service-threads-32", service_cmd(graphs_dir, image_root, threads=32))
+# ---------------------------------------------------------------- parts 4-5
+
+def bench_naive(servers: Servers, graph: Path, uploads: list[Request], sizes: Sizes) -> dict:
+    server = wait_ready(servers.start("naive", naive_cmd(graph, threads=8)))
     try:
-        warm_up(server, uploads, 32)
-        return {"service_threads": 32, **run_load(server.port, cycle(uploads, sizes.load), 32).summary(32)}
+        run_load(server.port, uploads[:2], 1)  # TensorFlow's one-time start-up, which any server pays once
+        result = run_load(server.port, take(uploads, 0, sizes.naive), 8)
+        return {"clients": 8, "service_threads": 8, **result.summary(), **server.memory()}
     finally:
         servers.stop(server)
 
 
 def bench_memory(servers: Servers, graphs_dir: Path, image_root: Path, uploads: list[Request],
                  sizes: Sizes) -> dict:
-    """RSS of a fresh service after each checkpoint of uploads from 8 clients: growth means a leak."""
-    server = servers.start("service-memory", service_cmd(graphs_dir, image_root, threads=8))
+    """RSS of a fresh service after each checkpoint of uploads from 8 clients: steady growth means a leak."""
+    server = wait_ready(servers.start("service-memory", service_cmd(graphs_dir, image_root, threads=8)))
     try:
-        points = [{"requests": 0, **server.rss_kib()}]
-        done, seconds, errors = 0, 0.0, 0
+        points = [{"requests": 0, **server.memory()}]
+        total = LoadResult()
         for checkpoint in sizes.memory_checkpoints:
-            result = run_load(server.port, cycle(uploads, checkpoint - done), 8)
-            done, seconds, errors = checkpoint, seconds + result.seconds, errors + len(result.errors)
-            points.append({"requests": done, **server.rss_kib()})
-            print(f"  memory: {done:,} uploads, RSS {points[-1]['rss_mib']} MiB", file=sys.stderr)
-        return {"clients": 8, "service_threads": 8, "checkpoints": points, "errors": errors,
-                "requests_per_s": round(done / seconds, 1)}
-    finally:
-        servers.stop(server)
-
-
-def bench_naive(servers: Servers, graph: Path, uploads: list[Request], sizes: Sizes) -> dict:
-    server = servers.start("naive", naive_cmd(graph, threads=8))
-    try:
-        run_load(server.port, uploads[:2], 1)  # TensorFlow's one-time start-up, paid by any server
-        result = run_load(server.port, cycle(uploads, sizes.naive), 8).summary(8)
-        return {"service_threads": 8, **result, "peak_rss_mib": server.rss_kib()["peak_rss_mib"]}
+            done = points[-1]["requests"]
+            total.add(run_load(server.port, take(uploads, done, checkpoint - done), 8))
+            points.append({"requests": checkpoint, **server.memory()})
+            print(f"  {checkpoint:,} uploads: RSS {points[-1]['rss_mib']} MiB", file=sys.stderr, flush=True)
+        summary = total.summary()
+        return {"clients": 8, "service_threads": 8, "checkpoints": points, "errors": summary["errors"],
+                "requests_per_s": summary["requests_per_s"], "latency": summary["latency"]}
     finally:
         servers.stop(server)
 
@@ -490,7 +532,7 @@ def bench_naive(servers: Servers, graph: Path, uploads: list[Request], sizes: Si
 def build_naive_app(graph_path: Path) -> Flask:
     """The pattern users start from: every request parses the graph and runs it in a new Session.
 
-    Only the tensor names, input size and scaling are found once, as a user would hard-code them.
+    Only tensor names, input size and scaling are looked up once, as a user would hard-code them.
     """
     import tensorflow as tf
     from flask import Flask, jsonify, request
@@ -516,10 +558,10 @@ def build_naive_app(graph_path: Path) -> Flask:
             data = tf.compat.v1.placeholder(tf.string, [])
             pixels = tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE")
             resized = tf.image.resize(tf.image.convert_image_dtype(pixels, tf.float32), size, antialias=True)
-            scaled = (resized * 255.0 - mean) / std
+            scaled = (resized * 255.0 - mean) / std  # the same scaling as GraphModel.model_input
             with tf.compat.v1.Session(graph=graph) as session:
                 batch = session.run(scaled, {data: request.get_data()})[None]
-                scores = session.run(graph.get_tensor_by_name(output_name), {input_name: batch})[0]
+                scores = session.run(output_name, {input_name: batch})[0]
         best = int(scores.argmax())
         return jsonify({"label": labels[best], "score": float(scores[best])})
 
@@ -533,149 +575,112 @@ def serve_naive(graph: Path, port: int, threads: int) -> int:
     return 0
 
 
-# ---------------------------------------------------------------- machine and report
-
-def machine_details() -> dict:
-    from bench_retrain import machine_info  # same fields as the retrain benchmark's JSON
-
-    return machine_info()
-
-
-def default_output(machine: dict) -> Path:
-    stamp = datetime.fromisoformat(machine["date"]).strftime("%Y%m%d-%H%M")
-    return RESULTS_DIR / f"bench_service-{machine['hostname']}-{stamp}.json"
-
+# ---------------------------------------------------------------- ratios and report
 
 def add_ratios(r: dict) -> None:
-    """The two targets: service latency ≤ 1.3x in-process, throughput ≥ 0.8x the best batched rate."""
-    ref_ms = r["in_process"]["latency"]["p50_ms"]
-    ref_rate = r["in_process"]["batched"]["best_images_per_s"]
-    svc = r["service"]
-    r["ratios"] = {
-        "latency_p50_by_path": round(svc["by_path"]["latency"]["p50_ms"] / ref_ms, 2),
-        "latency_p50_by_upload": round(svc["by_upload"]["latency"]["p50_ms"] / ref_ms, 2),
-        **{f"throughput_{k}": round(v["requests_per_s"] / ref_rate, 2) for k, v in svc["load"].items()},
-        "throughput_naive_8_clients": round(r["naive"]["requests_per_s"] / ref_rate, 3),
-        "service_over_naive_8_clients": round(svc["load"]["8_clients"]["requests_per_s"]
-                                              / r["naive"]["requests_per_s"], 1),
-        "target_latency_ratio": TARGET_LATENCY_RATIO, "target_throughput_ratio": TARGET_THROUGHPUT_RATIO}
+    """The targets: service p50 ≤ 1.3x in-process p50; service rate ≥ 0.8x the best in-process batched rate."""
+    lat, tp = r["latency"], r["throughput"]["rates"]
+    ref_ms = lat["in_process"]["p50_ms"]
+    best_batched = max(tp[f"batch_{b}"]["best_per_s"] for b in BATCH_SIZES)
+    # Per round: each service round against the batched rounds run just before it.
+    batched_rounds = [max(vals) for vals in zip(*(tp[f"batch_{b}"]["rounds_per_s"] for b in BATCH_SIZES),
+                                                strict=True)]
+    ratios = {"latency_p50_by_path": round(lat["by_path"]["latency"]["p50_ms"] / ref_ms, 2),
+              "latency_p50_by_upload": round(lat["by_upload"]["latency"]["p50_ms"] / ref_ms, 2),
+              "best_batched_images_per_s": best_batched}
+    for c in CLIENTS:
+        svc = tp[f"service_{c}_clients"]
+        ratios[f"throughput_{c}_clients"] = round(svc["best_per_s"] / best_batched, 2)
+        ratios[f"throughput_{c}_clients_per_round"] = [round(s / b, 2) for s, b in
+                                                       zip(svc["rounds_per_s"], batched_rounds, strict=True)]
+    naive = r["naive"]["requests_per_s"]
+    ratios["throughput_naive_8_clients"] = round(naive / best_batched, 3)
+    ratios["service_over_naive_8_clients"] = round(tp["service_8_clients"]["best_per_s"] / naive, 1)
+    r["ratios"] = {**ratios, "target_latency_ratio": TARGET_LATENCY_RATIO,
+                   "target_throughput_ratio": TARGET_THROUGHPUT_RATIO}
 
 
 def format_report(r: dict) -> str:
-    m = r["machine"]
+    m, g = r["machine"], r["graph"]
     lines = [f"Machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['memory_total_gib']} GiB, Python {m['python']}, "
              f"TensorFlow {m['tensorflow']}, {m['date']}, load {m['load_average_start']} -> {m['load_average_end']}",
-             f"Graph:   {r['graph']['name']} {r['graph']['input_size']},"
-             f" {r['n_images']} images from {r['image_dir']}"]
+             f"Graph:   {g['name']} {g['input_size']}, {r['n_images']} images from {r['image_dir']}"]
     if r["note"]:
         lines.append(f"Note:    {r['note']}")
-    return "\n".join(lines + ["", *_latency_lines(r), "", *_throughput_lines(r), "", *_memory_lines(r)])
+    sections = (_latency_lines(r), _throughput_lines(r), _memory_lines(r))
+    return "\n".join(lines + [line for section in sections for line in ["", *section]])
 
 
 def _lat(label: str, lat: dict, extra: str = "") -> str:
-    return f"  {label:<44} p50 {lat['p50_ms']:>8.1f} ms   p99 {lat['p99_ms']:>8.1f} ms  (n={lat['n']}){extra}"
+    return f"  {label:<44} p50 {lat['p50_ms']:>7.1f} ms  p99 {lat['p99_ms']:>7.1f} ms  (n={lat['n']}){extra}"
+
+
+def _server_ms(s: dict) -> str:
+    t = s.get("server_time_ms_p50")
+    return f"  server p50: decode {t['decode']:.1f} + inference {t['inference']:.1f} ms" if t else ""
 
 
 def _latency_lines(r: dict) -> list[str]:
-    ratios, svc = r["ratios"], r["service"]
-
-    def server(s: dict) -> str:
-        t = s.get("server_time_ms_p50")
-        return f"  server: decode {t['decode']} + inference {t['inference']} ms" if t else ""
-
-    return ["Latency, one client, one request at a time",
-            _lat("in-process decode + predict([pixels])", r["in_process"]["latency"]),
-            _stages_line(r["in_process"]["stages_batch_1"]),
-            _lat("service GET /?file=", svc["by_path"]["latency"], server(svc["by_path"])),
-            _lat("service POST /classify (raw body)", svc["by_upload"]["latency"], server(svc["by_upload"])),
+    lat, ratios, st = r["latency"], r["ratios"], r["stages_batch_1"]
+    stages = ", ".join(f"{k} {st[k]['p50_ms']:.1f}" for k in ("decode", "model_input", "session_run"))
+    encoded = f"; predict_encoded([bytes]) {st['predict_encoded']['p50_ms']:.1f}" if "predict_encoded" in st else ""
+    rounds = "; ".join(f"{k} {', '.join(f'{v:.1f}' for v in vals)}" for k, vals in lat["p50_ms_per_round"].items())
+    return ["Latency, one client, one request at a time (rounds interleaved, percentiles pooled)",
+            _lat("in-process decode + predict([pixels])", lat["in_process"]),
+            f"    in-process p50 by stage (ms): {stages}{encoded}",
+            _lat("service GET /?file=", lat["by_path"]["latency"], _server_ms(lat["by_path"])),
+            _lat("service POST /classify (raw body)", lat["by_upload"]["latency"], _server_ms(lat["by_upload"])),
+            f"  p50 per round (ms): {rounds}",
             f"  ratio service / in-process p50: by path {ratios['latency_p50_by_path']:.2f}, by upload "
             f"{ratios['latency_p50_by_upload']:.2f} (target <= {TARGET_LATENCY_RATIO})"]
 
 
-def _stages_line(stages: dict) -> str:
-    parts = [f"{name} {stages[name]['p50_ms']:.1f}" for name in ("decode", "model_input", "session_run")]
-    line = f"    p50 by stage (ms): {', '.join(parts)}"
-    if "predict_encoded" in stages:
-        line += f"; predict_encoded([bytes]) {stages['predict_encoded']['p50_ms']:.1f}"
-    return line
-
-
-def _rate_row(label: str, per_s: float, extra: str = "") -> str:
-    return f"  {label:<44} {per_s:>8.1f} img/s{extra}"
+def _rate_row(label: str, rates: dict, extra: str = "") -> str:
+    rounds = ", ".join(f"{v:.1f}" for v in rates["rounds_per_s"])
+    return f"  {label:<44} {rates['best_per_s']:>7.1f} img/s (rounds {rounds}){extra}"
 
 
 def _throughput_lines(r: dict) -> list[str]:
-    b, ratios = r["in_process"]["batched"], r["ratios"]
-    lines = ["Throughput",
-             _rate_row("in-process decode + predict, batch 8", b["batch_8"]["images_per_s"]),
-             _rate_row("in-process decode + predict, batch 32", b["batch_32"]["images_per_s"]),
-             _rate_row("in-process batch 1 from 8 threads", r["in_process"]["threads_batch_1"]["images_per_s"])]
-    for key, load in r["service"]["load"].items():
-        lines.append(_rate_row(f"service, {load['clients']} clients (--threads {load['service_threads']})",
-                               load["requests_per_s"],
-                               f"  ratio {ratios[f'throughput_{key}']:.2f}  p50 {load['latency']['p50_ms']:.0f} ms"
-                               f"  p99 {load['latency']['p99_ms']:.0f} ms  errors {load['errors']}"))
-    n = r["naive"]
-    lines += [_rate_row("naive app, 8 clients (graph loaded per request)", n["requests_per_s"],
-                        f"  ratio {ratios['throughput_naive_8_clients']:.3f}  p50 {n['latency']['p50_ms']:.0f} ms"
-                        f"  errors {n['errors']}"),
-              f"  service / naive at 8 clients: {ratios['service_over_naive_8_clients']}x;"
-              f" throughput target >= {TARGET_THROUGHPUT_RATIO} of the best batched rate"]
+    tp, ratios, naive = r["throughput"], r["ratios"], r["naive"]
+    lines = [f"Throughput, best of {len(tp['rates']['batch_8']['rounds_per_s'])} rounds of "
+             f"{tp['images_per_round']} images each",
+             *(_rate_row(f"in-process decode + predict, batch {b}", tp["rates"][f"batch_{b}"]) for b in BATCH_SIZES),
+             _rate_row("in-process batch 1 from 8 threads", tp["rates"]["threads_8_batch_1"])]
+    for c in CLIENTS:
+        svc = tp["service"][f"{c}_clients"]
+        lines.append(_rate_row(f"service, {c} clients (--threads {c})", tp["rates"][f"service_{c}_clients"],
+                               f"  p50 {svc['latency']['p50_ms']:.0f} ms, p99 {svc['latency']['p99_ms']:.0f} ms,"
+                               f" errors {svc['errors']}"))
+        lines.append(f"    ratio to the best batched rate {ratios[f'throughput_{c}_clients']:.2f} (per round "
+                     f"{', '.join(map(str, ratios[f'throughput_{c}_clients_per_round']))}; "
+                     f"target >= {TARGET_THROUGHPUT_RATIO})")
+    lines += [f"  {'naive app, 8 clients (graph loaded per request)':<44} {naive['requests_per_s']:>7.1f} img/s"
+              f" ({naive['requests']} requests)  p50 {naive['latency']['p50_ms']:.0f} ms, errors {naive['errors']}",
+              f"    ratio to the best batched rate {ratios['throughput_naive_8_clients']:.3f}; the service is "
+              f"{ratios['service_over_naive_8_clients']}x faster at 8 clients"]
     return lines
 
 
 def _memory_lines(r: dict) -> list[str]:
     mem = r["memory"]
     points = ", ".join(f"{p['requests']:,}: {p['rss_mib']:.0f}" for p in mem["checkpoints"])
-    return [f"Service RSS (MiB) after N uploads, 8 clients: {points}",
-            f"  peak {mem['checkpoints'][-1]['peak_rss_mib']:.0f} MiB, {mem['requests_per_s']} req/s,"
+    return [f"Service RSS (MiB) after N uploads from 8 clients: {points}",
+            f"  peak {mem['checkpoints'][-1]['peak_rss_mib']:.0f} MiB; {mem['requests_per_s']} req/s over the run,"
             f" errors {mem['errors']}; naive app peak {r['naive']['peak_rss_mib']:.0f} MiB"]
 
 
 # ---------------------------------------------------------------- main
 
-def load_images(image_dir: Path) -> tuple[list[Path], list[bytes]]:
-    paths = pick_images(image_dir, N_IMAGES)
-    return paths, [p.read_bytes() for p in paths]
+def machine_details() -> dict:
+    from bench_retrain import machine_info  # the same fields as the retrain benchmark's JSON
+
+    return machine_info()
 
 
-def graph_details(graph: Path) -> dict:
-    from imageclf.graph_model import GraphModel
-
-    model = GraphModel(graph)
-    try:
-        return {"name": model.name, "path": str(graph), "input_size": list(model.input_size),
-                "labels": model.labels}
-    finally:
-        model.close()
-
-
-def run_all(args: argparse.Namespace, work: Path, sizes: Sizes) -> dict:
-    image_dir, note = resolve_image_dir(args.image_dir)
-    image_dir = image_dir.resolve()
-    paths, encoded = load_images(image_dir)
-    step = _progress()
-    step("graph" if args.graph else "retraining a graph on sample_images (~20 s)")
-    graph = args.graph.resolve() if args.graph else make_graph(work)
-    graphs_dir = graphs_dir_with(graph, work)
-    by_path, uploads = path_requests(paths, image_dir), upload_requests(encoded)
-    results: dict = {"image_dir": str(image_dir), "n_images": len(paths), "note": note, "quick": args.quick,
-                     "sizes": sizes.__dict__, "graph": graph_details(graph)}
-    step("part 1: in-process reference")
-    results["in_process"] = bench_in_process(graph, encoded, sizes)
-    servers = Servers(work)
-    try:
-        step("parts 2-3: service, 1 client and 8 clients")
-        results["service"] = bench_service_latency(servers, graphs_dir, image_dir, by_path, uploads, sizes)
-        step("part 3: service, 32 clients")
-        results["service"]["load"]["32_clients"] = bench_service_32(servers, graphs_dir, image_dir, uploads, sizes)
-        step("part 4: naive app, 8 clients")
-        results["naive"] = bench_naive(servers, graph, uploads, sizes)
-        step(f"part 5: service memory over {sizes.memory_checkpoints[-1]:,} uploads")
-        results["memory"] = bench_memory(servers, graphs_dir, image_dir, uploads, sizes)
-    finally:
-        servers.stop_all()
-    return results
+def default_output(machine: dict) -> Path:
+    # Host and start time to the minute, so that runs on one machine never overwrite each other.
+    stamp = datetime.fromisoformat(machine["date"]).strftime("%Y%m%d-%H%M")
+    return RESULTS_DIR / f"bench_service-{machine['hostname']}-{stamp}.json"
 
 
 def _progress() -> Callable[[str], None]:
@@ -690,6 +695,29 @@ def _progress() -> Callable[[str], None]:
 def work_dir() -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="bench-service-") as tmp:
         yield Path(tmp)
+
+
+def run_all(args: argparse.Namespace, work: Path, sizes: Sizes) -> dict:
+    image_dir, note = resolve_image_dir(args.image_dir)
+    image_dir = image_dir.resolve()
+    images = load_images(image_dir)
+    step = _progress()
+    step("using --graph" if args.graph else "retraining a graph on sample_images (~20 s)")
+    graph = args.graph.resolve() if args.graph else make_graph(work)
+    graphs_dir = graphs_dir_with(graph, work)
+    servers = Servers(work)
+    try:
+        step("starting the in-process model and services with --threads 8 and 32")
+        results = bench_rounds(graph, graphs_dir, image_dir, images, servers, sizes, step)
+        uploads = upload_requests(images[1])
+        step(f"naive app, {sizes.naive} uploads from 8 clients")
+        results["naive"] = bench_naive(servers, graph, uploads, sizes)
+        step(f"memory of a fresh service over {sizes.memory_checkpoints[-1]:,} uploads")
+        results["memory"] = bench_memory(servers, graphs_dir, image_dir, uploads, sizes)
+    finally:
+        servers.stop_all()
+    return {"image_dir": str(image_dir), "n_images": len(images[0]), "note": note, "quick": bool(args.quick),
+            "sizes": asdict(sizes), **results}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

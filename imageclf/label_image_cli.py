@@ -9,6 +9,7 @@ import time
 from collections.abc import Sequence
 
 from imageclf.cli_common import quiet_tensorflow, run
+from imageclf.images import DEFAULT_MAX_PIXELS
 
 DESCRIPTION = """\
 Classify one image with a frozen graph.
@@ -40,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input_std", type=float, help="see --input_mean")
     p.add_argument("--top_k", type=int, default=5, help="how many results to print (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("--max_pixels", type=int, default=40_000_000, help="refuse larger images (default: %(default)s)")
+    p.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help="refuse larger images (default: %(default)s)")
     return p
 
 

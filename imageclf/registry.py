@@ -39,14 +39,16 @@ class ModelEntry:
     signature: tuple = field(default=(), repr=False)
 
     @property
-    def version(self) -> int | None:
-        if self.model is None:
-            return None
-        return int((self.model.metadata or {}).get("version") or self.loaded_signature_time)
+    def modified(self) -> int:
+        """The graph file's modification time, in seconds."""
+        return int(self.signature[0] // 1_000_000_000) if self.signature else 0
 
     @property
-    def loaded_signature_time(self) -> int:
-        return int(self.signature[0] // 1_000_000_000) if self.signature else 0
+    def version(self) -> int | None:
+        """Our graphs carry a version; for others the file's modification time stands in."""
+        if self.model is None:
+            return None
+        return int((self.model.metadata or {}).get("version") or self.modified)
 
     def describe(self) -> dict:
         model = self.model
@@ -78,7 +80,7 @@ class ModelRegistry:
             if name is None:
                 if not ready:
                     raise UnknownModelError("no model is loaded yet")
-                entry = max(ready.values(), key=lambda e: (e.loaded_signature_time, e.name))
+                entry = max(ready.values(), key=lambda e: (e.modified, e.name))
             elif name in ready:
                 entry = ready[name]
             else:

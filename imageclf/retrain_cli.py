@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from imageclf.cli_common import quiet_tensorflow, run
+from imageclf.images import DEFAULT_MAX_PIXELS
 
 DESCRIPTION = """\
 Retrain a pretrained image model on your own classes.
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="percentage of images kept for the final test (default: %(default)s)")
     data.add_argument("--validation_percentage", type=float, default=10,
                       help="percentage of images used for validation while training (default: %(default)s)")
-    data.add_argument("--max_pixels", type=int, default=40_000_000,
+    data.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS,
                       help="skip images with more pixels than this (default: %(default)s)")
 
     out = p.add_argument_group("output")

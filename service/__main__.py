@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from imageclf.cli_common import quiet_tensorflow, run
+from imageclf.images import DEFAULT_MAX_PIXELS
 
 EPILOG = """\
 Every flag can also be set with an environment variable: IMAGECLF_HOST, IMAGECLF_PORT,
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=_env("threads", 8), help="request threads (default: %(default)s)")
     p.add_argument("--max_upload_bytes", type=int, default=_env("max_upload_bytes", 10 * 1024 * 1024),
                    help="largest upload or file accepted (default: %(default)s)")
-    p.add_argument("--max_pixels", type=int, default=_env("max_pixels", 40_000_000),
+    p.add_argument("--max_pixels", type=int, default=_env("max_pixels", DEFAULT_MAX_PIXELS),
                    help="largest image, in pixels (default: %(default)s)")
     p.add_argument("--batch_size", type=int, default=_env("batch_size", 16),
                    help="most concurrent requests served by one model call (default: %(default)s)")

@@ -1,5 +1,5 @@
-"""The classification service: Flask routes over the models in a graphs folder."""
+"""The classification service: Flask routes over the models in a graphs folder.
 
-from service.app import ServiceConfig, create_app
-
-__all__ = ["ServiceConfig", "create_app"]
+``service.app.create_app`` builds the WSGI app; ``python -m service`` serves it. Nothing is
+imported here, so that ``python -m service`` can quiet TensorFlow before loading it.
+"""

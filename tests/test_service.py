@@ -24,7 +24,7 @@ from imageclf.demo_data import make_dataset
 from imageclf.graph_model import GraphModel
 from imageclf.registry import ModelRegistry
 from imageclf.retrain import retrain
-from service import ServiceConfig, create_app
+from service.app import ServiceConfig, create_app
 
 from .conftest import POETS, REPO, needs_shared, quick_options, run_tool
 

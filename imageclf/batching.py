@@ -1,9 +1,10 @@
 """Dynamic micro-batching: concurrent requests share one ``Session.run``.
 
-There is no background thread. The first request to arrive opens a batch and leads it: it
-waits up to ``max_wait`` seconds (or until the batch is full) for others to join, runs the
-whole batch, and hands each member its own row. While a batch runs, new arrivals open the
-next one, so a lone client only ever pays ``max_wait``.
+There is no background thread. The first request to arrive opens a batch and leads it. If
+another batch is running, which is the sign of concurrent traffic, the leader waits up to
+``max_wait`` seconds (or until the batch is full) for others to join; otherwise it runs at
+once, so a lone client never waits. The leader runs the whole batch and hands each member its
+own row. While a batch runs, new arrivals open the next one.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class MicroBatcher(Generic[Item, Result]):
         self.max_wait = max(0.0, max_wait)
         self._lock = threading.Lock()
         self._open: _Batch | None = None
+        self._running = 0  # batches inside run_batch now
 
     def submit(self, item: Item) -> Result:
         """Run ``item`` in a batch with whatever else arrives meanwhile; return its result."""
@@ -55,14 +57,19 @@ class MicroBatcher(Generic[Item, Result]):
         return batch.results[index]
 
     def _lead(self, batch: _Batch) -> None:
-        if self.max_wait and self.max_batch > 1:
+        with self._lock:
+            busy = self._running > 0
+        if busy and self.max_wait and self.max_batch > 1:
             batch.full.wait(self.max_wait)
         with self._lock:
             if self._open is batch:
                 self._open = None
+            self._running += 1
         try:
             batch.results = self.run_batch(batch.items)
         except BaseException as e:  # noqa: BLE001 - every member of the batch must hear about it
             batch.error = e
         finally:
+            with self._lock:
+                self._running -= 1
             batch.done.set()

@@ -20,7 +20,7 @@ import tensorflow as tf
 from google.protobuf.message import DecodeError
 
 from imageclf.errors import UserError
-from imageclf.preprocess import to_model_input
+from imageclf.preprocess import image_to_model_input
 
 _SETTINGS = ("input_tensor", "output_tensor", "input_size", "input_mean", "input_std", "labels_file")
 
@@ -72,7 +72,7 @@ class GraphModel:
 
     def model_input(self, pixels: np.ndarray) -> np.ndarray:
         """Decoded RGB uint8 ``[h, w, 3]`` -> what this graph's input tensor takes for it."""
-        x = to_model_input(pixels, self.input_size).numpy()
+        x = image_to_model_input(pixels, self.input_size)
         if (self.input_mean, self.input_std) == (0.0, 255.0):
             return x
         return (x * 255.0 - self.input_mean) / self.input_std

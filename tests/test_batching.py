@@ -25,25 +25,32 @@ def test_concurrent_items_are_batched_and_each_gets_its_own_result():
     assert sum(sizes) == 64 and max(sizes) <= 8 and len(sizes) < 32
 
 
-def test_a_lone_item_runs_without_waiting_for_a_full_batch():
-    batcher = MicroBatcher(lambda items: items, max_batch=32, max_wait=0.005)
+def test_a_lone_item_runs_without_waiting_for_company():
+    batcher = MicroBatcher(lambda items: items, max_batch=32, max_wait=5.0)
     started = time.perf_counter()
     assert batcher.submit("x") == "x"
-    assert time.perf_counter() - started < 1.0
+    assert time.perf_counter() - started < 1.0  # nothing else was running, so no reason to wait 5 s
 
 
 def test_errors_reach_every_member_and_the_batcher_recovers():
-    calls = threading.Event()
+    holding, release = threading.Event(), threading.Event()
 
     def run(items):
-        if not calls.is_set():
-            calls.set()
+        if items == ["hold"]:
+            holding.set()
+            release.wait(10)  # a batch in progress: the next leader waits for others to join
+            return items
+        if 7 not in items:
             raise ValueError("bad batch")
         return items
     batcher = MicroBatcher(run, max_batch=4, max_wait=5.0)  # the 4th arrival closes the batch
-    with ThreadPoolExecutor(4) as pool:
+    with ThreadPoolExecutor(5) as pool:
+        held = pool.submit(batcher.submit, "hold")
+        assert holding.wait(10)
         futures = [pool.submit(batcher.submit, i) for i in range(4)]
-        errors = [f.exception() for f in futures]
+        errors = [f.exception(10) for f in futures]
+        release.set()
+        assert held.result(10) == "hold"
     assert all(isinstance(e, ValueError) for e in errors)
     assert batcher.submit(7) == 7
 

@@ -15,19 +15,25 @@ benchmarks/results/ unless --output says otherwise.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import re
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
+
+from common import (
+    DEFAULT_IMAGE_DIR,
+    REPO_ROOT,
+    load_average,
+    machine_info,
+    machine_line,
+    prepare_imports,
+    resolve_image_dir,
+    write_results,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -35,10 +41,6 @@ if TYPE_CHECKING:
     from imageclf.bases import BaseModel
     from imageclf.bottlenecks import BottleneckReport
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_IMAGE_DIR = REPO_ROOT.parent / "shared" / "data" / "stanford_dogs_9"
-FALLBACK_IMAGE_DIR = REPO_ROOT / "sample_images"
-RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 BATCH_SIZE = 32  # retrain.py's default --batch_size
 WARMUP_IMAGES = 64
 QUICK_IMAGES = 200
@@ -59,29 +61,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help=f"at most {QUICK_IMAGES} images for the throughput part; no retrains")
     p.add_argument("--output", type=Path, help="JSON file to write (default: under benchmarks/results/)")
     return p.parse_args(argv)
-
-
-def prepare_imports() -> None:
-    """Make ``import imageclf`` work from any working directory and keep TensorFlow quiet."""
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
-    # Must be set before TensorFlow is imported; its C++ logging reads it once.
-    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    from imageclf.cli_common import quiet_tensorflow
-
-    # Also hides the CUDA probing lines that TensorFlow prints before honouring the variable.
-    quiet_tensorflow()
-
-
-def resolve_image_dir(requested: Path | None) -> tuple[Path, str | None]:
-    """The image folder to use, and a note when the default data set is missing."""
-    if requested is not None:
-        return requested, None
-    if DEFAULT_IMAGE_DIR.is_dir():
-        return DEFAULT_IMAGE_DIR, None
-    note = (f"{DEFAULT_IMAGE_DIR} not found; using the small generated set {FALLBACK_IMAGE_DIR} "
-            "instead, so the numbers are not comparable with the README's")
-    return FALLBACK_IMAGE_DIR, note
 
 
 def image_paths(image_dir: Path) -> list[Path]:
@@ -276,45 +255,8 @@ def bench_add_class(image_dir: Path) -> dict | None:
 
 # ---------------------------------------------------------------- machine and report
 
-def machine_info() -> dict:
-    import numpy as np
-    import tensorflow as tf
-
-    return {"hostname": socket.gethostname(),
-            "date": datetime.now().astimezone().isoformat(timespec="seconds"),
-            "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "cpu_model": _proc_field("/proc/cpuinfo", "model name") or platform.processor(),
-            "memory_total_gib": _memory_gib(),
-            "python": platform.python_version(), "tensorflow": tf.__version__,
-            "numpy": np.__version__, "platform": platform.platform()}
-
-
-def _proc_field(path: str, key: str) -> str | None:
-    """The first ``key: value`` line of a /proc file, or None off Linux."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        name, _, value = line.partition(":")
-        if name.strip() == key:
-            return value.strip()
-    return None
-
-
-def _memory_gib() -> float | None:
-    total = _proc_field("/proc/meminfo", "MemTotal")  # "24576000 kB"
-    return round(int(total.split()[0]) / 2**20, 1) if total else None
-
-
-def default_output(machine: dict) -> Path:
-    # Host and start time to the minute, so that runs on one machine never overwrite each other.
-    stamp = datetime.fromisoformat(machine["date"]).strftime("%Y%m%d-%H%M")
-    return RESULTS_DIR / f"bench_retrain-{machine['hostname']}-{stamp}.json"
-
-
 def format_report(results: dict) -> str:
-    lines = [f"Machine: {_machine_line(results['machine'])}",
+    lines = [f"Machine: {machine_line(results['machine'])}",
              f"Images:  {results['n_images']:,} files in {results['image_dir']}"]
     if results["note"]:
         lines.append(f"Note:    {results['note']}")
@@ -322,12 +264,6 @@ def format_report(results: dict) -> str:
     if results["retrain"]:
         lines += ["", *_retrain_lines(results["retrain"])]
     return "\n".join(lines)
-
-
-def _machine_line(m: dict) -> str:
-    return (f"{m['nproc']} CPUs ({m['cpu_model']}), {m['memory_total_gib']} GiB, Python {m['python']}, "
-            f"TensorFlow {m['tensorflow']}, {m['date']}, load {m['load_average_start']}"
-            f" -> {m['load_average_end']}")
 
 
 def _row(label: str, value: dict) -> str:
@@ -390,7 +326,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick:
         paths = spread_sample(paths, QUICK_IMAGES)
     machine = machine_info()
-    machine["load_average_start"] = [round(x, 2) for x in os.getloadavg()]
     print(f"Part 1: bottleneck throughput on {len(paths):,} images...", file=sys.stderr)
     throughput = bench_throughput(paths)
     retrain = None
@@ -399,14 +334,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         retrain = bench_add_class(image_dir)
         if retrain is None:
             note = "; ".join(filter(None, [note, "retrains skipped: they need at least 3 class folders"]))
-    machine["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    machine["load_average_end"] = load_average()
     results = {"machine": machine, "image_dir": str(image_dir), "note": note, "quick": args.quick,
                "n_images": len(paths), "throughput": throughput, "retrain": retrain}
     print(format_report(results))
-    output = args.output or default_output(machine)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nWrote {output}")
+    print(f"\nWrote {write_results('bench_retrain', results, args.output)}")
     return 0
 
 

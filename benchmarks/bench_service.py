@@ -8,7 +8,8 @@ One run retrains a small graph (or takes ``--graph``) and measures:
    (``GET /?file=``) and by upload (``POST /classify``, raw body);
 3. throughput with 8 and 32 concurrent keep-alive clients (services with ``--threads`` 8 and 32);
 4. the same 8-client load on a naive Flask app that loads the graph on every request;
-5. resident memory of a fresh service after 100 and after 10,000 uploads (1,000 with --quick).
+5. resident memory of a fresh service after 100 and after 10,000 uploads (1,000 with --quick),
+   one in ten of them bad input (truncated JPEG, not an image) that must get its 400 or 415.
 
 Parts 1-3 run in interleaved rounds (in-process, then each service, then again), so that load
 from other work on a shared machine hits the reference and the service alike.
@@ -23,7 +24,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -32,21 +32,26 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import quote
+
+from common import (
+    DEFAULT_IMAGE_DIR,
+    REPO_ROOT,
+    load_average,
+    machine_info,
+    machine_line,
+    prepare_imports,
+    resolve_image_dir,
+    write_results,
+)
 
 if TYPE_CHECKING:
     from flask import Flask
 
     from imageclf.graph_model import GraphModel
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-BENCH_DIR = Path(__file__).resolve().parent
-DEFAULT_IMAGE_DIR = REPO_ROOT.parent / "shared" / "data" / "stanford_dogs_9"
-FALLBACK_IMAGE_DIR = REPO_ROOT / "sample_images"
-RESULTS_DIR = BENCH_DIR / "results"
 HOST = "127.0.0.1"  # never anything else: the benchmark only talks to its own processes
 TARGET_LATENCY_RATIO = 1.3
 TARGET_THROUGHPUT_RATIO = 0.8
@@ -85,26 +90,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=8, help=argparse.SUPPRESS)
     return p.parse_args(argv)
-
-
-def prepare_imports() -> None:
-    """Make ``import imageclf`` (and bench_retrain) work from any directory; keep TensorFlow quiet."""
-    for path in (str(REPO_ROOT), str(BENCH_DIR)):
-        if path not in sys.path:
-            sys.path.insert(0, path)
-    # Read once by TensorFlow's C++ logging, so it must be set before the import.
-    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    from imageclf.cli_common import quiet_tensorflow
-
-    quiet_tensorflow()
-
-
-def resolve_image_dir(requested: Path | None) -> tuple[Path, str | None]:
-    if requested is not None:
-        return requested, None
-    if DEFAULT_IMAGE_DIR.is_dir():
-        return DEFAULT_IMAGE_DIR, None
-    return FALLBACK_IMAGE_DIR, f"{DEFAULT_IMAGE_DIR} not found; using {FALLBACK_IMAGE_DIR}"
 
 
 def load_images(image_dir: Path, n: int = N_IMAGES) -> tuple[list[Path], list[bytes]]:
@@ -336,6 +321,14 @@ class Request:
     method: str
     url: str
     body: bytes | None = None
+    expect: int = 200  # the status a correct service answers
+
+
+def with_bad_uploads(uploads: list[Request], every: int = 10) -> list[Request]:
+    """Every ``every``-th upload replaced by a truncated JPEG or a non-image (400 and 415)."""
+    bad = [Request("POST", "/classify", uploads[0].body[: len(uploads[0].body) // 2], 400),
+           Request("POST", "/classify", b"%PDF-1.4 not an image", 415)]
+    return [bad[(i // every) % 2] if i % every == every - 1 else req for i, req in enumerate(uploads)]
 
 
 def path_requests(paths: list[Path], image_root: Path) -> list[Request]:
@@ -394,9 +387,9 @@ def _client(port: int, requests: list[Request], start: threading.Barrier, result
             conn.close()  # http.client reconnects on the next request
             continue
         own.latencies.append(time.perf_counter() - t0)
-        if response.status != 200:
-            own.errors.append(f"HTTP {response.status}: {body[:200]!r}")
-        elif timing := json.loads(body).get("time_ms"):
+        if response.status != req.expect:
+            own.errors.append(f"HTTP {response.status} (expected {req.expect}): {body[:200]!r}")
+        elif response.status == 200 and (timing := json.loads(body).get("time_ms")):
             own.server_ms.append(timing)
     conn.close()
     with lock:
@@ -453,6 +446,7 @@ def bench_throughput(model: GraphModel, services: dict[int, Server], encoded: li
     chunk = sizes.load // sizes.load_rounds
     rates: dict[str, list[float]] = {f"batch_{b}": [] for b in BATCH_SIZES}
     rates["threads_8_batch_1"] = []
+    rates.update({f"service_{clients}_clients": [] for clients in services})
     loads = {clients: LoadResult() for clients in services}
     for r in range(sizes.load_rounds):
         for b in BATCH_SIZES:
@@ -461,8 +455,7 @@ def bench_throughput(model: GraphModel, services: dict[int, Server], encoded: li
         for clients, server in services.items():
             result = run_load(server.port, take(uploads, r * chunk, chunk), clients)
             loads[clients].add(result)
-            rates[f"service_{clients}_clients"] = [*rates.get(f"service_{clients}_clients", []),
-                                                   per_s(len(result.latencies), result.seconds)]
+            rates[f"service_{clients}_clients"].append(per_s(len(result.latencies), result.seconds))
     return {"images_per_round": chunk, "rates": {k: rounds_summary(v) for k, v in rates.items()},
             "service": {f"{c}_clients": {"clients": c, "service_threads": c, **loads[c].summary()} for c in services}}
 
@@ -510,7 +503,11 @@ def bench_naive(servers: Servers, graph: Path, uploads: list[Request], sizes: Si
 
 def bench_memory(servers: Servers, graphs_dir: Path, image_root: Path, uploads: list[Request],
                  sizes: Sizes) -> dict:
-    """RSS of a fresh service after each checkpoint of uploads from 8 clients: steady growth means a leak."""
+    """RSS of a fresh service after each checkpoint of uploads from 8 clients: steady growth means a leak.
+
+    One upload in ten is bad input (truncated JPEG or not an image), which must not leak either.
+    """
+    uploads = with_bad_uploads(uploads)
     server = wait_ready(servers.start("service-memory", service_cmd(graphs_dir, image_root, threads=8)))
     try:
         points = [{"requests": 0, **server.memory()}]
@@ -521,7 +518,8 @@ def bench_memory(servers: Servers, graphs_dir: Path, image_root: Path, uploads: 
             points.append({"requests": checkpoint, **server.memory()})
             print(f"  {checkpoint:,} uploads: RSS {points[-1]['rss_mib']} MiB", file=sys.stderr, flush=True)
         summary = total.summary()
-        return {"clients": 8, "service_threads": 8, "checkpoints": points, "errors": summary["errors"],
+        return {"clients": 8, "service_threads": 8, "bad_input_share": 0.1, "checkpoints": points,
+                "errors": summary["errors"],
                 "requests_per_s": summary["requests_per_s"], "latency": summary["latency"]}
     finally:
         servers.stop(server)
@@ -602,8 +600,7 @@ def add_ratios(r: dict) -> None:
 
 def format_report(r: dict) -> str:
     m, g = r["machine"], r["graph"]
-    lines = [f"Machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['memory_total_gib']} GiB, Python {m['python']}, "
-             f"TensorFlow {m['tensorflow']}, {m['date']}, load {m['load_average_start']} -> {m['load_average_end']}",
+    lines = [f"Machine: {machine_line(m)}",
              f"Graph:   {g['name']} {g['input_size']}, {r['n_images']} images from {r['image_dir']}"]
     if r["note"]:
         lines.append(f"Note:    {r['note']}")
@@ -664,24 +661,13 @@ def _throughput_lines(r: dict) -> list[str]:
 def _memory_lines(r: dict) -> list[str]:
     mem = r["memory"]
     points = ", ".join(f"{p['requests']:,}: {p['rss_mib']:.0f}" for p in mem["checkpoints"])
-    return [f"Service RSS (MiB) after N uploads from 8 clients: {points}",
+    return [f"Service RSS (MiB) after N uploads from 8 clients, {mem['bad_input_share']:.0%} of them bad input: "
+            f"{points}",
             f"  peak {mem['checkpoints'][-1]['peak_rss_mib']:.0f} MiB; {mem['requests_per_s']} req/s over the run,"
             f" errors {mem['errors']}; naive app peak {r['naive']['peak_rss_mib']:.0f} MiB"]
 
 
 # ---------------------------------------------------------------- main
-
-def machine_details() -> dict:
-    from bench_retrain import machine_info  # the same fields as the retrain benchmark's JSON
-
-    return machine_info()
-
-
-def default_output(machine: dict) -> Path:
-    # Host and start time to the minute, so that runs on one machine never overwrite each other.
-    stamp = datetime.fromisoformat(machine["date"]).strftime("%Y%m%d-%H%M")
-    return RESULTS_DIR / f"bench_service-{machine['hostname']}-{stamp}.json"
-
 
 def _progress() -> Callable[[str], None]:
     start = time.perf_counter()
@@ -726,19 +712,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.serve_naive:
         return serve_naive(args.serve_naive, args.port, args.threads)
     sizes = QUICK if args.quick else Sizes()
-    machine = machine_details()
-    machine["load_average_start"] = [round(x, 2) for x in os.getloadavg()]
+    machine = machine_info()
     started = time.perf_counter()
     with work_dir() as work:
         results = run_all(args, work, sizes)
-    machine["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    machine["load_average_end"] = load_average()
     results = {"machine": machine, "wall_s": round(time.perf_counter() - started, 1), **results}
     add_ratios(results)
     print(format_report(results))
-    output = args.output or default_output(machine)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nWrote {output}")
+    print(f"\nWrote {write_results('bench_service', results, args.output)}")
     return 0
 
 

@@ -16,6 +16,9 @@ from other work on a shared machine hits the reference and the service alike.
 
     python benchmarks/bench_service.py [--quick] [--output FILE.json] [--graph G.pb]
 
+The services inherit the environment, so service settings can be compared with, for example,
+``IMAGECLF_BATCH_SIZE=1`` (no batching); the JSON records every ``IMAGECLF_*`` variable.
+
 All traffic goes to 127.0.0.1. Every subprocess is stopped at the end, on errors too.
 """
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -604,6 +608,8 @@ def format_report(r: dict) -> str:
              f"Graph:   {g['name']} {g['input_size']}, {r['n_images']} images from {r['image_dir']}"]
     if r["note"]:
         lines.append(f"Note:    {r['note']}")
+    if r["service_environment"]:
+        lines.append("Service: " + " ".join(f"{k}={v}" for k, v in r["service_environment"].items()))
     sections = (_latency_lines(r), _throughput_lines(r), _memory_lines(r))
     return "\n".join(lines + [line for section in sections for line in ["", *section]])
 
@@ -703,7 +709,8 @@ def run_all(args: argparse.Namespace, work: Path, sizes: Sizes) -> dict:
     finally:
         servers.stop_all()
     return {"image_dir": str(image_dir), "n_images": len(images[0]), "note": note, "quick": bool(args.quick),
-            "sizes": asdict(sizes), **results}
+            "sizes": asdict(sizes),
+            "service_environment": {k: v for k, v in os.environ.items() if k.startswith("IMAGECLF_")}, **results}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,10 +1,10 @@
 """Dynamic micro-batching: concurrent requests share one ``Session.run``.
 
 There is no background thread. The first request to arrive opens a batch and leads it. If
-another batch is running, which is the sign of concurrent traffic, the leader waits up to
-``max_wait`` seconds (or until the batch is full) for others to join; otherwise it runs at
-once, so a lone client never waits. The leader runs the whole batch and hands each member its
-own row. While a batch runs, new arrivals open the next one.
+another batch is running, which is the sign of concurrent traffic, the leader lets others join
+until the batch is full, the other batches have finished, or ``max_wait`` seconds have passed;
+otherwise it runs at once, so a lone client never waits. The leader runs the whole batch and
+hands each member its own row. While a batch runs, new arrivals open the next one.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ Result = TypeVar("Result")
 
 
 class _Batch(Generic[Item]):
-    def __init__(self) -> None:
+    def __init__(self, wait_for_company: bool) -> None:
         self.items: list[Item] = []
-        self.full = threading.Event()
+        self.wait_for_company = wait_for_company
         self.done = threading.Event()
         self.results: Sequence | None = None
         self.error: BaseException | None = None
@@ -32,22 +32,24 @@ class MicroBatcher(Generic[Item, Result]):
         self.run_batch = run_batch
         self.max_batch = max(1, max_batch)
         self.max_wait = max(0.0, max_wait)
-        self._lock = threading.Lock()
+        self._changed = threading.Condition()  # guards the fields below; notified when they change
         self._open: _Batch | None = None
-        self._running = 0  # batches inside run_batch now
+        self._in_flight = 0  # batches opened and not yet finished, the open one included
 
     def submit(self, item: Item) -> Result:
         """Run ``item`` in a batch with whatever else arrives meanwhile; return its result."""
-        with self._lock:
+        with self._changed:
             batch, leader = self._open, False
             if batch is None:
-                batch, leader = _Batch(), True
+                wait = self._in_flight > 0 and self.max_wait > 0 and self.max_batch > 1
+                batch, leader = _Batch(wait_for_company=wait), True
                 self._open = batch
+                self._in_flight += 1
             index = len(batch.items)
             batch.items.append(item)
             if len(batch.items) >= self.max_batch:
                 self._open = None  # closed to newcomers
-                batch.full.set()
+                self._changed.notify_all()
         if leader:
             self._lead(batch)
         else:
@@ -57,19 +59,18 @@ class MicroBatcher(Generic[Item, Result]):
         return batch.results[index]
 
     def _lead(self, batch: _Batch) -> None:
-        with self._lock:
-            busy = self._running > 0
-        if busy and self.max_wait and self.max_batch > 1:
-            batch.full.wait(self.max_wait)
-        with self._lock:
+        with self._changed:
+            if batch.wait_for_company:
+                self._changed.wait_for(lambda: len(batch.items) >= self.max_batch or self._in_flight == 1,
+                                       timeout=self.max_wait)
             if self._open is batch:
                 self._open = None
-            self._running += 1
         try:
             batch.results = self.run_batch(batch.items)
         except BaseException as e:  # noqa: BLE001 - every member of the batch must hear about it
             batch.error = e
         finally:
-            with self._lock:
-                self._running -= 1
+            with self._changed:
+                self._in_flight -= 1
+                self._changed.notify_all()
             batch.done.set()

@@ -47,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=_env("batch_size", 16),
                    help="most concurrent requests served by one model call (default: %(default)s)")
     p.add_argument("--batch_wait_ms", type=float, default=_env("batch_wait_ms", 2.0),
-                   help="how long a request waits for others to share its model call; 0 disables "
-                        "waiting (default: %(default)s)")
+                   help="while another model call is running, how long a new batch waits for more requests "
+                        "to join it; a lone request never waits; 0 disables waiting (default: %(default)s)")
     return p
 
 

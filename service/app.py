@@ -35,7 +35,7 @@ class ServiceConfig:
     top_k: int = 5
     poll_seconds: float = 1.0
     batch_size: int = 16          # most requests one Session.run may serve together
-    batch_wait_ms: float = 2.0    # how long a request waits for others to join its batch
+    batch_wait_ms: float = 2.0    # while another batch runs, how long a new one waits for company
 
 
 class Batchers:

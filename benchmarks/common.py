@@ -39,6 +39,12 @@ def resolve_image_dir(requested: Path | None) -> tuple[Path, str | None]:
     return FALLBACK_IMAGE_DIR, note
 
 
+def spread_sample(paths: list[Path], n: int) -> list[Path]:
+    """At most ``n`` paths taken evenly across the list, so every class is represented."""
+    step = max(1, len(paths) // n)
+    return paths[::step][:n]
+
+
 def machine_info() -> dict:
     """Host, date, CPUs, memory, versions and the load average now (the start of a run)."""
     import numpy as np

@@ -6,7 +6,8 @@ One run retrains a small graph (or takes ``--graph``) and measures:
    time (latency), and decode + ``predict`` on batches of 8 and 32 (the best batched rate);
 2. ``python -m service`` in a subprocess, one keep-alive client: latency by path
    (``GET /?file=``) and by upload (``POST /classify``, raw body);
-3. throughput with 8 and 32 concurrent keep-alive clients (services with ``--threads`` 8 and 32);
+3. throughput with 8 and 32 concurrent keep-alive clients (services with ``--threads`` 8 and 32),
+   each with micro-batching on (the default) and off (``--batch_size 1``);
 4. the same 8-client load on a naive Flask app that loads the graph on every request;
 5. resident memory of a fresh service after 100 and after 10,000 uploads (1,000 with --quick),
    one in ten of them bad input (truncated JPEG, not an image) that must get its 400 or 415.
@@ -17,7 +18,7 @@ from other work on a shared machine hits the reference and the service alike.
     python benchmarks/bench_service.py [--quick] [--output FILE.json] [--graph G.pb]
 
 The services inherit the environment, so service settings can be compared with, for example,
-``IMAGECLF_BATCH_SIZE=1`` (no batching); the JSON records every ``IMAGECLF_*`` variable.
+``IMAGECLF_BATCH_WAIT_MS=5``; the JSON records the ``IMAGECLF_*`` variables that take effect.
 
 All traffic goes to 127.0.0.1. Every subprocess is stopped at the end, on errors too.
 """
@@ -28,6 +29,7 @@ import argparse
 import http.client
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -67,13 +69,34 @@ READY_TIMEOUT_S = 180
 
 
 @dataclass(frozen=True)
+class Setup:
+    """One service configuration of the throughput part: its clients, and whether it batches."""
+
+    clients: int
+    batched: bool = True
+
+    @property
+    def key(self) -> str:
+        return f"service_{self.clients}_clients" + ("" if self.batched else "_unbatched")
+
+    @property
+    def label(self) -> str:
+        return f"service, {self.clients} clients (--threads {self.clients}" + (")" if self.batched else
+                                                                                ", --batch_size 1)")
+
+
+# Batching on and off side by side, in the same rounds: the one fair test of what batching buys.
+SETUPS = tuple(Setup(c, batched) for batched in (True, False) for c in CLIENTS)
+
+
+@dataclass(frozen=True)
 class Sizes:
     """How many requests each measurement makes, in total over its rounds."""
 
     latency: int = 200
     latency_rounds: int = 4
-    load: int = 480  # per configuration; each round's share is a multiple of 32 (batches, clients)
-    load_rounds: int = 3
+    load: int = 480  # per configuration; each round's share (96) is a multiple of 32 (batches, clients)
+    load_rounds: int = 5
     naive: int = 40
     memory_checkpoints: tuple[int, ...] = (100, 1_000, 4_000, 10_000)
 
@@ -310,9 +333,9 @@ def _tail(path: Path, chars: int = 3000) -> str:
     return path.read_text(errors="replace")[-chars:]
 
 
-def service_cmd(graphs_dir: Path, image_root: Path, threads: int) -> list[str]:
+def service_cmd(graphs_dir: Path, image_root: Path, threads: int, batched: bool = True) -> list[str]:
     return [sys.executable, "-m", "service", "--graphs_dir", str(graphs_dir), "--image_root", str(image_root),
-            "--threads", str(threads), "--host", HOST]
+            "--threads", str(threads), "--host", HOST, *([] if batched else ["--batch_size", "1"])]
 
 
 def service_environment() -> dict[str, str]:
@@ -451,46 +474,46 @@ def bench_latency(model: GraphModel, svc: Server, encoded: list[bytes], by_path:
             "p50_ms_per_round": round_p50}
 
 
-def bench_throughput(model: GraphModel, services: dict[int, Server], encoded: list[bytes],
+def bench_throughput(model: GraphModel, services: dict[Setup, Server], encoded: list[bytes],
                      uploads: list[Request], sizes: Sizes) -> dict:
     """In-process batches of 8 and 32, batch 1 from 8 threads, then each service, round after round."""
     chunk = sizes.load // sizes.load_rounds
     rates: dict[str, list[float]] = {f"batch_{b}": [] for b in BATCH_SIZES}
     rates["threads_8_batch_1"] = []
-    rates.update({f"service_{clients}_clients": [] for clients in services})
-    loads = {clients: LoadResult() for clients in services}
+    rates.update({setup.key: [] for setup in services})
+    loads = {setup: LoadResult() for setup in services}
     for r in range(sizes.load_rounds):
         for b in BATCH_SIZES:
             rates[f"batch_{b}"].append(inproc_batched_rate(model, encoded, b, chunk))
         rates["threads_8_batch_1"].append(inproc_threads_rate(model, encoded, chunk))
-        for clients, server in services.items():
-            result = run_load(server.port, take(uploads, r * chunk, chunk), clients)
-            loads[clients].add(result)
-            rates[f"service_{clients}_clients"].append(per_s(len(result.latencies), result.seconds))
+        for setup, server in services.items():
+            result = run_load(server.port, take(uploads, r * chunk, chunk), setup.clients)
+            loads[setup].add(result)
+            rates[setup.key].append(per_s(len(result.latencies), result.seconds))
     return {"images_per_round": chunk, "rates": {k: rounds_summary(v) for k, v in rates.items()},
-            "service": {f"{c}_clients": {"clients": c, "service_threads": c, **loads[c].summary()} for c in services}}
+            "service": {s.key: {"clients": s.clients, "service_threads": s.clients, "batched": s.batched,
+                                **loads[s].summary()} for s in services}}
 
 
 def bench_rounds(graph: Path, graphs_dir: Path, image_root: Path, images: tuple[list[Path], list[bytes]],
                  servers: Servers, sizes: Sizes, step: Callable[[str], None]) -> dict:
-    """Parts 1-3: the in-process model and both services are up together, used in turns."""
+    """Parts 1-3: the in-process model and the services are up together, used in turns."""
     from imageclf.graph_model import GraphModel
 
     paths, encoded = images
     by_path, uploads = path_requests(paths, image_root), upload_requests(encoded)
-    services = {c: servers.start(f"service-threads-{c}", service_cmd(graphs_dir, image_root, threads=c))
-                for c in CLIENTS}
+    services = {s: servers.start(s.key, service_cmd(graphs_dir, image_root, s.clients, s.batched)) for s in SETUPS}
     model = GraphModel(graph)  # loads while the services load theirs
     try:
-        for clients, server in services.items():
+        for setup, server in services.items():
             wait_ready(server)
-            warm_up(server, by_path + uploads, clients)
+            warm_up(server, by_path + uploads, setup.clients)
         warm_up_model(model, encoded)
         step("where a batch-1 request's time goes, in-process")
         stages = inproc_stages(model, encoded, sizes.latency // 2)
         step(f"latency, 1 client, {sizes.latency_rounds} rounds")
-        latency = bench_latency(model, services[CLIENTS[0]], encoded, by_path, uploads, sizes)
-        step(f"throughput, {sizes.load_rounds} rounds of in-process and {' and '.join(map(str, CLIENTS))} clients")
+        latency = bench_latency(model, services[SETUPS[0]], encoded, by_path, uploads, sizes)
+        step(f"throughput, {sizes.load_rounds} rounds of in-process and {len(SETUPS)} services")
         throughput = bench_throughput(model, services, encoded, uploads, sizes)
         return {"graph": graph_details(model, graph), "stages_batch_1": stages, "latency": latency,
                 "throughput": throughput}
@@ -599,11 +622,16 @@ def add_ratios(r: dict) -> None:
     ratios = {"latency_p50_by_path": round(lat["by_path"]["latency"]["p50_ms"] / ref_ms, 2),
               "latency_p50_by_upload": round(lat["by_upload"]["latency"]["p50_ms"] / ref_ms, 2),
               "best_batched_images_per_s": best_batched}
+    for setup in SETUPS:
+        svc, name = tp[setup.key], setup.key.replace("service", "throughput")
+        ratios[name] = round(svc["best_per_s"] / best_batched, 2)
+        ratios[f"{name}_per_round"] = [round(s / b, 2)
+                                       for s, b in zip(svc["rounds_per_s"], batched_rounds, strict=True)]
     for c in CLIENTS:
-        svc = tp[f"service_{c}_clients"]
-        ratios[f"throughput_{c}_clients"] = round(svc["best_per_s"] / best_batched, 2)
-        ratios[f"throughput_{c}_clients_per_round"] = [round(s / b, 2) for s, b in
-                                                       zip(svc["rounds_per_s"], batched_rounds, strict=True)]
+        on, off = tp[f"service_{c}_clients"], tp[f"service_{c}_clients_unbatched"]
+        # Per round too: the two services ran one right after the other, under the same load.
+        ratios[f"batching_gain_{c}_clients_per_round"] = [
+            round(a / b, 2) for a, b in zip(on["rounds_per_s"], off["rounds_per_s"], strict=True)]
     naive = r["naive"]["requests_per_s"]
     ratios["throughput_naive_8_clients"] = round(naive / best_batched, 3)
     ratios["service_over_naive_8_clients"] = round(tp["service_8_clients"]["best_per_s"] / naive, 1)
@@ -624,7 +652,7 @@ def format_report(r: dict) -> str:
 
 
 def _lat(label: str, lat: dict, extra: str = "") -> str:
-    return f"  {label:<44} p50 {lat['p50_ms']:>7.1f} ms  p99 {lat['p99_ms']:>7.1f} ms  (n={lat['n']}){extra}"
+    return f"  {label:<52} p50 {lat['p50_ms']:>7.1f} ms  p99 {lat['p99_ms']:>7.1f} ms  (n={lat['n']}){extra}"
 
 
 def _server_ms(s: dict) -> str:
@@ -649,7 +677,7 @@ def _latency_lines(r: dict) -> list[str]:
 
 def _rate_row(label: str, rates: dict, extra: str = "") -> str:
     rounds = ", ".join(f"{v:.1f}" for v in rates["rounds_per_s"])
-    return f"  {label:<44} {rates['best_per_s']:>7.1f} img/s (rounds {rounds}){extra}"
+    return f"  {label:<52} {rates['best_per_s']:>7.1f} img/s (rounds {rounds}){extra}"
 
 
 def _throughput_lines(r: dict) -> list[str]:
@@ -658,15 +686,20 @@ def _throughput_lines(r: dict) -> list[str]:
              f"{tp['images_per_round']} images each",
              *(_rate_row(f"in-process decode + predict, batch {b}", tp["rates"][f"batch_{b}"]) for b in BATCH_SIZES),
              _rate_row("in-process batch 1 from 8 threads", tp["rates"]["threads_8_batch_1"])]
-    for c in CLIENTS:
-        svc = tp["service"][f"{c}_clients"]
-        lines.append(_rate_row(f"service, {c} clients (--threads {c})", tp["rates"][f"service_{c}_clients"],
+    for setup in SETUPS:
+        svc, name = tp["service"][setup.key], setup.key.replace("service", "throughput")
+        lines.append(_rate_row(setup.label, tp["rates"][setup.key],
                                f"  p50 {svc['latency']['p50_ms']:.0f} ms, p99 {svc['latency']['p99_ms']:.0f} ms,"
                                f" errors {svc['errors']}"))
-        lines.append(f"    ratio to the best batched rate {ratios[f'throughput_{c}_clients']:.2f} (per round "
-                     f"{', '.join(map(str, ratios[f'throughput_{c}_clients_per_round']))}; "
-                     f"target >= {TARGET_THROUGHPUT_RATIO})")
-    lines += [f"  {'naive app, 8 clients (graph loaded per request)':<44} {naive['requests_per_s']:>7.1f} img/s"
+        per_round = ratios[f"{name}_per_round"]
+        lines.append(f"    ratio to the best batched rate {ratios[name]:.2f}; per round "
+                     f"{', '.join(map(str, per_round))}, median {statistics.median(per_round):.2f}"
+                     f" (target >= {TARGET_THROUGHPUT_RATIO})")
+    for c in CLIENTS:
+        gain = ratios[f"batching_gain_{c}_clients_per_round"]
+        lines.append(f"  batching on / off, {c} clients, per round: {', '.join(map(str, gain))}, "
+                     f"median {statistics.median(gain):.2f}")
+    lines += [f"  {'naive app, 8 clients (graph loaded per request)':<52} {naive['requests_per_s']:>7.1f} img/s"
               f" ({naive['requests']} requests)  p50 {naive['latency']['p50_ms']:.0f} ms, errors {naive['errors']}",
               f"    ratio to the best batched rate {ratios['throughput_naive_8_clients']:.3f}; the service is "
               f"{ratios['service_over_naive_8_clients']}x faster at 8 clients"]
@@ -708,7 +741,7 @@ def run_all(args: argparse.Namespace, work: Path, sizes: Sizes) -> dict:
     graphs_dir = graphs_dir_with(graph, work)
     servers = Servers(work)
     try:
-        step("starting the in-process model and services with --threads 8 and 32")
+        step(f"starting the in-process model and {len(SETUPS)} services")
         results = bench_rounds(graph, graphs_dir, image_dir, images, servers, sizes, step)
         uploads = upload_requests(images[1])
         step(f"naive app, {sizes.naive} uploads from 8 clients")

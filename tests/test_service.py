@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -170,11 +171,13 @@ def test_health_models_and_metrics(served):
     assert entry["name"] == "shapes" and entry["state"] == "ready" and entry["labels"][0] == "circle"
     assert entry["last_error"] is None and entry["load_seconds"] > 0
     server.request("/?file=pictures/circle/circle_000.jpg")
+    server.request("/nowhere")
     status, kind, body = server.request("/metrics")
     text = body.decode()
     assert status == 200 and kind == "text/plain"
     assert 'imageclf_requests_total{endpoint="/",status="200"}' in text
     assert "imageclf_request_seconds_bucket" in text and 'imageclf_model_reloads_total{model="shapes"' in text
+    assert re.search(r'^imageclf_errors_total{kind="not_found"} [1-9]', text, re.M)
 
 
 def test_browser_page_is_served_to_browsers(served):

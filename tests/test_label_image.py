@@ -26,33 +26,29 @@ def top(result) -> list[dict]:
     return json.loads(result.stdout)["predictions"]
 
 
+def poets_top(mean: str, std: str, image: str = "scratch2.png") -> list[dict]:
+    """label_image's ranked answer for a Poets sample image with the given scaling."""
+    return top(run_tool("label_image.py", *POETS_FLAGS, "--input_mean", mean, "--input_std", std,
+                        "--image", str(POETS / "sample_images" / image), "--json"))
+
+
 @needs_shared
 @pytest.mark.parametrize("image, label, score", REFERENCE)
 def test_poets_graph_matches_reference(image, label, score):
-    result = run_tool("label_image.py", *POETS_FLAGS, "--input_mean", "127.5", "--input_std", "127.5",
-                      "--image", str(POETS / "sample_images" / image), "--json")
-    best = top(result)[0]
+    best = poets_top("127.5", "127.5", image)[0]
     assert best["label"] == label
     assert best["score"] == pytest.approx(score, abs=0.02)
 
 
 @needs_shared
 def test_poets_graph_with_upstream_128_scaling_agrees():
-    image = str(POETS / "sample_images" / "scratch2.png")
-    a = top(run_tool("label_image.py", *POETS_FLAGS, "--input_mean", "128", "--input_std", "128",
-                     "--image", image, "--json"))
-    b = top(run_tool("label_image.py", *POETS_FLAGS, "--input_mean", "127.5", "--input_std", "127.5",
-                     "--image", image, "--json"))
+    a, b = poets_top("128", "128"), poets_top("127.5", "127.5")
     assert a[0]["label"] == b[0]["label"] and a[0]["score"] == pytest.approx(b[0]["score"], abs=1e-2)
 
 
 @needs_shared
 def test_input_mean_zero_is_a_real_value():
-    image = str(POETS / "sample_images" / "scratch2.png")
-    zero = top(run_tool("label_image.py", *POETS_FLAGS, "--input_mean", "0", "--input_std", "127.5",
-                        "--image", image, "--json"))
-    right = top(run_tool("label_image.py", *POETS_FLAGS, "--input_mean", "127.5", "--input_std", "127.5",
-                         "--image", image, "--json"))
+    zero, right = poets_top("0", "127.5"), poets_top("127.5", "127.5")
     assert zero[0]["score"] != pytest.approx(right[0]["score"], abs=1e-3)
 
 

@@ -78,3 +78,37 @@ def _to_rgb_array(img: Image.Image) -> np.ndarray:
         # Alpha is dropped, as TensorFlow's decoders do, so every path sees the same pixels.
         img = img.convert("RGB")
     return np.asarray(img, dtype=np.uint8)
+
+
+# --- provisional (service engineer): replaced by the decoder work in progress -----------------
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "image") -> Image.Image:
+    if not data:
+        raise BadImageError(f"{name}: empty file")
+    Image.init()
+    try:
+        img = Image.open(io.BytesIO(data), formats=("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF"))
+    except UnidentifiedImageError:
+        raise NotAnImageError(f"{name}: not an image (unrecognised content)") from None
+    except Exception as e:  # noqa: BLE001
+        raise BadImageError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from None
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ImageTooLargeError(f"{name}: {width}x{height} pixels is over the limit of {max_pixels:,} pixels")
+    return img
+
+
+def decode_opened(img: Image.Image, name: str = "image") -> np.ndarray:
+    try:
+        img.load()
+        try:
+            img = ImageOps.exif_transpose(img)
+        except Exception:  # noqa: BLE001
+            pass
+        return _to_rgb_array(img)
+    except Exception as e:  # noqa: BLE001
+        raise BadImageError(f"{name}: truncated or corrupt image ({type(e).__name__}: {e})") from None
+
+
+def decoded_nbytes(img: Image.Image) -> int:
+    width, height = img.size
+    return width * height * (4 + 3)

@@ -14,7 +14,9 @@ from imageclf.images import DEFAULT_MAX_PIXELS
 EPILOG = """\
 Every flag can also be set with an environment variable: IMAGECLF_HOST, IMAGECLF_PORT,
 IMAGECLF_GRAPHS_DIR, IMAGECLF_IMAGE_ROOT, IMAGECLF_THREADS, IMAGECLF_MAX_UPLOAD_BYTES,
-IMAGECLF_MAX_PIXELS, IMAGECLF_BATCH_SIZE, IMAGECLF_BATCH_WAIT_MS. Flags win over the environment.
+IMAGECLF_MAX_PIXELS, IMAGECLF_MAX_INSTANCES, IMAGECLF_MEMORY_BUDGET_MB, IMAGECLF_BATCH_SIZE,
+IMAGECLF_BATCH_WAIT_MS, IMAGECLF_BATCH_TIMEOUT_S, IMAGECLF_CONNECTION_LIMIT, IMAGECLF_CHANNEL_TIMEOUT,
+IMAGECLF_ALLOWED_HOSTS. Flags win over the environment.
 
 Try:
   curl 'localhost:8000/?file=sample_images/circle/circle_000.jpg'
@@ -44,34 +46,64 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest upload or file accepted (default: %(default)s)")
     p.add_argument("--max_pixels", type=int, default=_env("max_pixels", DEFAULT_MAX_PIXELS),
                    help="largest image, in pixels (default: %(default)s)")
-    p.add_argument("--batch_size", type=int, default=_env("batch_size", 16),
-                   help="most concurrent requests served by one model call (default: %(default)s)")
+    p.add_argument("--max_instances", type=int, default=_env("max_instances", 64),
+                   help="most images in one TF Serving :predict or :classify request; more get 413 "
+                        "(default: %(default)s)")
+    p.add_argument("--memory_budget_mb", type=int, default=_env("memory_budget_mb", 1024),
+                   help="memory that decoding may take across all requests at once; when it is full, "
+                        "requests wait up to 2 s, then get 503 with Retry-After (default: %(default)s)")
+    p.add_argument("--batch_size", type=int, default=_env("batch_size", 0),
+                   help="most images served by one model call (default: --threads)")
     p.add_argument("--batch_wait_ms", type=float, default=_env("batch_wait_ms", 2.0),
                    help="while another model call is running, how long a new batch waits for more requests "
                         "to join it; a lone request never waits; 0 disables waiting (default: %(default)s)")
+    p.add_argument("--batch_timeout_s", type=float, default=_env("batch_timeout_s", 30.0),
+                   help="how long a request waits for a model call that another request runs; then 503 "
+                        "(default: %(default)s)")
+    p.add_argument("--connection_limit", type=int, default=_env("connection_limit", 1000),
+                   help="open connections accepted at once (default: %(default)s)")
+    p.add_argument("--channel_timeout", type=int, default=_env("channel_timeout", 30),
+                   help="seconds a connection may stay silent (mid-request or idle) before it is closed "
+                        "(default: %(default)s)")
+    p.add_argument("--allowed_hosts", default=_env("allowed_hosts", ""),
+                   help="comma-separated Host names the service answers to (others get 400, which stops "
+                        "DNS rebinding); default: localhost names when --host is a loopback address, "
+                        "any name otherwise")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_tensorflow()
-    import waitress
-
     from imageclf.errors import UserError
     from service.app import ServiceConfig, create_app
+    from service.security import default_allowed_hosts
+    from service.server import create_server
 
     if not os.path.isdir(args.graphs_dir):
         raise UserError(f"--graphs_dir {args.graphs_dir}: no such folder (run retrain.py first)")
     if not os.path.isdir(args.image_root):
         raise UserError(f"--image_root {args.image_root}: no such folder")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    allowed = tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip()) or \
+        default_allowed_hosts(args.host)
+    if allowed and "*" in allowed:
+        allowed = None
     config = ServiceConfig(graphs_dir=args.graphs_dir, image_root=args.image_root,
                            max_upload_bytes=args.max_upload_bytes, max_pixels=args.max_pixels,
-                           batch_size=args.batch_size, batch_wait_ms=args.batch_wait_ms)
-    app = create_app(config)
+                           max_instances=args.max_instances, memory_budget_mb=args.memory_budget_mb,
+                           batch_size=args.batch_size or args.threads, batch_wait_ms=args.batch_wait_ms,
+                           batch_timeout_s=args.batch_timeout_s, allowed_hosts=allowed)
+    server = create_server(create_app(config), host=args.host, port=args.port, threads=args.threads,
+                           max_request_body_size=args.max_upload_bytes + 65536,
+                           connection_limit=args.connection_limit, channel_timeout=args.channel_timeout)
     print(f"Serving {args.graphs_dir}/ on http://{args.host}:{args.port}/  (Ctrl-C to stop)", flush=True)
-    waitress.serve(app, host=args.host, port=args.port, threads=args.threads,
-                   max_request_body_size=args.max_upload_bytes + 65536, ident="imageclf")
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
     return 0
 
 

@@ -1,29 +1,31 @@
-"""Routes: classify by path, by upload, the browser page, TF Serving REST, health and metrics."""
+"""Routes: classify by path, by upload, the browser page, TF Serving REST, health and metrics.
+
+A thin skin over ``imageclf.serving.Engine``: parse the request, call the engine, shape JSON.
+"""
 
 from __future__ import annotations
 
 import base64
 import binascii
-import threading
+import json
 import time
-import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-from flask import Flask, Response, current_app, jsonify, request
+from flask import Flask, Response, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException
 
-from imageclf.batching import MicroBatcher
-from imageclf.errors import BadImageError, ImageTooLargeError, NotAnImageError
-from imageclf.graph_model import GraphModel
-from imageclf.images import DEFAULT_MAX_PIXELS, decode_image
-from imageclf.paths import PathEscapeError, confined
-from imageclf.registry import ModelRegistry, UnknownModelError
+from imageclf.images import DEFAULT_MAX_PIXELS
+from imageclf.paths import PathError, read_confined
+from imageclf.serving.engine import Answer, BusyError, Engine, EngineError, Limits, UnavailableError
+from imageclf.serving.registry import ModelRegistry
+from imageclf.serving.servable import BatchOptions
 from service.metrics import ServiceMetrics
+from service.security import install_security
 
-PAGE = (Path(__file__).parent / "page.html").read_text(encoding="utf-8")
+STATUS = {"bad_image": 400, "not_an_image": 415, "too_large": 413, "too_many_pixels": 400,
+          "too_many_instances": 413, "unknown_model": 404, "unavailable": 503, "busy": 503}
 
 
 @dataclass(frozen=True)
@@ -32,27 +34,22 @@ class ServiceConfig:
     image_root: str = "."
     max_upload_bytes: int = 10 * 1024 * 1024
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_instances: int = 64               # images in one TF Serving :predict / :classify request
+    memory_budget_mb: int = 1024          # decoded pixels of all in-flight requests together
     top_k: int = 5
     poll_seconds: float = 1.0
-    batch_size: int = 16          # most requests one Session.run may serve together
-    batch_wait_ms: float = 2.0    # while another batch runs, how long a new one waits for company
+    batch_size: int = 8                   # most images one Session.run may serve together
+    batch_wait_ms: float = 2.0            # while another batch runs, how long a new one waits for company
+    batch_timeout_s: float = 30.0         # how long a request waits for a batch led by another request
+    allowed_hosts: tuple[str, ...] | None = field(default=None)  # Host header values accepted; None: any
 
+    def limits(self) -> Limits:
+        return Limits(max_pixels=self.max_pixels, max_instances=self.max_instances,
+                      memory_budget_bytes=self.memory_budget_mb << 20)
 
-class Batchers:
-    """One MicroBatcher per loaded model; forgotten with the model (weak references)."""
-
-    def __init__(self, config: ServiceConfig):
-        self.config = config
-        self._lock = threading.Lock()
-        self._by_model: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-    def predict(self, model: GraphModel, pixels: np.ndarray) -> np.ndarray:
-        with self._lock:
-            batcher = self._by_model.get(model)
-            if batcher is None:
-                batcher = MicroBatcher(model.run, self.config.batch_size, self.config.batch_wait_ms / 1000)
-                self._by_model[model] = batcher
-        return batcher.submit(model.model_input(pixels))
+    def batching(self) -> BatchOptions:
+        return BatchOptions(max_batch=self.batch_size, max_wait_ms=self.batch_wait_ms,
+                            timeout_s=self.batch_timeout_s)
 
 
 class ApiError(Exception):
@@ -70,34 +67,40 @@ def create_app(config: ServiceConfig, registry: ModelRegistry | None = None) -> 
     metrics = ServiceMetrics()
     own_registry = registry is None
     if own_registry:
-        registry = ModelRegistry(config.graphs_dir, config.poll_seconds)
+        registry = ModelRegistry(config.graphs_dir, config.poll_seconds, batching=config.batching())
     registry.add_listener(metrics.reloaded)
     if own_registry:
         registry.start()
+    engine = Engine(registry, config.limits())
+    metrics.watch_budget(engine.budget)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.max_upload_bytes
-    app.extensions["imageclf"] = {"registry": registry, "metrics": metrics, "config": config,
-                                  "batchers": Batchers(config)}
+    app.extensions["imageclf"] = {"registry": registry, "metrics": metrics, "config": config, "engine": engine}
+    install_security(app, config.allowed_hosts)
     _install_error_handlers(app, metrics)
     _install_metrics_hooks(app, metrics)
-    _install_routes(app, registry, metrics, config)
+    _install_routes(app, engine, metrics, config)
+    _install_tf_serving_routes(app, engine)
     return app
 
 
-def _install_routes(app: Flask, registry: ModelRegistry, metrics: ServiceMetrics, config: ServiceConfig) -> None:
+def _install_routes(app: Flask, engine: Engine, metrics: ServiceMetrics, config: ServiceConfig) -> None:
+    page = (Path(__file__).parent / "page.html").read_text(encoding="utf-8")
+
     @app.get("/")
     def index():
         if "file" in request.args:
-            return jsonify(_classify_file(registry, config, request.args["file"]))
+            return jsonify(_classify_file(engine, config, request.args["file"]))
         if request.accept_mimetypes.best_match(["application/json", "text/html"]) == "text/html":
-            return Response(PAGE, mimetype="text/html")
+            return Response(page, mimetype="text/html")
         raise ApiError(400, "missing 'file' parameter: GET /?file=PATH (under the image root), "
                             "or POST an image to /classify", "missing_parameter")
 
     @app.post("/")
     @app.post("/classify")
     def classify_upload():
-        return jsonify(_classify_bytes(registry, config, _upload_bytes(), _upload_name()))
+        data, name = _upload()
+        return jsonify(_classify(engine, config, data, name))
 
     @app.get("/healthz")
     def healthz():
@@ -105,94 +108,81 @@ def _install_routes(app: Flask, registry: ModelRegistry, metrics: ServiceMetrics
 
     @app.get("/readyz")
     def readyz():
-        if not registry.ready():
+        if not engine.registry.ready():
             return jsonify({"status": "not ready", "error": "no model is loaded"}), 503
         return jsonify({"status": "ready"})
 
     @app.get("/models")
     def models():
-        return jsonify({"models": [entry.describe() for entry in registry.entries()]})
+        return jsonify({"models": [status.describe() for status in engine.registry.statuses()]})
 
     @app.get("/metrics")
     def prometheus():
         return Response(generate_latest(metrics.registry), mimetype=CONTENT_TYPE_LATEST)
 
-    _install_tf_serving_routes(app, registry, config)
 
-
-def _install_tf_serving_routes(app: Flask, registry: ModelRegistry, config: ServiceConfig) -> None:
+def _install_tf_serving_routes(app: Flask, engine: Engine) -> None:
     """The TensorFlow Serving REST API, for our graphs (inputs as base64 encoded images)."""
 
     @app.get("/v1/models/<name>")
     def tfs_status(name):
-        entry, _ = _model(registry, name)
-        return jsonify({"model_version_status": [{"version": str(entry.version), "state": "AVAILABLE",
-                                                  "status": {"error_code": "OK", "error_message": ""}}]})
+        with engine.hold(name) as servable:
+            return jsonify({"model_version_status": [{
+                "version": str(servable.version), "state": "AVAILABLE",
+                "status": {"error_code": "OK", "error_message": ""}}]})
 
     @app.get("/v1/models/<name>/metadata")
     def tfs_metadata(name):
-        entry, model = _model(registry, name)
-        height, width = model.input_size
-        return jsonify({"model_spec": {"name": name, "signature_name": "", "version": str(entry.version)},
-                        "metadata": {"signature_def": {"signature_def": {"serving_default": {
-                            "inputs": {"image_bytes": {"dtype": "DT_STRING", "tensor_shape": [-1],
-                                                       "name": model.bytes_input.name if model.bytes_input is not None
-                                                       else None}},
-                            "outputs": {"scores": {"dtype": "DT_FLOAT", "tensor_shape": [-1, len(model.labels)],
-                                                   "name": model.output.name}},
-                            "method_name": "tensorflow/serving/predict",
-                            "image_size": [height, width], "labels": model.labels}}}}})
+        with engine.hold(name) as servable:
+            model = servable.model
+            return jsonify({"model_spec": {"name": name, "signature_name": "", "version": str(servable.version)},
+                            "metadata": {"signature_def": {"signature_def": {"serving_default": {
+                                "inputs": {"image_bytes": {
+                                    "dtype": "DT_STRING", "tensor_shape": [-1],
+                                    "name": model.bytes_input.name if model.bytes_input is not None else None}},
+                                "outputs": {"scores": {"dtype": "DT_FLOAT", "tensor_shape": [-1, len(model.labels)],
+                                                       "name": model.output.name}},
+                                "method_name": "tensorflow/serving/predict",
+                                "image_size": list(model.input_size), "labels": model.labels}}}}})
 
     @app.post("/v1/models/<name>:predict")
     def tfs_predict(name):
-        _, model = _model(registry, name)
-        scores = model.predict([_decode(data, config, f"instance {i}") for i, data in enumerate(_instances())])
-        return jsonify({"predictions": scores.tolist()})
+        answer = engine.classify(_instances(engine), name)
+        return jsonify({"predictions": answer.scores.tolist()})
 
     @app.post("/v1/models/<name>:classify")
     def tfs_classify(name):
-        _, model = _model(registry, name)
-        scores = model.predict([_decode(data, config, f"example {i}") for i, data in enumerate(_instances())])
-        return jsonify({"results": [[[label, float(s)] for label, s in zip(model.labels, row, strict=True)]
-                                    for row in scores]})
+        answer = engine.classify(_instances(engine), name)
+        return jsonify({"results": [[[label, float(s)] for label, s in zip(answer.labels, row, strict=True)]
+                                    for row in answer.scores]})
 
 
-def _model(registry: ModelRegistry, name: str | None):
-    try:
-        return registry.get(name)
-    except UnknownModelError as e:
-        raise ApiError(404, str(e), "unknown_model") from None
-
-
-def _classify_file(registry: ModelRegistry, config: ServiceConfig, user_path: str) -> dict:
+def _classify_file(engine: Engine, config: ServiceConfig, user_path: str) -> dict:
     if not user_path:
         raise ApiError(400, "empty 'file' parameter", "missing_parameter")
     try:
-        path = confined(config.image_root, user_path)
-    except PathEscapeError as e:
-        raise ApiError(403, f"refused: {e}", "forbidden_path") from None
-    if not path.is_file():
-        raise ApiError(404, f"no such file under the image root: '{user_path}'", "file_not_found")
-    if path.stat().st_size > config.max_upload_bytes:
-        raise ApiError(413, f"'{user_path}' is over the {config.max_upload_bytes:,} byte limit", "too_large")
-    return _classify_bytes(registry, config, path.read_bytes(), user_path)
+        data = read_confined(config.image_root, user_path, config.max_upload_bytes)
+    except PathError as e:
+        kind = {403: "forbidden_path", 404: "file_not_found", 413: "too_large"}.get(e.status, "bad_path")
+        raise ApiError(e.status, f"refused: {e}" if e.status == 403 else str(e), kind) from None
+    return _classify(engine, config, data, user_path)
 
 
-def _classify_bytes(registry: ModelRegistry, config: ServiceConfig, data: bytes, name: str) -> dict:
+def _classify(engine: Engine, config: ServiceConfig, data: bytes, name: str) -> dict:
     started = time.perf_counter()
-    entry, model = _model(registry, request.args.get("model") or None)
-    pixels = _decode(data, config, name)
-    decoded = time.perf_counter()
-    probabilities = current_app.extensions["imageclf"]["batchers"].predict(model, pixels)
-    done = time.perf_counter()
     top_k = _top_k(config)
+    answer = engine.classify([data], request.args.get("model") or None, names=[name])
+    return _one_answer(answer, name, top_k, time.perf_counter() - started)
+
+
+def _one_answer(answer: Answer, name: str, top_k: int, seconds: float) -> dict:
     return {
-        "model": {"name": entry.name, "version": entry.version},
+        "model": {"name": answer.name, "version": answer.version},
         "image": name,
-        "predictions": [{"label": label, "score": score} for label, score in model.top_k(probabilities, top_k)],
-        "probabilities": {label: float(p) for label, p in zip(model.labels, probabilities, strict=True)},
-        "time_ms": {"decode": round(1000 * (decoded - started), 2), "inference": round(1000 * (done - decoded), 2),
-                    "total": round(1000 * (done - started), 2)},
+        "predictions": [{"label": label, "score": score} for label, score in answer.top_k(0, top_k)],
+        "probabilities": {label: float(p) for label, p in zip(answer.labels, answer.scores[0], strict=True)},
+        "time_ms": {"decode": round(answer.decode_ms, 2), "inference": round(answer.inference_ms, 2),
+                    "total": round(1000 * seconds, 2)},
     }
 
 
@@ -209,52 +199,45 @@ def _top_k(config: ServiceConfig) -> int:
     return value
 
 
-def _decode(data: bytes, config: ServiceConfig, name: str) -> np.ndarray:
-    try:
-        return decode_image(data, max_pixels=config.max_pixels, name=name)
-    except NotAnImageError as e:
-        raise ApiError(415, str(e), "not_an_image") from None
-    except ImageTooLargeError as e:
-        raise ApiError(400, str(e), "too_many_pixels") from None
-    except BadImageError as e:
-        raise ApiError(400, str(e), "bad_image") from None
-
-
-def _upload_bytes() -> bytes:
+def _upload() -> tuple[bytes, str]:
     if request.mimetype == "multipart/form-data":
         upload = request.files.get("image")
         if upload is None:
             raise ApiError(400, "multipart upload has no 'image' file field", "missing_parameter")
-        return upload.read()
+        return upload.read(), upload.filename or "upload"
     data = request.get_data(cache=False)
     if not data:
         raise ApiError(400, "empty upload: send the image as the body or as a multipart 'image' field",
                        "bad_image")
-    return data
+    return data, "upload"
 
 
-def _upload_name() -> str:
-    upload = request.files.get("image") if request.mimetype == "multipart/form-data" else None
-    return (upload.filename if upload and upload.filename else None) or "upload"
-
-
-def _instances() -> list[bytes]:
-    body = request.get_json(force=True, silent=True)
-    if not isinstance(body, dict) or not isinstance(body.get("instances") or body.get("examples"), list):
+def _instances(engine: Engine) -> list[bytes]:
+    """The base64 images of a TF Serving request body: ``{"instances": [{"b64": ...}, ...]}``."""
+    if not request.is_json:
+        # Only JSON bodies: a web page can send text/plain or form bodies cross-site without asking.
+        raise ApiError(415, "send the request body as JSON with 'Content-Type: application/json'",
+                       "unsupported_media_type")
+    try:
+        body = json.loads(request.get_data(cache=False))
+    except (ValueError, RecursionError):
+        raise ApiError(400, "the request body is not valid JSON (or is nested too deeply)", "bad_request") from None
+    items = (body.get("instances") or body.get("examples")) if isinstance(body, dict) else None
+    if not isinstance(items, list):
         raise ApiError(400, 'expected JSON {"instances": [{"b64": "..."}, ...]}', "bad_request")
-    out = []
-    for i, item in enumerate(body.get("instances") or body.get("examples")):
-        if isinstance(item, dict) and "b64" not in item and len(item) == 1:
-            item = next(iter(item.values()))  # {"image_bytes": {"b64": ...}}
-        if not isinstance(item, dict) or not isinstance(item.get("b64"), str):
-            raise ApiError(400, f'instance {i}: expected {{"b64": "<base64 image>"}}', "bad_request")
-        try:
-            out.append(base64.b64decode(item["b64"], validate=True))
-        except (binascii.Error, ValueError):
-            raise ApiError(400, f"instance {i}: invalid base64", "bad_request") from None
-    if not out:
-        raise ApiError(400, "no instances", "bad_request")
-    return out
+    engine.check_count(len(items))  # before decoding any base64
+    return [_instance_bytes(i, item) for i, item in enumerate(items)]
+
+
+def _instance_bytes(i: int, item) -> bytes:
+    if isinstance(item, dict) and "b64" not in item and len(item) == 1:
+        item = next(iter(item.values()))  # {"image_bytes": {"b64": ...}}
+    if not isinstance(item, dict) or not isinstance(item.get("b64"), str):
+        raise ApiError(400, f'instance {i}: expected {{"b64": "<base64 image>"}}', "bad_request")
+    try:
+        return base64.b64decode(item["b64"], validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, f"instance {i}: invalid base64", "bad_request") from None
 
 
 def _install_error_handlers(app: Flask, metrics: ServiceMetrics) -> None:
@@ -262,6 +245,15 @@ def _install_error_handlers(app: Flask, metrics: ServiceMetrics) -> None:
     def api_error(e: ApiError):
         metrics.errors.labels(e.kind).inc()
         return jsonify({"error": e.message}), e.status
+
+    @app.errorhandler(EngineError)
+    def engine_error(e: EngineError):
+        metrics.errors.labels(e.kind).inc()
+        response = jsonify({"error": str(e)})
+        response.status_code = STATUS.get(e.kind, 400)
+        if isinstance(e, BusyError | UnavailableError):
+            response.headers["Retry-After"] = "1"
+        return response
 
     @app.errorhandler(HTTPException)
     def http_error(e: HTTPException):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from imageclf.serving.budget import MemoryBudget
 
 
 class ServiceMetrics:
@@ -20,3 +22,11 @@ class ServiceMetrics:
 
     def reloaded(self, model: str, ok: bool) -> None:
         self.reloads.labels(model, "ok" if ok else "failed").inc()
+
+    def watch_budget(self, budget: MemoryBudget) -> None:
+        """Export the decode budget's use, now and at its peak."""
+        for name, doc, read in (("imageclf_decode_budget_bytes", "Decode memory budget", lambda: budget.capacity),
+                                ("imageclf_decode_reserved_bytes", "Decode memory reserved now", lambda: budget.used),
+                                ("imageclf_decode_reserved_peak_bytes", "Most decode memory reserved at once",
+                                 lambda: budget.peak)):
+            Gauge(name, doc, registry=self.registry).set_function(read)

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from imageclf.batching import MicroBatcher
+from imageclf.serving.batching import BatchFailedError, BatchTimeoutError, MicroBatcher
 
 
 def test_concurrent_items_are_batched_and_each_gets_its_own_result():
@@ -59,7 +59,8 @@ def test_errors_reach_every_member_and_the_batcher_recovers():
         release.set()
         assert held.result(10) == "hold"
     assert sorted(batches[1]) == [0, 1, 2, 3]  # one shared batch: its leader waited for company
-    assert all(isinstance(e, ValueError) for e in errors)
+    assert all(isinstance(e, BatchFailedError) and isinstance(e.__cause__, ValueError) for e in errors)
+    assert len({id(e) for e in errors}) == 4  # one exception object per thread, never one shared
     assert batcher.submit(7) == 7
 
 
@@ -85,3 +86,43 @@ def test_invalid_sizes_are_clamped():
     assert (batcher.max_batch, batcher.max_wait) == (1, 0.0)
     with pytest.raises(TypeError):
         MicroBatcher()  # run_batch is required
+
+
+def test_a_request_split_over_batches_never_exceeds_the_batch_size():
+    sizes = []
+
+    def run(items):
+        sizes.append(len(items))
+        return [item * 2 for item in items]
+    batcher = MicroBatcher(run, max_batch=8, max_wait=0.0)
+    assert batcher.submit_many(list(range(20))) == [i * 2 for i in range(20)]
+    assert sizes == [8, 8, 4]
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda n: batcher.submit_many(list(range(n))), range(1, 30)))
+    assert results == [[i * 2 for i in range(n)] for n in range(1, 30)]
+    assert max(sizes) <= 8 and batcher.stats["largest"] <= 8
+
+
+def test_members_stop_waiting_for_a_hung_model_call():
+    release = threading.Event()
+    slow_running = threading.Event()
+
+    def run(items):
+        if "slow" in items:
+            slow_running.set()
+            release.wait(10)
+        if "hang" in items:
+            release.wait(10)
+        return items
+    batcher = MicroBatcher(run, max_batch=2, max_wait=5.0, timeout=0.3)
+    with ThreadPoolExecutor(3) as pool:
+        slow = pool.submit(batcher.submit, "slow")
+        assert slow_running.wait(10)
+        leader = pool.submit(batcher.submit, "hang")  # another batch runs: waits for company
+        time.sleep(0.1)
+        started = time.perf_counter()
+        with pytest.raises(BatchTimeoutError, match="did not answer within 0.3 s"):
+            batcher.submit("member")  # joins the hanging batch as its second member
+        assert time.perf_counter() - started < 2.0
+        release.set()
+        assert slow.result(10) == "slow" and leader.result(10) == "hang"

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from .conftest import REPO
-from .test_service import Server
+from .service_helpers import Server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 playwright = pytest.importorskip("playwright.sync_api")

@@ -14,60 +14,17 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
-import waitress
 from PIL import Image
 
 from imageclf.demo_data import make_dataset
 from imageclf.graph_model import GraphModel
-from imageclf.registry import ModelRegistry
 from imageclf.retrain import retrain
-from service.app import ServiceConfig, create_app
 
 from .conftest import POETS, REPO, needs_shared, quick_options, run_tool
-
-
-class Server:
-    """A real waitress server on a free 127.0.0.1 port, in a thread."""
-
-    def __init__(self, graphs: Path, root: Path, **config):
-        self.registry = ModelRegistry(graphs, poll_seconds=0.2)
-        app = create_app(ServiceConfig(graphs_dir=str(graphs), image_root=str(root), **config), self.registry)
-        self.registry.start()
-        # poll() rather than select(): closing the socket from close() then ends the loop cleanly.
-        self.server = waitress.create_server(app, host="127.0.0.1", port=0, threads=8, asyncore_use_poll=True)
-        self.url = f"http://127.0.0.1:{self.server.effective_port}"
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-
-    def request(self, path: str, data: bytes | None = None, headers: dict | None = None, method: str | None = None):
-        req = urllib.request.Request(self.url + path, data=data, headers=headers or {}, method=method)
-        try:
-            with urllib.request.urlopen(req, timeout=60) as response:
-                return response.status, response.headers.get_content_type(), response.read()
-        except urllib.error.HTTPError as e:
-            return e.code, e.headers.get_content_type(), e.read()
-
-    def json(self, path: str, **kw):
-        status, kind, body = self.request(path, **kw)
-        assert kind == "application/json", body[:200]
-        return status, json.loads(body)
-
-    def close(self):
-        self.server.close()
-        self.thread.join(timeout=10)
-        self.server.task_dispatcher.shutdown()
-        self.registry.stop()
-
-
-def multipart(field: str, filename: str, data: bytes) -> tuple[bytes, dict]:
-    boundary = "----imageclf-test"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\n"
-            "Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
-    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+from .service_helpers import Server, multipart
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +73,9 @@ def test_paths_outside_the_root_are_refused(served, path):
     assert status == 403 and "outside the image root" in answer["error"]
 
 
+JSON = {"Content-Type": "application/json"}
+
+
 def _png(size) -> bytes:
     buf = io.BytesIO()
     Image.new("L", size).save(buf, format="PNG")
@@ -132,12 +92,13 @@ def _png(size) -> bytes:
     (dict(path="/classify", data=b""), 400, "empty upload"),
     (dict(path="/classify", data=(REPO / "sample_images/circle/circle_000.jpg").read_bytes()[:900]), 400,
      "truncated or corrupt"),
-    (dict(path="/classify", data=b"\xff" * 2_100_000), 413, "over the 2,000,000 byte limit"),
+    (dict(path="/classify", data=b"\xff" * 2_050_000), 413, "over the 2,000,000 byte limit"),
     (dict(path="/classify", data=_png((3000, 3000))), 400, "over the limit of 4,000,000 pixels"),
     (dict(path="/classify", method="PUT", data=b"x"), 405, "method PUT is not allowed"),
     (dict(path="/nowhere"), 404, "no such endpoint"),
-    (dict(path="/v1/models/shapes:predict", data=b"{}"), 400, "instances"),
-    (dict(path="/v1/models/shapes:predict", data=b'{"instances": [{"b64": "***"}]}'), 400, "invalid base64"),
+    (dict(path="/v1/models/shapes:predict", data=b"{}", headers=JSON), 400, "instances"),
+    (dict(path="/v1/models/shapes:predict", data=b'{"instances": [{"b64": "***"}]}', headers=JSON), 400,
+     "invalid base64"),
 ])
 def test_bad_requests_get_json_errors(served, request_args, status, message):
     server, _ = served
@@ -154,10 +115,10 @@ def test_tf_serving_rest(served, demo_model):
     assert answer["metadata"]["signature_def"]["signature_def"]["serving_default"]["labels"] == \
         ["circle", "square", "triangle"]
     body = json.dumps({"instances": [{"b64": base64.b64encode(image).decode()}] * 2}).encode()
-    status, answer = server.json("/v1/models/shapes:predict", data=body)
+    status, answer = server.json("/v1/models/shapes:predict", data=body, headers=JSON)
     expected = GraphModel(demo_model.graph).predict_encoded([image])[0]
     assert status == 200 and np.allclose(answer["predictions"], [expected, expected], atol=1e-4)
-    status, answer = server.json("/v1/models/shapes:classify", data=body)
+    status, answer = server.json("/v1/models/shapes:classify", data=body, headers=JSON)
     assert status == 200 and answer["results"][0][2][0] == "triangle"
     assert answer["results"][0][2][1] == pytest.approx(float(expected[2]), abs=1e-4)
 
@@ -191,7 +152,7 @@ def test_not_ready_without_graphs(tmp_path):
     try:
         assert server.json("/readyz")[0] == 503
         status, answer = server.json("/classify", data=(REPO / "sample_images/circle/circle_000.jpg").read_bytes())
-        assert status == 404 and "no model is loaded" in answer["error"]
+        assert status == 503 and "no model is loaded" in answer["error"]
     finally:
         server.close()
 

@@ -1,0 +1,185 @@
+"""One request's path from encoded image bytes to scores, within the service's bounds.
+
+Every bound that protects the process lives here, so each front end (the Flask app, a gRPC
+server) gets the same behaviour: the pixel limit from the header, the decode memory budget,
+the number of images per request, batching and its timeout, and a served version that stays
+alive until the request is done with it. Errors are typed (see ``EngineError``); front ends
+map them to their own status codes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+
+from imageclf.errors import BadImageError, ImageTooLargeError, NotAnImageError
+from imageclf.images import DEFAULT_MAX_PIXELS, decode_opened, decoded_nbytes, open_image
+from imageclf.serving.batching import BatchFailedError, BatchTimeoutError
+from imageclf.serving.budget import BudgetBusyError, BudgetExceededError, MemoryBudget
+from imageclf.serving.registry import ModelRegistry, NoModelError, UnknownModelError
+from imageclf.serving.servable import RetiredError, Servable
+
+
+class EngineError(Exception):
+    """A request the engine will not or cannot answer. ``kind`` names it for metrics."""
+
+    kind = "error"
+
+
+class BadInputError(EngineError):
+    kind = "bad_image"
+
+
+class NotAnImageInputError(EngineError):
+    kind = "not_an_image"
+
+
+class TooLargeInputError(EngineError):
+    kind = "too_large"
+
+
+class TooManyPixelsError(EngineError):
+    kind = "too_many_pixels"
+
+
+class TooManyInstancesError(EngineError):
+    kind = "too_many_instances"
+
+
+class ModelNotFoundError(EngineError):
+    kind = "unknown_model"
+
+
+class UnavailableError(EngineError):
+    """Nothing to serve right now (no model loaded yet, or a model call failed)."""
+
+    kind = "unavailable"
+
+
+class BusyError(EngineError):
+    """The service is at a bound; the client should retry shortly."""
+
+    kind = "busy"
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_instances: int = 64                 # images in one :predict / :classify request
+    memory_budget_bytes: int = 1 << 30      # decoded pixels of all in-flight requests together
+    budget_wait_s: float = 2.0              # how long a request waits for room in the budget
+
+
+@dataclass
+class Answer:
+    """Scores for one or more images from one served version."""
+
+    name: str
+    version: int
+    labels: list[str]
+    scores: np.ndarray                      # [n, classes]
+    decode_ms: float
+    inference_ms: float
+
+    def top_k(self, row: int, k: int) -> list[tuple[str, float]]:
+        order = np.argsort(-self.scores[row], kind="stable")[:k]
+        return [(self.labels[i], float(self.scores[row][i])) for i in order]
+
+
+class Engine:
+    def __init__(self, registry: ModelRegistry, limits: Limits | None = None):
+        self.registry = registry
+        self.limits = limits or Limits()
+        self.budget = MemoryBudget(self.limits.memory_budget_bytes, self.limits.budget_wait_s)
+
+    def classify(self, images: Sequence[bytes], model: str | None = None,
+                 names: Sequence[str] | None = None) -> Answer:
+        """Scores for encoded images (one upload, or a TF Serving request's instances)."""
+        self.check_count(len(images))
+        names = list(names) if names is not None else [f"instance {i}" for i in range(len(images))]
+        opened = [self._open(data, name) for data, name in zip(images, names, strict=True)]
+        servable = self._acquire(model)
+        try:
+            started = time.perf_counter()
+            inputs = [self._model_input(servable, img, name) for img, name in zip(opened, names, strict=True)]
+            decoded = time.perf_counter()
+            scores = self._predict(servable, inputs)
+            return Answer(name=servable.name, version=servable.version, labels=list(servable.labels),
+                          scores=np.stack(scores), decode_ms=1000 * (decoded - started),
+                          inference_ms=1000 * (time.perf_counter() - decoded))
+        finally:
+            servable.release()
+
+    def check_count(self, n: int) -> None:
+        """Refuse a request with no images or more than ``max_instances``, before any work."""
+        if n == 0:
+            raise BadInputError("no instances in the request")
+        if n > self.limits.max_instances:
+            raise TooManyInstancesError(f"{n:,} images in one request; the limit is "
+                                        f"{self.limits.max_instances:,} (split the request)")
+
+    @contextmanager
+    def hold(self, model: str | None = None) -> Iterator[Servable]:
+        """Hold the served version of ``model`` (None: the default) for the ``with`` block."""
+        servable = self._acquire(model)
+        try:
+            yield servable
+        finally:
+            servable.release()
+
+    def _acquire(self, model: str | None) -> Servable:
+        try:
+            return self.registry.acquire(model)
+        except NoModelError as e:
+            raise UnavailableError(str(e)) from None
+        except UnknownModelError as e:
+            raise ModelNotFoundError(str(e)) from None
+
+    def _open(self, data: bytes, name: str):
+        """Parse the header only: format, size; nothing is decoded yet."""
+        try:
+            return open_image(data, max_pixels=self.limits.max_pixels, name=name)
+        except BadImageError as e:
+            raise _image_error(e) from None
+
+    def _model_input(self, servable: Servable, img, name: str) -> np.ndarray:
+        """Decode within the budget; only the small model input outlives the reservation."""
+        try:
+            with self.budget.reserve(decoded_nbytes(img) + _model_input_overhead(img)):
+                return servable.model.model_input(decode_opened(img, name=name))
+        except BadImageError as e:
+            raise _image_error(e) from None
+        except BudgetExceededError as e:
+            raise TooManyPixelsError(f"{name}: {e}") from None
+        except BudgetBusyError as e:
+            raise BusyError(str(e)) from None
+
+    def _predict(self, servable: Servable, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        try:
+            return servable.predict(inputs)
+        except BatchTimeoutError as e:
+            raise BusyError(str(e)) from None
+        except (BatchFailedError, RetiredError) as e:
+            raise UnavailableError(str(e)) from None
+
+
+def _model_input_overhead(img) -> int:
+    """Bytes that turning decoded pixels into model input takes on top of decoding.
+
+    The resize runs on float32 at full size (12 bytes a pixel) after a uint8 copy into
+    TensorFlow (3 bytes a pixel).
+    """
+    width, height = img.size
+    return width * height * 15
+
+
+def _image_error(e: BadImageError) -> EngineError:
+    if isinstance(e, NotAnImageError):
+        return NotAnImageInputError(str(e))
+    if isinstance(e, ImageTooLargeError):
+        return TooManyPixelsError(str(e))
+    return BadInputError(str(e))

@@ -1,0 +1,207 @@
+"""The set of served models, kept in step with a graphs folder.
+
+A background thread polls the folder (about once a second): the *source*. A new or changed
+``*.pb`` (or its ``.json`` settings) is loaded, checked and warmed up beside the version being
+served, then swapped in under a lock; requests that already hold the old version finish on it,
+and the old version is closed when the last of them releases it (see servable.py). A graph
+that fails to load changes nothing that is served: the previous version, its number and the
+choice of default model stay as they were, and the error is shown. A removed graph stops
+being served.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from imageclf.errors import UserError
+from imageclf.serving.servable import BatchOptions, Servable
+
+log = logging.getLogger(__name__)
+
+
+class UnknownModelError(LookupError):
+    """No model of that name is being served (others are)."""
+
+
+class NoModelError(LookupError):
+    """No model is being served at all (yet)."""
+
+
+@dataclass
+class ModelStatus:
+    """What the registry knows of one name: the served version and the last load attempt."""
+
+    name: str
+    file: str
+    served: Servable | None = None
+    state: str = "loading"          # loading | ready | failed
+    error: str | None = None        # the last load's error, if it failed
+    seen: tuple = ()                # the files' signature at the last load attempt
+
+    def describe(self) -> dict:
+        s = self.served
+        model = s.model if s else None
+        return {
+            "name": self.name, "file": self.file, "state": self.state,
+            "version": s.version if s else None, "last_error": self.error,
+            "loaded_at": s.loaded_at if s else None, "load_seconds": s.load_seconds if s else None,
+            "labels": model.labels if model else None,
+            "input_size": list(model.input_size) if model else None,
+            "metadata": model.metadata if model else None,
+        }
+
+
+Loader = Callable[[str, Path], Servable]
+
+
+class ModelRegistry:
+    def __init__(self, graphs_dir: str | Path, poll_seconds: float = 1.0,
+                 batching: BatchOptions | None = None, loader: Loader | None = None):
+        self.graphs_dir = Path(graphs_dir)
+        self.poll_seconds = poll_seconds
+        options = batching or BatchOptions()
+        self._loader = loader or (lambda name, path: Servable.load(name, path, options))
+        self._listeners: list[Callable[[str, bool], None]] = []
+        self._models: dict[str, ModelStatus] = {}
+        self._lock = threading.Lock()
+        self._scan_lock = threading.Lock()  # one scan at a time (the poller, or a caller)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- serving ------------------------------------------------------------------------
+
+    @contextmanager
+    def serve(self, name: str | None = None) -> Iterator[Servable]:
+        """Hold the served version of ``name`` (None: the newest model) for the ``with`` block."""
+        servable = self.acquire(name)
+        try:
+            yield servable
+        finally:
+            servable.release()
+
+    def acquire(self, name: str | None = None) -> Servable:
+        """Take a reference to the served version of ``name``; the caller must ``release()`` it."""
+        with self._lock:
+            served = {n: m.served for n, m in self._models.items() if m.served is not None}
+            if not served:
+                raise NoModelError("no model is loaded yet")
+            if name is None:
+                servable = max(served.values(), key=lambda s: (s.modified_ns, s.name))
+            elif name in served:
+                servable = served[name]
+            else:
+                raise UnknownModelError(f"unknown model '{name}' (serving: {', '.join(sorted(served))})")
+            # Under the registry's lock the registry's own reference is still held, so this succeeds.
+            if not servable.acquire():
+                raise NoModelError(f"model {servable.name} was just retired")
+            return servable
+
+    def statuses(self) -> list[ModelStatus]:
+        with self._lock:
+            return sorted(self._models.values(), key=lambda m: m.name)
+
+    def ready(self) -> bool:
+        with self._lock:
+            return any(m.served is not None for m in self._models.values())
+
+    # -- keeping up with the folder -----------------------------------------------------
+
+    def add_listener(self, listener: Callable[[str, bool], None]) -> None:
+        """Call ``listener(model_name, ok)`` after every load attempt."""
+        self._listeners.append(listener)
+
+    def start(self) -> None:
+        self.scan()
+        self._thread = threading.Thread(target=self._poll, name="model-poller", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop polling and retire every served model."""
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+        with self._lock:
+            retired = [m.served for m in self._models.values() if m.served is not None]
+            self._models.clear()
+        for servable in retired:
+            servable.release()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                self.scan()
+            except Exception:  # noqa: BLE001 - the poller must outlive any one bad scan
+                log.exception("scanning %s failed", self.graphs_dir)
+
+    def scan(self) -> None:
+        """Load new or changed graphs, retire removed ones."""
+        with self._scan_lock:
+            try:
+                found = {p.stem: p for p in sorted(self.graphs_dir.glob("*.pb")) if p.is_file()}
+            except OSError as e:
+                log.warning("cannot list %s: %s", self.graphs_dir, e)
+                return
+            for name in set(self._models) - set(found):
+                self._retire(name)
+            for name, path in found.items():
+                signature = _signature(path)
+                with self._lock:
+                    status = self._models.get(name)
+                if status is None or status.seen != signature:
+                    self._load(name, path, signature)
+
+    def _retire(self, name: str) -> None:
+        with self._lock:
+            status = self._models.pop(name, None)
+        if status is not None and status.served is not None:
+            log.info("model %s removed", name)
+            status.served.release()
+
+    def _load(self, name: str, path: Path, signature: tuple) -> None:
+        try:
+            servable = self._loader(name, path)
+        except Exception as e:  # noqa: BLE001 - any broken graph is reported, never fatal
+            message = self._public_message(e)
+            log.warning("model %s failed to load: %s", name, message)
+            with self._lock:
+                status = self._models.setdefault(name, ModelStatus(name=name, file=path.name))
+                status.state = "ready" if status.served is not None else "failed"
+                status.error, status.seen = message, signature
+            self._notify(name, False)
+            return
+        with self._lock:
+            status = self._models.setdefault(name, ModelStatus(name=name, file=path.name))
+            previous, status.served = status.served, servable  # the swap: new requests get the new version
+            status.state, status.error, status.seen = "ready", None, signature
+        if previous is not None:
+            previous.release()  # closed now, or when its last request finishes
+        log.info("model %s version %s loaded in %.2f s", name, servable.version, servable.load_seconds)
+        self._notify(name, True)
+
+    def _public_message(self, error: Exception) -> str:
+        """The error as users may see it: no absolute server paths, no traceback."""
+        message = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
+        for prefix in {str(self.graphs_dir.resolve()), str(self.graphs_dir.absolute()), str(self.graphs_dir)}:
+            if prefix not in (".", ""):
+                message = message.replace(prefix + "/", "")
+        return message
+
+    def _notify(self, name: str, ok: bool) -> None:
+        for listener in self._listeners:
+            listener(name, ok)
+
+
+def _signature(graph: Path) -> tuple:
+    parts = []
+    for path in (graph, graph.with_suffix(".json")):
+        try:
+            st = path.stat()
+            parts.append((st.st_mtime_ns, st.st_size, st.st_ino))
+        except OSError:
+            parts.append(None)
+    return tuple(parts)

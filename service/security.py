@@ -1,0 +1,60 @@
+"""Web hygiene: which Host names are served, and the headers every answer carries.
+
+A service on 127.0.0.1 can be reached by any web page the user visits through DNS rebinding
+(a hostile name that resolves to 127.0.0.1): the browser sends that name as ``Host``. Answering
+only the names the service is known by closes that door.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import ipaddress
+import re
+
+from flask import Flask, request
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
+
+
+def default_allowed_hosts(bind_host: str) -> tuple[str, ...] | None:
+    """Loopback names for a service bound to loopback; None (any name) for one bound elsewhere."""
+    if bind_host == "localhost":
+        return LOOPBACK_NAMES
+    try:
+        loopback = ipaddress.ip_address(bind_host.strip("[]")).is_loopback
+    except ValueError:
+        return (bind_host,)  # bound to a name: that name
+    return (*LOOPBACK_NAMES, bind_host) if loopback else None
+
+
+def install_security(app: Flask, allowed_hosts: tuple[str, ...] | None) -> None:
+    """Refuse unknown Host names (400) and send safe headers with every answer."""
+    if allowed_hosts:
+        app.config["TRUSTED_HOSTS"] = list(allowed_hosts)
+    page_policy = _page_policy(app.root_path + "/page.html")
+
+    @app.after_request
+    def headers(response):
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["X-Frame-Options"] = "DENY"
+        response.headers["Referrer-Policy"] = "no-referrer"
+        html = response.mimetype == "text/html"
+        response.headers["Content-Security-Policy"] = page_policy if html else \
+            "default-src 'none'; frame-ancestors 'none'"
+        if request.path != "/" or not html:
+            response.headers.setdefault("Cache-Control", "no-store")
+        return response
+
+
+def _page_policy(page_path: str) -> str:
+    """A CSP that allows the page's own inline script and style (by hash) and nothing else."""
+    with open(page_path, encoding="utf-8") as f:
+        page = f.read()
+
+    def hashes(tag: str) -> str:
+        blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", page, flags=re.S)
+        return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(b.encode()).digest()).decode()}'"
+                        for b in blocks)
+    return (f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; "
+            "img-src blob:; connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")

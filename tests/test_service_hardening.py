@@ -1,0 +1,524 @@
+"""The service as a long-lived, internet-facing deployment meets it: reloads, floods, races, hostile input."""
+
+from __future__ import annotations
+
+import base64
+import gc
+import io
+import json
+import os
+import random
+import select
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imageclf.demo_data import make_dataset
+from imageclf.retrain import retrain
+from imageclf.serving.engine import Engine, Limits, UnavailableError
+from imageclf.serving.registry import ModelRegistry
+
+from .conftest import REPO, quick_options
+from .service_helpers import Server
+
+CIRCLE = (REPO / "sample_images" / "circle" / "circle_000.jpg").read_bytes()
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def _png(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tiny_graphs(tiny_module, tmp_path_factory) -> tuple[Path, Path]:
+    """Two different small real graphs (3 and 4 classes) on the tiny base: cheap to load many times."""
+    out = tmp_path_factory.mktemp("tiny_graphs")
+    graphs = []
+    for classes in (("circle", "square", "triangle"), ("circle", "square", "triangle", "star")):
+        data = out / f"data{len(classes)}"
+        make_dataset(data, per_class=6, classes=classes)
+        opts = quick_options(data, out, tfhub_module=str(tiny_module))
+        opts.output_graph = str(out / f"tiny{len(classes)}.pb")
+        graphs.append(retrain(opts, log=lambda s: None).graph)
+    return graphs[0], graphs[1]
+
+
+def _swap_in(source: Path, target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
+# -- 1. reloads free the old model ---------------------------------------------------------------
+
+
+def test_hundreds_of_reloads_free_every_retired_model_without_failing_a_request(tiny_graphs, tmp_path):
+    graphs = tmp_path / "graphs"
+    graphs.mkdir()
+    _swap_in(tiny_graphs[0], graphs / "live.pb")
+    registry = ModelRegistry(graphs, poll_seconds=3600)
+    registry.scan()
+    engine = Engine(registry)
+    retired, failures, answers, stop = [], [], [], threading.Event()
+
+    def client():
+        while not stop.is_set():
+            try:
+                answers.append(engine.classify([CIRCLE]).labels)
+            except Exception as e:  # noqa: BLE001 - any failure is what this test looks for
+                failures.append(e)
+    clients = [threading.Thread(target=client) for _ in range(2)]
+    for t in clients:
+        t.start()
+    try:
+        for i in range(120):
+            with registry.serve("live") as servable:
+                model = servable.model
+                retired.append((weakref.ref(model), weakref.ref(model.graph), weakref.ref(model.session)))
+                del model
+            _swap_in(tiny_graphs[(i + 1) % 2], graphs / "live.pb")
+            registry.scan()
+    finally:
+        stop.set()
+        for t in clients:
+            t.join()
+    gc.collect()
+    assert not failures, failures[:3]
+    assert {len(labels) for labels in answers} == {3, 4}  # both versions really served
+    alive = [i for i, refs in enumerate(retired[:-1]) if any(ref() is not None for ref in refs)]
+    assert alive == [], f"{len(alive)} of {len(retired) - 1} retired models still alive"
+    registry.stop()
+
+
+def test_a_request_holding_a_retired_version_finishes_on_it(tiny_graphs, tmp_path):
+    graphs = tmp_path / "graphs"
+    graphs.mkdir()
+    _swap_in(tiny_graphs[0], graphs / "live.pb")
+    registry = ModelRegistry(graphs, poll_seconds=3600)
+    registry.scan()
+    with registry.serve("live") as old:
+        _swap_in(tiny_graphs[1], graphs / "live.pb")
+        registry.scan()
+        with registry.serve("live") as new:
+            assert len(new.labels) == 4 and new is not old
+        assert not old.closed and len(old.predict([np.zeros((32, 32, 3), np.float32)])[0]) == 3
+    assert old.closed  # the last holder let go
+    registry.stop()
+    assert new.closed
+
+
+def test_rss_stays_flat_across_reloads_of_a_real_model(demo_model, tmp_path):
+    """The built-in MobileNetV2 graph, reloaded again and again: RSS must not climb with each reload."""
+    graphs = tmp_path / "graphs"
+    graphs.mkdir()
+    copies = [tmp_path / "a.pb", tmp_path / "b.pb"]
+    for copy in copies:
+        shutil.copyfile(demo_model.graph, copy)
+    registry = ModelRegistry(graphs, poll_seconds=3600)
+    engine = Engine(registry)
+    checkpoints = {}
+    for i in range(36):
+        _swap_in(copies[i % 2], graphs / "live.pb")
+        registry.scan()
+        engine.classify([CIRCLE])
+        if i in (11, 35):
+            gc.collect()
+            checkpoints[i] = _rss_mib()
+    registry.stop()
+    per_reload = (checkpoints[35] - checkpoints[11]) / 24
+    assert per_reload <= 3.0, f"RSS grew {per_reload:.1f} MiB per reload ({checkpoints})"
+
+
+# -- 2. floods of instances, content types, the decode budget -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def served(demo_model, tmp_path_factory):
+    graphs = tmp_path_factory.mktemp("hardening_graphs")
+    shutil.copy(demo_model.graph, graphs / "shapes.pb")
+    root = tmp_path_factory.mktemp("hardening_root")
+    shutil.copytree(REPO / "sample_images", root / "pictures")
+    server = Server(graphs, root, max_upload_bytes=2_000_000, max_pixels=40_000_000, max_instances=64,
+                    memory_budget_mb=1024)
+    yield server, root
+    server.close()
+
+
+def _predict_body(images: list[bytes]) -> bytes:
+    return json.dumps({"instances": [{"b64": base64.b64encode(i).decode()} for i in images]}).encode()
+
+
+TINY_PNG = _png(Image.new("RGB", (1, 1), (10, 20, 30)))
+JSON = {"Content-Type": "application/json"}
+
+
+def test_too_many_instances_is_refused_before_any_work(served):
+    server, _ = served
+    before = _rss_mib()
+    started = time.perf_counter()
+    status, answer = server.json("/v1/models/shapes:predict", data=_predict_body([TINY_PNG] * 3000), headers=JSON)
+    assert status == 413 and "3,000 images in one request; the limit is 64" in answer["error"]
+    assert time.perf_counter() - started < 5 and _rss_mib() - before < 200
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x", None])
+def test_json_endpoints_refuse_other_content_types(served, content_type):
+    server, _ = served
+    headers = {"Content-Type": content_type} if content_type else {}
+    status, answer = server.json("/v1/models/shapes:predict", data=_predict_body([CIRCLE]), headers=headers)
+    assert status == 415 and "application/json" in answer["error"]
+
+
+def test_many_instances_are_split_into_batches_no_larger_than_batch_size(served, demo_model):
+    server, _ = served
+    images = [(REPO / "sample_images" / k / f"{k}_{i:03d}.jpg").read_bytes()
+              for k in ("circle", "square", "triangle") for i in range(20)]
+    with server.registry.serve("shapes") as servable:
+        batcher = servable.batcher
+        before = dict(batcher.stats)
+    status, answer = server.json("/v1/models/shapes:predict", data=_predict_body(images), headers=JSON)
+    assert status == 200 and len(answer["predictions"]) == 60
+    assert batcher.stats["items"] - before["items"] == 60
+    assert batcher.stats["largest"] <= server.config.batch_size
+    assert batcher.stats["batches"] - before["batches"] >= 60 / server.config.batch_size
+    from imageclf.graph_model import GraphModel
+    expected = GraphModel(demo_model.graph).predict_encoded(images[:5])
+    np.testing.assert_allclose(answer["predictions"][:5], expected, atol=1e-4)
+
+
+def test_json_nested_deep_is_a_clear_400(served):
+    server, _ = served
+    status, answer = server.json("/v1/models/shapes:predict", data=b"[" * 100_000 + b"]" * 100_000, headers=JSON)
+    assert status == 400 and "JSON" in answer["error"]
+
+
+def test_decode_budget_bounds_memory_of_concurrent_pixel_bombs(demo_model, tmp_path):
+    """Eight 5 KB PNGs of 6324x6324 pixels at once: the budget lets few decode together, none fails badly."""
+    graphs = tmp_path / "graphs"
+    graphs.mkdir()
+    shutil.copy(demo_model.graph, graphs / "shapes.pb")
+    bomb = _png(Image.new("1", (6324, 6324)), optimize=True)
+    assert len(bomb) < 10_000
+    budget_mb = 1024
+    server = Server(graphs, tmp_path, max_pixels=40_000_000, memory_budget_mb=budget_mb)
+    try:
+        gc.collect()
+        before, peak, done = _rss_mib(), [0.0], threading.Event()
+
+        def sample():
+            while not done.is_set():
+                peak[0] = max(peak[0], _rss_mib())
+                time.sleep(0.01)
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: server.response("/classify", data=bomb), range(8)))
+        done.set()
+        sampler.join()
+    finally:
+        server.close()
+    statuses = sorted(status for status, _, _ in answers)
+    assert set(statuses) <= {200, 503}, statuses
+    assert all(headers["Retry-After"] for status, headers, _ in answers if status == 503)
+    assert server.engine.budget.peak <= budget_mb << 20
+    assert peak[0] - before < budget_mb + 300, f"RSS rose {peak[0] - before:.0f} MiB"
+
+
+# -- 3. inputs that used to give 500 -------------------------------------------------------------
+
+
+def _wrong_type_orientation_jpeg() -> bytes:
+    """A JPEG whose EXIF Orientation tag is an ASCII string (Pillow's exif_transpose chokes on it)."""
+    import struct
+    entry = struct.pack(">HHI4s", 0x0112, 2, 4, b"six\x00")  # tag, type ASCII, count 4, inline value
+    tiff = b"MM\x00\x2a" + struct.pack(">I", 8) + struct.pack(">H", 1) + entry + struct.pack(">I", 0)
+    app1 = b"Exif\x00\x00" + tiff
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(CIRCLE)).save(buf, format="JPEG", quality=90)
+    jpeg = buf.getvalue()
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + jpeg[2:]
+
+
+def _saved(fmt: str) -> bytes:
+    buf = io.BytesIO()
+    img = Image.open(io.BytesIO(CIRCLE)).convert("RGB").resize((64, 64))
+    (img.convert("P") if fmt == "BLP" else img).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["DDS", "BLP", "SPIDER"])
+def test_formats_outside_the_allow_list_get_415(served, fmt):
+    server, _ = served
+    data = _saved(fmt) if fmt != "SPIDER" else _spider()
+    status, answer = server.json("/classify", data=data)
+    assert status == 415 and "not an image" in answer["error"]
+
+
+def _spider() -> bytes:
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(CIRCLE)).convert("F").save(buf, format="SPIDER")
+    return buf.getvalue()
+
+
+def test_jpeg_with_a_wrong_type_exif_tag_is_classified(served):
+    server, _ = served
+    status, answer = server.json("/classify", data=_wrong_type_orientation_jpeg())
+    assert status == 200 and answer["predictions"][0]["label"] == "circle"
+
+
+def test_mutated_uploads_never_get_a_5xx(served):
+    server, _ = served
+    seeds = [CIRCLE, _png(Image.open(io.BytesIO(CIRCLE))), _saved("GIF"), _saved("BMP"), _saved("WEBP"),
+             _saved("TIFF"), _saved("DDS"), _spider(), _wrong_type_orientation_jpeg()]
+    rng = random.Random(7)
+    statuses = []
+    for _ in range(150):
+        data = bytearray(rng.choice(seeds))
+        for _ in range(rng.randint(1, 12)):
+            data[rng.randrange(len(data))] = rng.choice([0, 0xFF, 0x7F, 0x80, rng.randrange(256)])
+        if rng.random() < 0.3:
+            del data[rng.randrange(len(data)):]
+        status, kind, body = server.request("/classify", data=bytes(data) or b"x")
+        assert status < 500 and kind == "application/json", (status, body[:200])
+        statuses.append(status)
+    assert {200, 400} <= set(statuses)
+
+
+@pytest.mark.parametrize("make_path, status, message", [
+    (lambda root: "x" * 300 + ".jpg", 400, "too long"),
+    (lambda root: (root / "loop").symlink_to("loop") or "loop", 400, "symbolic links"),
+    (lambda root: (root / "a").symlink_to("b") or (root / "b").symlink_to("a") or "a/x.jpg", 400, "symbolic links"),
+    (lambda root: "pictures", 404, "not a file"),
+    (lambda root: "pictures/circle/circle_000.jpg/x", 404, "no such file"),
+])
+def test_bad_paths_get_clear_4xx(served, make_path, status, message):
+    server, root = served
+    for name in ("loop", "a", "b"):
+        (root / name).unlink(missing_ok=True)
+    path = make_path(root)
+    got, answer = server.json("/?file=" + path)
+    assert got == status and message in answer["error"]
+
+
+def test_symlinks_inside_the_root_are_followed(served):
+    server, root = served
+    link = root / "latest"
+    link.unlink(missing_ok=True)
+    link.symlink_to("pictures/square")
+    try:
+        status, answer = server.json("/?file=latest/square_003.jpg")
+        assert status == 200 and answer["predictions"][0]["label"] == "square"
+        status, answer = server.json("/?file=latest/../circle/circle_001.jpg")  # ".." of the link's target
+        assert status == 200 and answer["predictions"][0]["label"] == "circle"
+    finally:
+        link.unlink()
+
+
+def test_unreadable_file_is_refused_with_403(tmp_path):
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes(CIRCLE)
+    secret.chmod(0)
+    code = ("from imageclf.paths import read_confined, PathForbiddenError\n"
+            f"try:\n    read_confined({str(tmp_path)!r}, 'secret.jpg', 10**6)\n"
+            "except PathForbiddenError as e:\n    print('refused', e.status, e)\n")
+    # Root reads anything; a deployed service does not run as root. Drop the override capabilities.
+    prefix = []
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root without setpriv: cannot make a file unreadable")
+        prefix = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
+    result = subprocess.run([*prefix, sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+    assert "refused 403" in result.stdout and "permission denied" in result.stdout, result.stderr
+
+
+# -- 4. the symlink race -------------------------------------------------------------------------
+
+
+def test_swapping_a_file_for_a_symlink_out_never_leaks_the_outside_file(demo_model, tmp_path):
+    graphs, root, outside = tmp_path / "graphs", tmp_path / "root", tmp_path / "outside"
+    for d in (graphs, root, outside):
+        d.mkdir()
+    shutil.copy(demo_model.graph, graphs / "shapes.pb")
+    # The outside file is recognisable from its answer: too many pixels for this service.
+    (outside / "secret.png").write_bytes(_png(Image.new("L", (3000, 3000))))
+    image = root / "photo.jpg"
+    image.write_bytes(CIRCLE)
+    server = Server(graphs, root, max_pixels=4_000_000)
+    stop, escapes, answers = threading.Event(), [], []
+
+    def flip():
+        real, link = root / ".real.tmp", root / ".link.tmp"
+        while not stop.is_set():
+            real.write_bytes(CIRCLE)
+            os.replace(real, image)
+            link.unlink(missing_ok=True)
+            link.symlink_to(outside / "secret.png")
+            os.replace(link, image)
+
+    def client():
+        for _ in range(200):
+            status, answer = server.json("/?file=photo.jpg")
+            answers.append(status)
+            if "pixels" in answer.get("error", ""):
+                escapes.append(answer)
+    flipper = threading.Thread(target=flip)
+    flipper.start()
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda _: client(), range(4)))
+    finally:
+        stop.set()
+        flipper.join()
+        server.close()
+    assert not escapes, escapes[:3]
+    assert 200 in answers and (403 in answers or 400 in answers)  # the race really happened both ways
+
+
+# -- 5. slow clients -----------------------------------------------------------------------------
+
+
+def test_health_answers_while_hundreds_of_half_requests_hang(tiny_graphs, tmp_path):
+    graphs = tmp_path / "graphs"
+    graphs.mkdir()
+    shutil.copy(tiny_graphs[0], graphs / "tiny.pb")
+    server = Server(graphs, tmp_path, channel_timeout=3)
+    sockets = []
+    try:
+        for _ in range(500):
+            s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            s.sendall(b"POST /classify HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100000\r\n\r\nhalf")
+            sockets.append(s)
+        started = time.perf_counter()
+        status, answer = server.json("/healthz", timeout=5)
+        assert status == 200 and time.perf_counter() - started < 1.0
+        # A Content-Length that lies holds its socket only for about the channel timeout.
+        liar = sockets[0]
+        liar.settimeout(15)
+        started = time.perf_counter()
+        assert liar.recv(100) == b""  # closed by the server
+        assert time.perf_counter() - started < 10
+    finally:
+        for s in sockets:
+            s.close()
+        server.close()
+
+
+# -- 6. the registry's promises --------------------------------------------------------------------
+
+
+def test_a_failed_load_changes_neither_default_nor_version(tiny_graphs, tmp_path):
+    graphs = tmp_path / "graphs"
+    graphs.mkdir()
+    _swap_in(tiny_graphs[0], graphs / "older.pb")
+    time.sleep(0.02)
+    _swap_in(tiny_graphs[1], graphs / "newer.pb")
+    registry = ModelRegistry(graphs, poll_seconds=3600)
+    registry.scan()
+    engine = Engine(registry)
+    assert engine.classify([CIRCLE]).name == "newer"
+    versions = {s.name: s.served.version for s in registry.statuses()}
+    time.sleep(0.02)
+    (graphs / "older.pb").write_bytes(b"broken: not a graph")  # now the newest file on disk
+    registry.scan()
+    assert engine.classify([CIRCLE]).name == "newer"
+    assert {s.name: s.served.version for s in registry.statuses()} == versions
+    (older,) = [s for s in registry.statuses() if s.name == "older"]
+    assert older.state == "ready" and "not a frozen TensorFlow GraphDef" in older.error
+    assert str(graphs) not in older.error and str(tmp_path) not in json.dumps(older.describe())
+    registry.stop()
+    with pytest.raises(UnavailableError, match="no model is loaded"):
+        Engine(registry, Limits()).classify([CIRCLE])
+
+
+def test_models_endpoint_shows_no_server_paths(served):
+    server, root = served
+    status, kind, body = server.request("/models")
+    assert status == 200 and str(Path(server.config.graphs_dir)) not in body.decode()
+    assert json.loads(body)["models"][0]["file"] == "shapes.pb"
+
+
+# -- 10. web hygiene ----------------------------------------------------------------------------
+
+
+def test_unknown_host_names_are_refused(demo_model, tmp_path):
+    graphs = tmp_path / "graphs"
+    graphs.mkdir()
+    shutil.copy(demo_model.graph, graphs / "shapes.pb")
+    server = Server(graphs, tmp_path, allowed_hosts=("localhost", "127.0.0.1"))
+    try:
+        status, answer = server.json("/models", headers={"Host": "evil.example:8000"})
+        assert status == 400 and answer["error"]
+        assert server.json("/models", headers={"Host": f"localhost:{server.port}"})[0] == 200
+        assert server.json("/healthz")[0] == 200  # 127.0.0.1:port
+    finally:
+        server.close()
+
+
+def test_security_headers_on_json_and_page(served):
+    server, _ = served
+    for path, headers in (("/healthz", {}), ("/", {"Accept": "text/html"})):
+        status, got, _ = server.response(path, headers=headers)
+        assert status == 200
+        assert got["X-Content-Type-Options"] == "nosniff" and got["X-Frame-Options"] == "DENY"
+        assert "frame-ancestors 'none'" in got["Content-Security-Policy"]
+    assert "script-src 'sha256-" in got["Content-Security-Policy"]
+
+
+def _raw(server, payload: bytes) -> tuple[int, dict, bytes]:
+    """Send ``payload`` a piece at a time, stop as soon as the server answers, return its answer.
+
+    Sending slowly lets the server read what it was sent before it answers and closes, so the
+    kernel does not reset the connection and throw the answer away.
+    """
+    data = b""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        for i in range(0, len(payload), 8192):
+            if select.select([s], [], [], 0.005)[0]:
+                break
+            s.sendall(payload[i:i + 8192])
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers, body
+
+
+@pytest.mark.parametrize("payload, status", [
+    (b"POST /classify HTTP/1.1\r\nHost: localhost\r\nContent-Length: abc\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * 270_000 + b"\r\n\r\n", 431),
+    (b"POST /classify HTTP/1.1\r\nHost: localhost\r\nContent-Length: 99999999\r\n\r\n", 413),
+])
+def test_server_level_errors_are_json(served, payload, status):
+    server, _ = served
+    got, headers, body = _raw(server, payload)
+    assert got == status and headers["Content-Type"] == "application/json"
+    assert json.loads(body)["error"]
+
+
+def test_no_task_queue_warnings_under_load(served, caplog):
+    server, _ = served
+    with ThreadPoolExecutor(32) as pool:
+        list(pool.map(lambda _: server.request("/?file=pictures/circle/circle_001.jpg"), range(96)))
+    assert not [r for r in caplog.records if "Task queue depth" in r.getMessage()]

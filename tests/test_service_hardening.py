@@ -365,6 +365,8 @@ def test_swapping_a_file_for_a_symlink_out_never_leaks_the_outside_file(demo_mod
     image = root / "photo.jpg"
     image.write_bytes(CIRCLE)
     server = Server(graphs, root, max_pixels=4_000_000)
+    server.json("/?file=photo.jpg")
+    open_files = len(os.listdir("/proc/self/fd"))
     stop, escapes, answers = threading.Event(), [], []
 
     def flip():
@@ -387,11 +389,13 @@ def test_swapping_a_file_for_a_symlink_out_never_leaks_the_outside_file(demo_mod
     try:
         with ThreadPoolExecutor(4) as pool:
             list(pool.map(lambda _: client(), range(4)))
+        leaked = len(os.listdir("/proc/self/fd")) - open_files
     finally:
         stop.set()
         flipper.join()
         server.close()
     assert not escapes, escapes[:3]
+    assert leaked < 20, f"{leaked} file descriptors more after 800 requests"
     assert 200 in answers and (403 in answers or 400 in answers)  # the race really happened both ways
 
 
@@ -449,6 +453,21 @@ def test_a_failed_load_changes_neither_default_nor_version(tiny_graphs, tmp_path
     registry.stop()
     with pytest.raises(UnavailableError, match="no model is loaded"):
         Engine(registry, Limits()).classify([CIRCLE])
+
+
+def test_models_endpoint_hides_paths_inside_metadata(tiny_graphs, tiny_module, tmp_path):
+    graphs = tmp_path / "graphs"
+    graphs.mkdir()
+    shutil.copy(tiny_graphs[0], graphs / "tiny.pb")
+    assert str(tiny_module) in tiny_graphs[0].read_bytes().decode("latin-1")  # the base's folder is embedded
+    server = Server(graphs, tmp_path)
+    try:
+        status, kind, body = server.request("/models")
+    finally:
+        server.close()
+    text = body.decode()
+    assert status == 200 and str(tiny_module.parent) not in text and str(tmp_path) not in text
+    assert tiny_module.name in text
 
 
 def test_models_endpoint_shows_no_server_paths(served):

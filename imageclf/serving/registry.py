@@ -11,7 +11,9 @@ being served.
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -52,7 +54,7 @@ class ModelStatus:
             "loaded_at": s.loaded_at if s else None, "load_seconds": s.load_seconds if s else None,
             "labels": model.labels if model else None,
             "input_size": list(model.input_size) if model else None,
-            "metadata": model.metadata if model else None,
+            "metadata": _without_paths(model.metadata) if model else None,
         }
 
 
@@ -194,6 +196,17 @@ class ModelRegistry:
     def _notify(self, name: str, ok: bool) -> None:
         for listener in self._listeners:
             listener(name, ok)
+
+
+# An absolute path: "/" not preceded by a word character, ".", ":" or "/" (so URLs are left alone).
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s/\"']+/)*([^\s/\"']+)")
+
+
+def _without_paths(metadata: dict | None):
+    """Metadata as clients may see it: absolute paths (a base model's folder...) cut to their last part."""
+    if metadata is None:
+        return None
+    return json.loads(_ABSOLUTE_PATH.sub(r"\1", json.dumps(metadata)))
 
 
 def _signature(graph: Path) -> tuple:

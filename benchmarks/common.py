@@ -98,3 +98,48 @@ def _proc_field(path: str, key: str) -> str | None:
 def _memory_gib() -> float | None:
     total = _proc_field("/proc/meminfo", "MemTotal")  # "24576000 kB"
     return round(int(total.split()[0]) / 2**20, 1) if total else None
+
+
+def machine_info_light() -> dict:
+    """``machine_info()`` without importing TensorFlow or NumPy: versions from package metadata.
+
+    For drivers that only talk to other processes and should stay small and quiet themselves.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(package: str) -> str | None:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return None
+
+    return {"hostname": socket.gethostname(),
+            "date": datetime.now().astimezone().isoformat(timespec="seconds"),
+            "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "cpu_model": _proc_field("/proc/cpuinfo", "model name") or platform.processor(),
+            "memory_total_gib": _memory_gib(),
+            "python": platform.python_version(), "tensorflow": installed("tensorflow"),
+            "numpy": installed("numpy"), "platform": platform.platform(),
+            "load_average_start": load_average()}
+
+
+def memory_available_mib() -> float | None:
+    """MemAvailable of the whole machine, in MiB (None off Linux)."""
+    available = _proc_field("/proc/meminfo", "MemAvailable")  # "23000000 kB"
+    return round(int(available.split()[0]) / 1024, 1) if available else None
+
+
+def process_memory_mib(pid: int) -> dict | None:
+    """VmRSS (now) and VmHWM (peak) of process ``pid`` from /proc, in MiB; None once it is gone."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return None
+    fields = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0])  # kB
+    if "VmRSS" not in fields:
+        return None  # a zombie has no memory lines
+    return {"rss_mib": round(fields["VmRSS"] / 1024, 1), "peak_rss_mib": round(fields.get("VmHWM", 0) / 1024, 1)}

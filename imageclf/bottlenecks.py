@@ -1,8 +1,10 @@
 """Bottleneck vectors: computed in batches with parallel decoding, cached on disk by content.
 
-The cache key is the base model's fingerprint plus the SHA-256 of each image file's bytes, so
-renaming or moving a picture costs nothing, and editing one recomputes just that one. Entries
-are written atomically; an unreadable or malformed entry is recomputed.
+The cache folder is keyed by everything that decides a vector besides the picture: the base
+model's fingerprint (its weights and how it is fed), its input size and the preprocessing
+version. Within it, entries are keyed by the SHA-256 of each image file's bytes, so renaming or
+moving a picture costs nothing, and editing one recomputes just that one. Entries are written
+atomically; an unreadable or malformed entry is recomputed.
 """
 
 from __future__ import annotations
@@ -20,19 +22,21 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
+from imageclf import preprocess
 from imageclf.atomic import write_bytes_atomic
 from imageclf.bases import BaseModel
 from imageclf.errors import BadImageError
 from imageclf.images import DEFAULT_MAX_PIXELS, read_image
 from imageclf.preprocess import pack_images, packed_to_model_input
 
-# Built functions by (kind, base fingerprint): loading a base graph and tracing it costs about
-# a second, which repeated calls (a benchmark, a long-lived process) should pay once.
-_FUNCTIONS: dict[tuple[str, str], Callable] = {}
+# Built functions by (kind, base fingerprint, input size): loading a base graph and tracing it
+# costs about a second, which repeated calls (a benchmark, a long-lived process) should pay once.
+# The size is part of the key because one base file can be loaded at several input sizes.
+_FUNCTIONS: dict[tuple[str, str, tuple[int, int]], Callable] = {}
 
 
 def _memoized(kind: str, base: BaseModel, build: Callable[[], Callable]) -> Callable:
-    key = (kind, base.fingerprint)
+    key = (kind, base.fingerprint, tuple(base.input_size))
     if key not in _FUNCTIONS:
         _FUNCTIONS[key] = build()
     return _FUNCTIONS[key]
@@ -59,11 +63,22 @@ def pixels_feature_function(base: BaseModel) -> Callable[[np.ndarray, np.ndarray
         input_signature=[tf.TensorSpec([None, 3], tf.uint8), tf.TensorSpec([None, 2], tf.int32)]))
 
 
+def cache_key(base: BaseModel) -> str:
+    """The cache folder name for ``base``: what besides the image decides its vectors.
+
+    A frozen graph or size-agnostic module loaded at another ``--base_input_size`` keeps its
+    fingerprint but sees other pixels; so does any base after a preprocessing change.
+    """
+    height, width = base.input_size
+    key = f"{base.fingerprint}|input {height}x{width}|preprocess {preprocess.PREPROCESS_VERSION}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
 class BottleneckCache:
     """One ``.npy`` file per (base model, image content) under ``root``."""
 
     def __init__(self, root: str | os.PathLike, base: BaseModel):
-        self.dir = Path(root) / hashlib.sha256(base.fingerprint.encode()).hexdigest()[:16]
+        self.dir = Path(root) / cache_key(base)
         self.size = base.bottleneck_size
 
     def _path(self, key: str) -> Path:

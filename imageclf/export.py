@@ -12,11 +12,14 @@ The graph contract (what label_image, the service and TF Serving rely on):
 from __future__ import annotations
 
 import json
+import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import tensorflow as tf
 
-from imageclf.atomic import write_bytes_atomic, write_text_atomic
+from imageclf.atomic import fsync_dir, fsync_tree, write_bytes_atomic, write_text_atomic
 from imageclf.bases import BaseModel
 from imageclf.preprocess import decode_to_model_input
 from imageclf.training import FinalLayer
@@ -84,17 +87,116 @@ def write_outputs(graph_def: tf.compat.v1.GraphDef, metadata: dict, evaluation: 
     return sidecar
 
 
-def write_saved_model(graph_def: tf.compat.v1.GraphDef, metadata: dict, export_dir: str | Path) -> Path:
+@dataclass
+class VersionReservation:
+    """A model version chosen before anything is written, and held until it is published.
+
+    With a SavedModel folder, ``staging`` is the empty folder ``.<version>.tmp`` in it: making
+    it is what claims the version, so two retrains never get the same one.
+    """
+
+    version: int
+    staging: Path | None = None
+
+    def release(self) -> None:
+        """Give the version back when nothing was published under it; harmless after publish."""
+        staging, self.staging = self.staging, None
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def publish(self, final: Path) -> Path:
+        """Make the staged SavedModel appear as ``final`` in one rename, durably."""
+        fsync_tree(self.staging)  # TF writes without fsync; a power cut must not leave empty files
+        self.staging.rename(final)  # TF Serving watches the parent folder; it must never see a partial version
+        self.staging = None  # published: nothing left to release
+        fsync_dir(final.parent)
+        return final
+
+
+def reserve_version(export_dir: str | Path | None, output_graph: str | Path | None = None,
+                    now: float | None = None) -> VersionReservation:
+    """The next version: at least the current time in seconds, above every version seen so far.
+
+    "Seen" means the numbered (and staging) folders in ``export_dir`` and the version in the
+    sidecar of the graph about to be replaced, so versions only ever go up, even for two
+    retrains within one second. Without ``export_dir`` nothing is reserved on disk.
+    """
+    version = max(int(time.time() if now is None else now),
+                  _newest_version(export_dir, output_graph) + 1)
+    if export_dir is None:
+        return VersionReservation(version)
+    export_dir = Path(export_dir)
+    export_dir.mkdir(parents=True, exist_ok=True)
+    for _ in range(1000):
+        try:
+            return _reserve_exact(export_dir, version)
+        except FileExistsError:
+            version += 1  # taken by a concurrent retrain since we looked: take the next one
+    raise FileExistsError(f"{export_dir}: cannot reserve a new version folder")
+
+
+def _reserve_exact(export_dir: Path, version: int) -> VersionReservation:
+    staging = _staging_dir(export_dir, version)
+    staging.mkdir()  # atomic: fails when another process holds this version
+    if (export_dir / str(version)).exists():
+        # Published (and its staging folder renamed away) between our look and our mkdir.
+        staging.rmdir()
+        raise FileExistsError(f"{export_dir / str(version)} already exists")
+    return VersionReservation(version, staging)
+
+
+def _staging_dir(export_dir: Path, version: int) -> Path:
+    return export_dir / f".{version}.tmp"
+
+
+def _newest_version(export_dir: str | Path | None, output_graph: str | Path | None) -> int:
+    versions = [0]
+    if export_dir is not None and Path(export_dir).is_dir():
+        for entry in Path(export_dir).iterdir():
+            name = entry.name.removeprefix(".").removesuffix(".tmp")
+            if name.isdigit():
+                versions.append(int(name))
+    if output_graph is not None:
+        versions.append(_sidecar_version(Path(output_graph).with_suffix(".json")))
+    return max(versions)
+
+
+def _sidecar_version(sidecar: Path) -> int:
+    try:
+        version = json.loads(sidecar.read_text(encoding="utf-8")).get("version")
+    except (OSError, ValueError, AttributeError):
+        return 0  # no previous graph, or not one of ours: nothing to stay above
+    return version if isinstance(version, int) else 0
+
+
+def write_saved_model(graph_def: tf.compat.v1.GraphDef, metadata: dict, export_dir: str | Path,
+                      reservation: VersionReservation | None = None) -> Path:
     """A versioned SavedModel (``export_dir/<version>/``) that TensorFlow Serving can load.
 
     Signatures: ``serving_default`` takes ``image_bytes`` (encoded images), ``predict_images``
     takes ``images`` (float32 [None, H, W, 3] in [0, 1]); both return ``scores`` and, per
-    image, all labels as ``classes``.
+    image, all labels as ``classes``. ``reservation`` (from reserve_version) must hold
+    ``metadata["version"]``; without one, that exact version is claimed here, and
+    FileExistsError raised when it is taken.
     """
-    final = Path(export_dir) / str(metadata["version"])
-    if final.exists():
-        raise FileExistsError(f"{final} already exists")
-    staging = final.with_name(f".{final.name}.tmp")
+    export_dir = Path(export_dir)
+    version = metadata["version"]
+    if reservation is None:
+        export_dir.mkdir(parents=True, exist_ok=True)
+        if (export_dir / str(version)).exists():
+            raise FileExistsError(f"{export_dir / str(version)} already exists")
+        reservation = _reserve_exact(export_dir, version)
+    if reservation.version != version or reservation.staging is None:
+        raise ValueError(f"version {version} is not the one reserved ({reservation.version}) or was released")
+    try:
+        _build_saved_model(graph_def, metadata, reservation.staging)
+        return reservation.publish(export_dir / str(version))
+    except BaseException:
+        reservation.release()
+        raise
+
+
+def _build_saved_model(graph_def: tf.compat.v1.GraphDef, metadata: dict, staging: Path) -> None:
     graph = tf.Graph()
     with graph.as_default():
         tf.import_graph_def(graph_def, name="")
@@ -107,8 +209,7 @@ def write_saved_model(graph_def: tf.compat.v1.GraphDef, metadata: dict, export_d
             "predict_images": signature({"images": graph.get_tensor_by_name(INPUT_TENSOR)}, outputs),
         }
         with tf.compat.v1.Session(graph=graph) as session:
+            # The builder accepts the reserved folder because it is still empty.
             builder = tf.compat.v1.saved_model.Builder(str(staging))
             builder.add_meta_graph_and_variables(session, [tf.saved_model.SERVING], signature_def_map=signatures)
             builder.save()
-    staging.rename(final)  # TF Serving watches the parent folder; it must never see a partial version
-    return final

@@ -14,6 +14,11 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
+#: Part of the bottleneck cache key: vectors cached under another version are not reused.
+#: Bump it whenever decoding (imageclf/images.py), resizing or scaling (here) changes the
+#: pixels a base model is fed, or every cache silently keeps features of the old pixels.
+PREPROCESS_VERSION = 1
+
 
 def to_model_input(pixels, size: Sequence[int]) -> tf.Tensor:
     """uint8 RGB ``[h, w, 3]`` (or a batch ``[n, h, w, 3]``) -> float32 ``[..., H, W, 3]`` in [0, 1]."""

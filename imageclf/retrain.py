@@ -98,11 +98,17 @@ def retrain(opts: RetrainOptions, log: Callable[[str], None] = tqdm.write) -> Re
 
     evaluation = _evaluate(layer, splits[TEST], labels, opts, [f for f in files if f.split == TEST], log)
     accuracies = {name: _accuracy(layer, *splits[name]) for name in (TRAIN, VALIDATION, TEST)}
-    metadata = _metadata(opts, base, labels, files, accuracies, report)
-    graph_def = export.build_graph(base, layer, labels, metadata, opts.final_tensor_name)
+    # The version is claimed before anything is written, and the SavedModel written before the
+    # graph: a clash or a failure then leaves the previous graph in place, never half a release.
+    reservation = export.reserve_version(opts.saved_model_dir, opts.graph_path())
+    try:
+        metadata = _metadata(opts, base, labels, files, accuracies, report, reservation.version)
+        graph_def = export.build_graph(base, layer, labels, metadata, opts.final_tensor_name)
+        saved_model = (export.write_saved_model(graph_def, metadata, opts.saved_model_dir, reservation)
+                       if opts.saved_model_dir else None)
+    finally:
+        reservation.release()  # a no-op once the SavedModel is published
     sidecar = export.write_outputs(graph_def, metadata, evaluation, opts.graph_path(), opts.labels_path())
-    saved_model = (export.write_saved_model(graph_def, metadata, opts.saved_model_dir)
-                   if opts.saved_model_dir else None)
     return RetrainResult(graph=opts.graph_path(), labels_file=opts.labels_path(), sidecar=sidecar,
                          saved_model=saved_model, labels=labels, bottlenecks=report,
                          split_counts=split_counts, evaluation=evaluation,
@@ -141,14 +147,14 @@ def _evaluate(layer: FinalLayer, test: tuple[np.ndarray, np.ndarray], labels: li
 
 
 def _metadata(opts: RetrainOptions, base: BaseModel, labels: list[str], files: list[ImageFile],
-              accuracies: dict, report: BottleneckReport) -> dict:
+              accuracies: dict, report: BottleneckReport, version: int) -> dict:
     now = datetime.now(timezone.utc)
     counts = {label: {name: 0 for name in (TRAIN, VALIDATION, TEST)} for label in labels}
     for f in files:
         counts[f.label][f.split] += 1
     return export.graph_metadata(base, labels, opts.final_tensor_name, {
         "name": opts.graph_path().stem,
-        "version": int(now.timestamp()),
+        "version": version,
         "created": now.isoformat(timespec="seconds"),
         "class_counts": counts,
         "accuracy": accuracies,

@@ -12,11 +12,16 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from imageclf import retrain_cli
 from imageclf.bases import FrozenGraphSpec, load_base
 from imageclf.bottlenecks import feature_function
+from imageclf.cli_common import run
+from imageclf.demo_data import make_dataset
 from imageclf.errors import UserError
+from imageclf.graph_model import GraphModel
+from imageclf.images import read_image
 
-from .conftest import FROZEN_BASE, TinyFeatures, needs_shared, run_tool
+from .conftest import FROZEN_BASE, TinyFeatures, needs_shared, run_tool, write_frozen_base
 
 
 def features_of(base, images: np.ndarray) -> np.ndarray:
@@ -97,6 +102,58 @@ def test_missing_path(tmp_path):
         load_base(str(tmp_path / "nope.pb"))
 
 
+# -- Frozen GraphDef bases: on one made by conftest.py, then on the real MobileNet in ../shared ----
+
+
+def graph_features(graph: Path, images: np.ndarray, mean: float = 127.5, std: float = 127.5) -> np.ndarray:
+    """The original graph's bottlenecks, one (p - mean) / std image at a time, as upstream fed it."""
+    graph_def = tf.compat.v1.GraphDef()
+    graph_def.ParseFromString(graph.read_bytes())
+    with tf.Graph().as_default() as g:
+        tf.import_graph_def(graph_def, name="")
+        with tf.compat.v1.Session(graph=g) as session:
+            return np.concatenate([session.run("MobilenetV1/Predictions/Reshape:0",
+                                               {"input:0": (one[None] * 255 - mean) / std}) for one in images])
+
+
+def test_made_frozen_graph_base_needs_its_tensor_names_and_scaling(frozen_base):
+    with pytest.raises(UserError, match="--base_input_tensor, --base_bottleneck_tensor, --base_input_mean"):
+        load_base(str(frozen_base.graph))
+    with pytest.raises(UserError, match="also give --base_input_mean, --base_input_std"):
+        load_base(str(frozen_base.graph), FrozenGraphSpec(frozen_base.input_tensor, frozen_base.bottleneck_tensor))
+    with pytest.raises(UserError, match="does not match"):
+        load_base(str(frozen_base.graph), frozen_base.spec(input_size=(64, 64)))
+
+
+@pytest.mark.parametrize("batch", [None, 1], ids=["any-batch", "batch-of-one"])
+def test_made_frozen_graph_base_is_batched_and_scaled(frozen_base, tmp_path, batch):
+    """Official MobileNet frozen graphs take one image ([1, H, W, 3]); the base still runs batches."""
+    made = frozen_base if batch is None else write_frozen_base(tmp_path / "one", batch=1)
+    base = load_base(str(made.graph), made.spec())
+    assert base.input_size == (48, 48) and base.bottleneck_size == 16
+    images = np.random.default_rng(1).random((3, 48, 48, 3), dtype=np.float32)
+    batched = features_of(base, images)
+    np.testing.assert_allclose(batched, graph_features(made.graph, images), atol=1e-4)
+    # The scaling matters: the same images fed in [0, 1] give other features.
+    assert not np.allclose(batched, graph_features(made.graph, images, mean=0.0, std=255.0), atol=1e-2)
+
+
+def test_retrain_on_made_frozen_graph_base_cli(frozen_base, tmp_path, capsys):
+    make_dataset(tmp_path / "data", per_class=6)
+    status = run("retrain.py", retrain_cli.main, [
+        "--image_dir", str(tmp_path / "data"), "--quiet", *frozen_base.flags(), "--how_many_training_steps", "20",
+        "--output_graph", str(tmp_path / "out.pb"), "--bottleneck_dir", str(tmp_path / "bn")])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    assert "Base model: frozen graph frozen_graph.pb (48x48, 16 features)" in out
+    model = GraphModel(tmp_path / "out.pb")
+    try:
+        assert model.input_size == (48, 48) and model.labels == ["circle", "square", "triangle"]
+        assert model.predict([read_image(tmp_path / "data" / "circle" / "circle_000.jpg")]).shape == (1, 3)
+    finally:
+        model.close()
+
+
 @needs_shared
 def test_frozen_graph_base_needs_its_tensor_names_and_scaling():
     with pytest.raises(UserError, match="--base_input_tensor, --base_bottleneck_tensor, --base_input_mean"):
@@ -123,7 +180,6 @@ def test_frozen_graph_base_is_batched_and_scaled(tmp_path):
 
 @needs_shared
 def test_retrain_on_frozen_graph_base_cli(tmp_path):
-    from imageclf.demo_data import make_dataset
     make_dataset(tmp_path / "data", per_class=8)
     result = run_tool("retrain.py", "--image_dir", str(tmp_path / "data"), "--quiet",
                       "--tfhub_module", str(FROZEN_BASE / "frozen_graph.pb"),

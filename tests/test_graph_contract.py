@@ -10,9 +10,10 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from imageclf.demo_data import make_dataset
+from imageclf.demo_data import draw_shape, make_dataset
 from imageclf.graph_model import GraphModel
 from imageclf.images import decode_image, read_image
+from imageclf.preprocess import image_to_model_input
 
 from .conftest import REPO, run_tool
 
@@ -71,14 +72,50 @@ def test_demo_reaches_high_accuracy_on_new_pictures(model, demo_model, tmp_path)
     assert np.mean([t == p for t, p in zip(truth, predicted, strict=True)]) >= 0.9
 
 
-def test_both_inputs_give_the_same_probabilities(model, tmp_path):
+def encoded(img: Image.Image, fmt: str, **options) -> bytes:
+    out = io.BytesIO()
+    img.save(out, format=fmt, **options)
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def structured_images() -> dict[str, bytes]:
+    """Pictures with edges, noise and colour, at sizes that need real resampling, as JPEG and PNG."""
     jpeg = (REPO / "sample_images" / "square" / "square_001.jpg").read_bytes()
-    big = Image.open(io.BytesIO(jpeg)).resize((333, 250))
-    png = io.BytesIO()
-    big.save(png, format="PNG")
-    for encoded in (jpeg, png.getvalue()):
-        from_pixels = model.predict([decode_image(encoded)])[0]
-        from_bytes = model.predict_encoded([encoded])[0]
+    return {
+        "sample JPEG 160x120": jpeg,
+        "PNG 333x250 (upscaled)": encoded(Image.open(io.BytesIO(jpeg)).resize((333, 250)), "PNG"),
+        "star PNG 301x217": encoded(draw_shape("star", np.random.default_rng(5), (301, 217)), "PNG"),
+        "JPEG 4:2:0 517x389": encoded(draw_shape("triangle", np.random.default_rng(6), (517, 389)), "JPEG",
+                                      quality=80, subsampling=2),
+    }
+
+
+def test_both_inputs_give_the_same_features(graph, structured_images):
+    """``image_bytes:0`` decodes and resizes in the graph as we do outside it with Pillow."""
+    size = tuple(graph.get_tensor_by_name("Placeholder:0").shape[1:3])
+    ours = {name: image_to_model_input(decode_image(data), size) for name, data in structured_images.items()}
+    vectors = {}
+    session = tf.compat.v1.Session(graph=graph)  # not as a context: that would make eager code build into graph
+    try:
+        for name, data in structured_images.items():
+            from_pixels = session.run("bottleneck:0", {"Placeholder:0": ours[name][None]})[0]
+            from_bytes = session.run("bottleneck:0", {"image_bytes:0": [data]})[0]
+            difference = np.linalg.norm(from_pixels - from_bytes) / np.linalg.norm(from_pixels)
+            assert difference < 1e-3, f"{name}: relative difference {difference:.2e}"
+            vectors[name] = from_pixels
+    finally:
+        session.close()
+    # Other pictures give clearly other features, so the agreement above is no accident.
+    square = vectors["sample JPEG 160x120"]
+    for other in ("star PNG 301x217", "JPEG 4:2:0 517x389"):
+        assert np.linalg.norm(vectors[other] - square) / np.linalg.norm(square) > 0.05
+
+
+def test_both_inputs_give_the_same_probabilities(model, structured_images):
+    for data in structured_images.values():
+        from_pixels = model.predict([decode_image(data)])[0]
+        from_bytes = model.predict_encoded([data])[0]
         np.testing.assert_allclose(from_pixels, from_bytes, atol=1e-4)
         assert abs(from_pixels.sum() - 1) < 1e-5
 

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 
+import numpy as np
 import pytest
+import tensorflow as tf
 
-from .conftest import POETS, REPO, needs_shared, run_tool
+from imageclf import label_image_cli
+from imageclf.cli_common import run
+from imageclf.graph_model import GraphModel, GraphSettings
+from imageclf.images import read_image
+
+from .conftest import POETS, REPO, needs_shared, reference_input, run_tool
 
 POETS_FLAGS = ["--graph", str(POETS / "retrained_graph.pb"), "--labels", str(POETS / "retrained_labels.txt"),
                "--input_layer", "input", "--output_layer", "final_result"]
@@ -70,6 +79,113 @@ def test_sidecar_settings_make_a_foreign_graph_need_no_flags(tmp_path):
     best = top(run_tool("label_image.py", "--graph", str(graph), "--json",
                         "--image", str(POETS / "sample_images" / "scratch2.png")))[0]
     assert best["label"] == "61326 wrinkle"
+
+
+# -- The same behaviours on a Poets-like graph made by conftest.py (no ../shared needed) ------
+
+
+def label_image(*args: str) -> tuple[int, str, str]:
+    """label_image.py in this process (TensorFlow is already loaded): (status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = run("label_image.py", label_image_cli.main, list(args))
+    return status, out.getvalue(), err.getvalue()
+
+
+def ranked(poets, image, mean="127.5", std="127.5") -> list[dict]:
+    status, out, err = label_image(*poets.flags(), "--input_mean", mean, "--input_std", std,
+                                   "--image", str(image), "--json")
+    assert status == 0, err
+    return json.loads(out)["predictions"]
+
+
+def expected_scores(poets, image, mean=127.5, std=127.5) -> np.ndarray:
+    """The graph's answer for pixels prepared with Pillow and NumPy, not with our code."""
+    graph_def = tf.compat.v1.GraphDef()
+    graph_def.ParseFromString(poets.graph.read_bytes())
+    with tf.Graph().as_default() as graph:
+        tf.import_graph_def(graph_def, name="")
+        with tf.compat.v1.Session(graph=graph) as session:
+            return session.run(poets.output_tensor,
+                               {poets.input_tensor: reference_input(image, poets.input_size, mean, std)})[0]
+
+
+def test_poets_like_graph_matches_an_independent_reference(poets_like_graph):
+    for image in poets_like_graph.sample_images:
+        want = expected_scores(poets_like_graph, image)
+        got = ranked(poets_like_graph, image)
+        # Pillow's bilinear and TensorFlow's antialiased bilinear differ slightly: scores agree to
+        # 0.02, so the winner (clear in every sample) must be the same.
+        assert got[0]["label"] == poets_like_graph.labels[int(want.argmax())]
+        assert len(got) == 5 and [row["score"] for row in got] == sorted((row["score"] for row in got), reverse=True)
+        for row in got:
+            assert row["score"] == pytest.approx(float(want[poets_like_graph.labels.index(row["label"])]), abs=0.02)
+    # The samples were made to have clear answers, one with a close runner-up.
+    tops = [ranked(poets_like_graph, image)[:2] for image in poets_like_graph.sample_images]
+    assert [top[0]["label"] for top in tops] == ["part ok front", "part slot damage", "part wrinkle"]
+    assert tops[1][1]["label"] == "part wrinkle" and tops[1][1]["score"] > 0.3
+
+
+def test_poets_like_graph_plain_text_output(poets_like_graph):
+    image = poets_like_graph.sample_images[0]  # the JPEG with parentheses in its name
+    status, out, err = label_image(*poets_like_graph.flags(), "--input_mean", "127.5", "--input_std", "127.5",
+                                   "--image", str(image), "--top_k", "2")
+    assert status == 0, err
+    want = np.sort(expected_scores(poets_like_graph, image))[::-1]
+    lines = [line.rsplit(maxsplit=1) for line in out.splitlines()]
+    assert len(lines) == 2 and lines[0][0].strip() == "part ok front"
+    assert [float(score) for _, score in lines] == pytest.approx(want[:2].tolist(), abs=0.02)
+
+
+def test_poets_like_graph_with_upstream_128_scaling_agrees(poets_like_graph):
+    for image in poets_like_graph.sample_images:
+        a, b = ranked(poets_like_graph, image, "128", "128"), ranked(poets_like_graph, image)
+        assert a[0]["label"] == b[0]["label"] and a[0]["score"] == pytest.approx(b[0]["score"], abs=1e-2)
+
+
+def test_input_mean_zero_is_a_real_value_on_poets_like_graph(poets_like_graph):
+    image = poets_like_graph.sample_images[2]
+    zero, right = ranked(poets_like_graph, image, "0", "127.5"), ranked(poets_like_graph, image)
+    want_zero = expected_scores(poets_like_graph, image, mean=0.0, std=127.5)
+    assert zero[0]["label"] == poets_like_graph.labels[int(want_zero.argmax())] != right[0]["label"]
+    assert zero[0]["score"] == pytest.approx(float(want_zero.max()), abs=0.02)
+
+
+def test_poets_like_graph_without_scaling_is_refused_not_guessed(poets_like_graph):
+    status, out, err = label_image(*poets_like_graph.flags(), "--image", str(poets_like_graph.sample_images[0]))
+    assert status == 2 and out == "" and "Traceback" not in err
+    assert "give --input_mean and --input_std" in err
+
+
+def test_sidecar_settings_make_a_poets_like_graph_need_no_flags(poets_like_graph, tmp_path):
+    graph = tmp_path / "defects.pb"
+    shutil.copy(poets_like_graph.graph, graph)
+    shutil.copy(poets_like_graph.labels_file, tmp_path / "retrained_labels.txt")
+    (tmp_path / "defects.json").write_text(json.dumps(poets_like_graph.settings_json()))
+    image = poets_like_graph.sample_images[2]
+    status, out, err = label_image("--graph", str(graph), "--json", "--image", str(image))
+    assert status == 0, err
+    best = json.loads(out)["predictions"][0]
+    assert best["label"] == "part wrinkle"
+    assert best["score"] == pytest.approx(float(expected_scores(poets_like_graph, image).max()), abs=0.02)
+
+
+def test_batch_of_one_graph_is_run_one_image_at_a_time(poets_like_graph):
+    model = GraphModel(poets_like_graph.graph, GraphSettings(
+        input_tensor="input", input_mean=127.5, input_std=127.5, labels_file=str(poets_like_graph.labels_file)))
+    try:
+        assert not model.batchable and model.input_size == (128, 128)
+        pixels = [read_image(p) for p in poets_like_graph.sample_images]
+        together = model.predict(pixels)
+        assert together.shape == (3, len(poets_like_graph.labels))
+        for one, row in zip(pixels, together, strict=True):
+            np.testing.assert_allclose(model.predict([one])[0], row, atol=1e-6)
+        assert len({int(row.argmax()) for row in together}) == 3
+    finally:
+        model.close()
+
+
+# -- Errors and our own graphs -------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("args, message", [

@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
+import re
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from PIL import Image
 
+import imageclf.preprocess
+import imageclf.retrain as retrain_module
 from imageclf.atomic import write_bytes_atomic
 from imageclf.bases import load_base
-from imageclf.bottlenecks import BottleneckCache
+from imageclf.bottlenecks import BottleneckCache, get_bottlenecks
+from imageclf.dataset import TEST, TRAIN, scan_image_dir, split_for
 from imageclf.demo_data import make_dataset
 from imageclf.errors import UserError
 from imageclf.graph_model import GraphModel
+from imageclf.images import read_image
 from imageclf.preprocess import distort
 from imageclf.retrain import retrain
 from imageclf.training import TrainConfig
 
-from .conftest import quick_options, run_tool
+from .conftest import quick_options, run_tool, write_frozen_base
 
 
 def test_second_run_computes_only_new_images(tmp_path, tiny_module):
@@ -64,7 +71,7 @@ def test_bad_files_are_skipped_and_listed(tmp_path, tiny_module, capsys):
 
 def test_class_emptied_by_bad_files_is_named(tmp_path, tiny_module):
     data = tmp_path / "data"
-    make_dataset(data, per_class=6, classes=("pug", "husky"))
+    make_dataset(data, per_class=6, classes={"pug": "circle", "husky": "square"})
     (data / "corgi").mkdir()
     for i in range(3):
         (data / "corgi" / f"{i}.jpg").write_bytes(b"not really a jpeg")
@@ -72,7 +79,28 @@ def test_class_emptied_by_bad_files_is_named(tmp_path, tiny_module):
         retrain(quick_options(data, tmp_path, tfhub_module=str(tiny_module)), log=lambda s: None)
 
 
-def test_distortions_train_in_batches(tmp_path, tiny_module):
+@pytest.fixture()
+def training_batches(monkeypatch) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Every (bottlenecks, class ids) batch that training draws, as train_final_layer receives them."""
+    batches: list[tuple[np.ndarray, np.ndarray]] = []
+    real = retrain_module.train_final_layer
+
+    def spy(sample, *args, **kwargs):
+        def recording(rng, n):
+            x, y = sample(rng, n)
+            batches.append((np.array(x), np.array(y)))
+            return x, y
+        return real(recording, *args, **kwargs)
+    monkeypatch.setattr(retrain_module, "train_final_layer", spy)
+    return batches
+
+
+def relative_distances(rows: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """``[len(rows), len(reference)]``: |row - ref| / |ref|."""
+    return np.linalg.norm(rows[:, None] - reference[None], axis=2) / np.linalg.norm(reference, axis=1)[None]
+
+
+def test_distortions_train_in_batches(tmp_path, tiny_module, training_batches):
     data = tmp_path / "data"
     make_dataset(data, per_class=8)
     opts = quick_options(data, tmp_path, tfhub_module=str(tiny_module), flip_left_right=True,
@@ -84,6 +112,84 @@ def test_distortions_train_in_batches(tmp_path, tiny_module):
     assert result.graph.is_file() and result.evaluation is not None
     assert sum(line.startswith("Step ") for line in lines) == 3  # steps 0, 10 and the last
     assert list((tmp_path / "summaries").glob("events.out.tfevents.*"))
+
+    # The undistorted bottlenecks of the training images, as cached by this run.
+    base = load_base(str(tiny_module))
+    labels, files = scan_image_dir(data)
+    train = [f for f in files if f.split == TRAIN]
+    cached, report = get_bottlenecks([f.path for f in train], base, BottleneckCache(opts.bottleneck_dir, base),
+                                     progress=False)
+    assert report.reused == len(train)
+    plain = np.stack([cached[f.path] for f in train])
+    plain_labels = np.array([labels.index(f.label) for f in train])
+
+    x = np.concatenate([batch[0] for batch in training_batches])
+    y = np.concatenate([batch[1] for batch in training_batches])
+    assert [len(batch[1]) for batch in training_batches] == [16] * 20
+    distances = relative_distances(x, plain)
+    # Distorted: no row is the cached vector of any training image (uint8 rounding alone moves them
+    # by under 0.002); the median row moved by several percent.
+    assert distances.min() > 0.005 and np.median(distances.min(axis=1)) > 0.02
+    # Freshly distorted at every draw: 320 rows from 16 images, no two alike.
+    assert len(np.unique(x.round(6), axis=0)) == len(x) > len(train)
+    # Still pictures of their labelled class: most rows lie nearest to an image of that class.
+    assert (plain_labels[distances.argmin(axis=1)] == y).mean() > 0.8
+
+
+def test_without_distortions_training_draws_the_cached_vectors(tmp_path, tiny_module, training_batches):
+    """The control for the test above: the same measure sees no distortion when there is none."""
+    data = tmp_path / "data"
+    make_dataset(data, per_class=8)
+    opts = quick_options(data, tmp_path, tfhub_module=str(tiny_module),
+                         training=TrainConfig(steps=5, train_batch_size=16, eval_step_interval=10, progress=False))
+    retrain(opts, log=lambda s: None)
+    base = load_base(str(tiny_module))
+    train = [f.path for f in scan_image_dir(data)[1] if f.split == TRAIN]
+    cached, _ = get_bottlenecks(train, base, BottleneckCache(opts.bottleneck_dir, base), progress=False)
+    x = np.concatenate([batch[0] for batch in training_batches])
+    assert relative_distances(x, np.stack([cached[p] for p in train])).min(axis=1).max() < 1e-6
+
+
+MISCLASSIFIED_LINE = re.compile(r"(?P<path>.+)  (?P<truth>\w+) -> (?P<guess>\w+) \((?P<score>[01]\.\d{3})\)")
+
+
+def write_colour_images(folder: Path, colour: tuple[int, int, int], names: list[str], seed: int) -> None:
+    """Noisy pictures of one colour: trivially told apart by any base, so every error is planted."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        noise = np.random.default_rng([seed, i]).normal(0, 20, (40, 48, 3))
+        Image.fromarray(np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)).save(folder / name)
+
+
+def test_print_misclassified_test_images_lists_exactly_the_errors(tmp_path, tiny_module):
+    data = tmp_path / "data"
+    write_colour_images(data / "red", (200, 30, 30), [f"red_{i:03d}.png" for i in range(10)], seed=1)
+    write_colour_images(data / "blue", (30, 30, 200), [f"blue_{i:03d}.png" for i in range(10)], seed=2)
+    # Blue pictures filed under red, chosen to fall in the test split: the errors we expect.
+    impostors = [n for n in (f"blue_in_red_{k}.png" for k in range(40)) if split_for(n, 10, 30) == TEST][:2]
+    write_colour_images(data / "red", (30, 30, 200), impostors, seed=3)
+    opts = quick_options(data, tmp_path, tfhub_module=str(tiny_module), print_misclassified_test_images=True,
+                         testing_percentage=30, training=TrainConfig(steps=100, learning_rate=0.5, progress=False,
+                                                                     eval_step_interval=100))
+    lines: list[str] = []
+    result = retrain(opts, log=lines.append)
+    printed = lines[lines.index("=== MISCLASSIFIED TEST IMAGES ===") + 1:]
+    rows = [MISCLASSIFIED_LINE.fullmatch(line) for line in printed]
+    assert all(rows), printed
+    assert sorted((row["path"], row["truth"], row["guess"]) for row in rows) == \
+        sorted((str(data / "red" / name), "red", "blue") for name in impostors)
+    assert all(0.5 < float(row["score"]) <= 1 for row in rows)  # the guess's own score
+    # The same errors as the written graph makes on the test split.
+    model = GraphModel(result.graph)
+    try:
+        test_files = [f for f in scan_image_dir(data, 10, 30)[1] if f.split == TEST]
+        guesses = model.predict([read_image(f.path) for f in test_files]).argmax(axis=1)
+        wrong = {str(f.path) for f, g in zip(test_files, guesses, strict=True) if model.labels[g] != f.label}
+    finally:
+        model.close()
+    assert wrong == {row["path"] for row in rows}
+    assert result.evaluation["n"] == len(test_files) > len(impostors)
+    assert result.evaluation["accuracy"] == pytest.approx(1 - len(impostors) / len(test_files))
 
 
 def test_distort_changes_each_image_differently():
@@ -140,3 +246,29 @@ def test_bottleneck_cache_key_includes_the_base(tmp_path, tiny_module):
     assert cache.get("cd" * 32) is None
     cache.put("ef" * 32, np.ones(3, np.float32))  # wrong width: treated as absent
     assert cache.get("ef" * 32) is None
+
+
+def test_cache_is_not_shared_across_input_sizes_bases_or_preprocessing(tmp_path, tiny_module, monkeypatch):
+    """The same images through another base, the same base file at another --base_input_size,
+    or another preprocessing version must be computed afresh, never served stale vectors."""
+    data = tmp_path / "data"
+    paths = make_dataset(data, per_class=2)
+    # A frozen graph that takes any image size, so --base_input_size decides what it sees.
+    frozen = write_frozen_base(tmp_path / "base", size=None)
+
+    def run(handle: str, size: tuple[int, int] | None = None):
+        base = load_base(handle, frozen.spec(size) if handle == str(frozen.graph) else None)
+        vectors, report = get_bottlenecks(paths, base, BottleneckCache(tmp_path / "cache", base), progress=False)
+        return np.stack([vectors[p] for p in paths]), (report.computed, report.reused)
+
+    small, counts = run(str(frozen.graph), (24, 24))
+    assert counts == (6, 0)
+    again, counts = run(str(frozen.graph), (24, 24))
+    assert counts == (0, 6) and np.array_equal(again, small)
+    large, counts = run(str(frozen.graph), (40, 40))
+    assert counts == (6, 0) and not np.allclose(large, small, atol=1e-3)  # really seen at 40x40
+    assert run(str(tiny_module))[1] == (6, 0)
+    assert run(str(tiny_module))[1] == (0, 6)
+    monkeypatch.setattr(imageclf.preprocess, "PREPROCESS_VERSION", imageclf.preprocess.PREPROCESS_VERSION + 1)
+    assert run(str(frozen.graph), (24, 24))[1] == (6, 0)
+    assert run(str(tiny_module))[1] == (6, 0)

@@ -23,7 +23,7 @@ from imageclf.demo_data import make_dataset
 from imageclf.graph_model import GraphModel
 from imageclf.retrain import retrain
 
-from .conftest import POETS, REPO, needs_shared, quick_options, run_tool
+from .conftest import POETS, REPO, needs_shared, quick_options, reference_input, run_tool
 from .service_helpers import Server, multipart
 
 
@@ -218,6 +218,29 @@ def test_poets_graph_served_with_its_settings_file(tmp_path):
         status, answer = server.json("/?file=scratch2.png")
         assert status == 200 and answer["predictions"][0]["label"] == "61326 wrinkle"
         assert answer["predictions"][0]["score"] == pytest.approx(0.977, abs=0.02)
+    finally:
+        server.close()
+
+
+def test_poets_like_graph_served_with_its_settings_file(tmp_path, poets_like_graph):
+    """A batch-1 graph from the older scripts, with a <name>.json: served without flags."""
+    graphs = tmp_path / "graphs"
+    graphs.mkdir()
+    shutil.copy(poets_like_graph.graph, graphs / "defects.pb")
+    shutil.copy(poets_like_graph.labels_file, graphs / "defects.labels.txt")
+    (graphs / "defects.json").write_text(json.dumps(poets_like_graph.settings_json("defects.labels.txt")))
+    image = poets_like_graph.folder / "sample_images" / "scratch2.png"
+    model = GraphModel(graphs / "defects.pb")
+    try:
+        expected = model.session.run(model.output, {model.input: reference_input(image, (128, 128))})[0]
+    finally:
+        model.close()
+    server = Server(graphs, image.parent)
+    try:
+        status, answer = server.json("/?file=scratch2.png")
+        assert status == 200 and answer["predictions"][0]["label"] == "part wrinkle"
+        for label, score in zip(poets_like_graph.labels, expected, strict=True):
+            assert answer["probabilities"][label] == pytest.approx(float(score), abs=0.02)  # TF vs Pillow resize
     finally:
         server.close()
 

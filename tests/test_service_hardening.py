@@ -248,7 +248,7 @@ def test_decode_budget_bounds_memory_of_concurrent_pixel_bombs(demo_model, tmp_p
 
 
 def _wrong_type_orientation_jpeg() -> bytes:
-    """A JPEG whose EXIF Orientation tag is an ASCII string (Pillow's exif_transpose chokes on it)."""
+    """A JPEG whose EXIF Orientation tag is an ASCII string: it must decode, unturned."""
     import struct
     entry = struct.pack(">HHI4s", 0x0112, 2, 4, b"six\x00")  # tag, type ASCII, count 4, inline value
     tiff = b"MM\x00\x2a" + struct.pack(">I", 8) + struct.pack(">H", 1) + entry + struct.pack(">I", 0)

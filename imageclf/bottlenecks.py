@@ -147,7 +147,7 @@ def get_bottlenecks(paths: Sequence[Path], base: BaseModel, cache: BottleneckCac
             features = pixels_feature_function(base)
             bar = tqdm(total=len(todo), desc="Bottlenecks", unit="img", disable=not progress, leave=False)
             for attempted, batch_paths, batch in _decoded_batches(todo, pool, batch_size,
-                                                                  max_pixels, report):
+                                                                  max_pixels, report, base.input_size):
                 out = features(*pack_images(batch)).numpy() if batch else []
                 for path, vector in zip(batch_paths, out, strict=False):
                     vectors[path] = vector
@@ -166,15 +166,15 @@ def _safe_key(path: Path):
         return BadImageError(f"{path}: cannot read file ({e.strerror})")
 
 
-def _decode_one(path: Path, max_pixels: int):
+def _decode_one(path: Path, max_pixels: int, size: Sequence[int]):
     try:
-        return read_image(path, max_pixels)
+        return read_image(path, max_pixels, size=size)
     except BadImageError as e:
         return e
 
 
 def _decoded_batches(paths: list[Path], pool: ThreadPoolExecutor, batch_size: int,
-                     max_pixels: int, report: BottleneckReport
+                     max_pixels: int, report: BottleneckReport, size: Sequence[int]
                      ) -> Iterable[tuple[int, list[Path], list[np.ndarray]]]:
     """Yield decoded batches while the pool already decodes the next ones."""
     chunks = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
@@ -183,7 +183,7 @@ def _decoded_batches(paths: list[Path], pool: ThreadPoolExecutor, batch_size: in
     for i, chunk in enumerate(chunks):
         while len(pending) <= ahead and i + len(pending) < len(chunks):
             nxt = chunks[i + len(pending)]
-            pending.append((nxt, [pool.submit(_decode_one, p, max_pixels) for p in nxt]))
+            pending.append((nxt, [pool.submit(_decode_one, p, max_pixels, size) for p in nxt]))
         chunk, futures = pending.popleft()
         good, arrays = [], []
         for path, future in zip(chunk, futures, strict=False):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -32,11 +32,18 @@ DEFAULT_MAX_PIXELS = 40_000_000
 #: The only Pillow formats we decode. Pillow reads dozens more, most of them rarely used and so
 #: rarely hardened against hostile files; EPS would even run Ghostscript on an upload. MPO is
 #: how Pillow opens many phone JPEGs (a JPEG with extra frames appended).
-ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "BMP", "WEBP", "TIFF")
+ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "BMP", "WEBP", "TIFF", "HEIF")
+
+try:  # HEIC/HEIF, the format of iPhone photos, through the maintained pillow-heif plugin
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+except ImportError:  # pragma: no cover - a requirement; without it HEIC files are "not an image"
+    pass
 
 # What Image.open tries. MPO has no opener of its own (Pillow's JPEG opener returns MPO files,
 # and Image.open raises KeyError when asked for "MPO"), so it is left out here.
-_OPENERS = tuple(f for f in ALLOWED_FORMATS if f != "MPO")
+_OPENERS = tuple(f for f in ALLOWED_FORMATS if f != "MPO" and (f != "HEIF" or "pillow_heif" in globals()))
 
 _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 
@@ -69,18 +76,43 @@ _BYTES_PER_COLUMN = 64
 
 _DETAIL_CHARS = 200  # exception texts can quote file contents; keep messages short
 
+#: JPEG decoders can scale down by these factors while decoding (libjpeg's DCT scaling).
+JPEG_SCALES = (8, 4, 2, 1)
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "image") -> np.ndarray:
+
+def jpeg_scale(width: int, height: int, size: Sequence[int]) -> int:
+    """The largest DCT scale-down that keeps both sides at least the model input's longer side.
+
+    Pillow's ``draft`` and TensorFlow's ``decode_jpeg(ratio=...)`` give bit-identical pixels at
+    the same scale (measured for 4:4:4, 4:2:0, progressive, gray and CMYK JPEGs at every
+    scale), so the Python path and the graph (preprocess.decode_to_model_input, which applies
+    this same rule) agree. The rule compares the shorter side with the longer target side, so
+    the scale does not depend on the EXIF orientation.
+    """
+    need = max(int(size[0]), int(size[1]))
+    for scale in JPEG_SCALES:
+        if min(width, height) // scale >= need:
+            return scale
+    return 1
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "image",
+                 size: Sequence[int] | None = None) -> np.ndarray:
     """Decode encoded image bytes into an upright RGB ``uint8`` array ``[h, w, 3]``.
 
+    With ``size`` (the model input's height and width), a JPEG is decoded at the reduced scale
+    :func:`jpeg_scale` picks: a 12 MP photo for a 160x160 model comes out 504x378, never 12 MP.
     Raises BadImageError (NotAnImageError, ImageTooLargeError) with a message that names ``name``.
     """
-    return decode_opened(open_image(data, max_pixels=max_pixels, name=name), name=name)
+    return decode_opened(open_image(data, max_pixels=max_pixels, name=name, size=size), name=name)
 
 
-def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "image") -> Image.Image:
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "image",
+               size: Sequence[int] | None = None) -> Image.Image:
     """Identify encoded image bytes from their header, without decoding pixels.
 
+    With ``size``, a JPEG is set to decode at reduced scale (see decode_image); ``img.size``
+    is then the reduced size. ``max_pixels`` applies to the size in the file.
     Raises BadImageError for an empty file, NotAnImageError for content that is not one of
     ALLOWED_FORMATS, ImageTooLargeError when width * height is over ``max_pixels``.
     """
@@ -103,7 +135,18 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "i
         if block_width * block_height > max_pixels:
             raise ImageTooLargeError(f"{name}: TIFF tiles of {block_width}x{block_height} pixels are over the "
                                      f"limit of {max_pixels:,} pixels")
+    if size is not None and img.format in ("JPEG", "MPO"):
+        _draft(img, jpeg_scale(width, height, size), name)
     return img
+
+
+def _draft(img: Image.Image, scale: int, name: str) -> None:
+    """Have libjpeg decode at 1/scale; Pillow picks its scale from a requested size."""
+    img.info["imageclf_file_size"] = img.size  # the coefficient buffer stays at the file's size
+    if scale > 1:
+        width, height = img.size
+        with _decode_errors(name):
+            img.draft(img.mode, (width // scale, height // scale))
 
 
 def decode_opened(img: Image.Image, name: str = "image") -> np.ndarray:
@@ -136,8 +179,8 @@ def decoded_nbytes(img: Image.Image) -> int:
     extra = 0
     if img.format in ("JPEG", "MPO"):
         extra = _jpeg_coefficient_bytes(img)
-    elif img.format == "WEBP":
-        per_pixel += 3 * 4
+    elif img.format in ("WEBP", "HEIF"):
+        per_pixel += 3 * 4  # libwebp's canvases; libheif's decoded planes and their RGB conversion
     elif img.format == "TIFF":
         extra = _tiff_buffer_bytes(img)
     return pixels * per_pixel + extra + width * _BYTES_PER_COLUMN + _FIXED_OVERHEAD
@@ -165,17 +208,22 @@ def _exif_orientation(img: Image.Image) -> int:
     return 1
 
 
-def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS,
+               size: Sequence[int] | None = None) -> np.ndarray:
     """Read and decode one image file; see decode_image."""
+    return decode_image(read_file(path), max_pixels=max_pixels, name=str(path), size=size)
+
+
+def read_file(path: str | os.PathLike) -> bytes:
+    """The bytes of an image file; any failure to read it is a BadImageError naming the path."""
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            return f.read()
     except OSError as e:
         reason = e.strerror or type(e).__name__
         raise BadImageError(f"{path}: cannot read file ({reason})") from None
     except ValueError as e:  # a path with a NUL byte in it never reaches the OS
         raise BadImageError(f"{path!r}: cannot read file ({e})") from None
-    return decode_image(data, max_pixels=max_pixels, name=str(path))
 
 
 @contextmanager
@@ -247,7 +295,7 @@ def _jpeg_coefficient_bytes(img: Image.Image) -> int:
     is counted for every JPEG: 2 bytes per sample, each component at its own sampling, padded to
     whole blocks and MCUs.
     """
-    width, height = img.size
+    width, height = img.info.get("imageclf_file_size", img.size)
     layers = getattr(img, "layer", None) or [("", 1, 1, 0)] * max(1, len(img.getbands()))
     try:
         h_max = max(int(h) for _, h, _, _ in layers) or 1

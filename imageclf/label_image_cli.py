@@ -57,13 +57,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--input_std must not be 0")
     quiet_tensorflow()
     from imageclf.graph_model import GraphModel, GraphSettings
-    from imageclf.images import read_image
+    from imageclf.images import decode_image, open_image, read_file
 
     settings = GraphSettings(input_tensor=args.input_layer, output_tensor=args.output_layer,
                              input_size=(args.input_height, args.input_width) if args.input_height else None,
                              input_mean=args.input_mean, input_std=args.input_std, labels_file=args.labels)
-    pixels = read_image(args.image, max_pixels=args.max_pixels)
+    data = read_file(args.image)
+    open_image(data, max_pixels=args.max_pixels, name=args.image)  # a bad picture is reported before the graph loads
     model = GraphModel(args.graph, settings)
+    pixels = decode_image(data, max_pixels=args.max_pixels, name=args.image, size=model.input_size)
     started = time.perf_counter()
     probabilities = model.predict([pixels])[0]
     seconds = time.perf_counter() - started

@@ -14,11 +14,12 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
+from imageclf.images import JPEG_SCALES
+
 #: Part of the bottleneck cache key: vectors cached under another version are not reused.
 #: Bump it whenever decoding (imageclf/images.py), resizing or scaling (here) changes the
 #: pixels a base model is fed, or every cache silently keeps features of the old pixels.
-PREPROCESS_VERSION = 1
-
+PREPROCESS_VERSION = 2  # 2: JPEGs decoded at reduced scale in the DCT; EXIF orientation in the graph
 
 def to_model_input(pixels, size: Sequence[int]) -> tf.Tensor:
     """uint8 RGB ``[h, w, 3]`` (or a batch ``[n, h, w, 3]``) -> float32 ``[..., H, W, 3]`` in [0, 1]."""
@@ -41,16 +42,43 @@ def _compiled_to_model_input(height: int, width: int) -> tf.types.experimental.P
 def decode_to_model_input(encoded: tf.Tensor, size: Sequence[int]) -> tf.Tensor:
     """Encoded bytes (scalar string tensor) -> float32 ``[H, W, 3]``, inside a TF graph.
 
-    TensorFlow decodes JPEG, PNG, GIF (first frame), BMP and WebP here by their content. JPEG
-    uses the accurate integer DCT, which gives the same pixels as Pillow (TF's default, the
-    fast DCT, is off by up to 5 levels and moves scores by a few percent).
+    The same steps as the Python path (images.decode_image with ``size``, then
+    image_to_model_input): a JPEG is decoded at the scale images.jpeg_scale picks, with the accurate
+    integer DCT (TF's default fast DCT is off by up to 5 levels from Pillow); EXIF orientation
+    is applied (exif_graph, for JPEG, PNG and WebP), then the antialiased resize. TensorFlow
+    decodes JPEG, PNG, GIF (first frame), BMP and WebP here; HEIC/HEIF is refused with a
+    message saying to decode it outside the graph and feed ``Placeholder:0``.
     """
-    pixels = tf.cond(
-        tf.io.is_jpeg(encoded),
-        lambda: tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE"),
-        lambda: tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False))
+    from imageclf.exif_graph import apply_orientation, exif_orientation
+
+    refuse_heif = tf.debugging.Assert(tf.logical_not(_is_heif(encoded)), [
+        "HEIC/HEIF images cannot be decoded inside this graph: decode them with Pillow (pillow-heif), "
+        "or use label_image.py or the imageclf service, and feed the pixels to Placeholder:0"])
+    with tf.control_dependencies([refuse_heif]):  # a plain GraphDef runs an Assert only if something needs it
+        encoded = tf.identity(encoded)
+    pixels = tf.cond(tf.io.is_jpeg(encoded), lambda: _decode_jpeg_at_scale(encoded, size),
+                     lambda: tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False))
     pixels.set_shape([None, None, 3])
-    return to_model_input(pixels, size)
+    return to_model_input(apply_orientation(pixels, exif_orientation(encoded)), size)
+
+
+def _decode_jpeg_at_scale(encoded: tf.Tensor, size: Sequence[int]) -> tf.Tensor:
+    """decode_jpeg's ratio is an attribute, fixed when the graph is built: one branch per scale."""
+    shape = tf.io.extract_jpeg_shape(encoded)
+    shorter, need = tf.minimum(shape[0], shape[1]), max(int(size[0]), int(size[1]))
+    # images.jpeg_scale in graph ops: the first (largest) scale that keeps the shorter side >= need.
+    fits = tf.stack([shorter // scale >= need for scale in JPEG_SCALES])
+    index = tf.reduce_min(tf.where(fits, tf.range(len(JPEG_SCALES)), len(JPEG_SCALES) - 1))
+    branches = [lambda scale=scale: tf.io.decode_jpeg(encoded, channels=3, ratio=scale, dct_method="INTEGER_ACCURATE")
+                for scale in JPEG_SCALES]
+    return tf.switch_case(index, branches)
+
+
+def _is_heif(encoded: tf.Tensor) -> tf.Tensor:
+    """An ISO media file whose brand is one of HEIF's (iPhone photos: ``ftypheic``)."""
+    brand = tf.strings.substr(tf.strings.join([encoded, "\0" * 12]), 4, 8)  # substr fails past the end
+    return tf.reduce_any(tf.equal(brand, ["ftypheic", "ftypheix", "ftypmif1", "ftypmsf1", "ftypheim",
+                                          "ftypheis", "ftyphevc", "ftyphevx"]))
 
 
 def pack_images(images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

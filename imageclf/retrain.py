@@ -174,7 +174,7 @@ def _distorted_sampler(train_files: list[ImageFile], class_id: dict, base: BaseM
     chunks = []
     for i in tqdm(range(0, len(train_files), opts.batch_size), desc="Decoding for distortions",
                   disable=not opts.training.progress, leave=False):
-        pixels = [read_image(f.path, opts.max_pixels) for f in train_files[i:i + opts.batch_size]]
+        pixels = [read_image(f.path, opts.max_pixels, size=size) for f in train_files[i:i + opts.batch_size]]
         chunks.append(tf.cast(tf.round(resize(*pack_images(pixels)) * 255.0), tf.uint8).numpy())
     images = np.concatenate(chunks)
     y = np.array([class_id[f.label] for f in train_files], dtype=np.int32)

@@ -94,7 +94,7 @@ def structured_images() -> dict[str, bytes]:
 def test_both_inputs_give_the_same_features(graph, structured_images):
     """``image_bytes:0`` decodes and resizes in the graph as we do outside it with Pillow."""
     size = tuple(graph.get_tensor_by_name("Placeholder:0").shape[1:3])
-    ours = {name: image_to_model_input(decode_image(data), size) for name, data in structured_images.items()}
+    ours = {name: image_to_model_input(decode_image(data, size=size), size) for name, data in structured_images.items()}
     vectors = {}
     session = tf.compat.v1.Session(graph=graph)  # not as a context: that would make eager code build into graph
     try:
@@ -114,7 +114,7 @@ def test_both_inputs_give_the_same_features(graph, structured_images):
 
 def test_both_inputs_give_the_same_probabilities(model, structured_images):
     for data in structured_images.values():
-        from_pixels = model.predict([decode_image(data)])[0]
+        from_pixels = model.predict([decode_image(data, size=model.input_size)])[0]
         from_bytes = model.predict_encoded([data])[0]
         np.testing.assert_allclose(from_pixels, from_bytes, atol=1e-4)
         assert abs(from_pixels.sum() - 1) < 1e-5

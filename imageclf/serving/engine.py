@@ -101,9 +101,10 @@ class Engine:
         """Scores for encoded images (one upload, or a TF Serving request's instances)."""
         self.check_count(len(images))
         names = list(names) if names is not None else [f"instance {i}" for i in range(len(images))]
-        opened = [self._open(data, name) for data, name in zip(images, names, strict=True)]
         servable = self._acquire(model)
         try:
+            size = servable.model.input_size
+            opened = [self._open(data, name, size) for data, name in zip(images, names, strict=True)]
             started = time.perf_counter()
             inputs = [self._model_input(servable, img, name) for img, name in zip(opened, names, strict=True)]
             decoded = time.perf_counter()
@@ -139,10 +140,10 @@ class Engine:
         except UnknownModelError as e:
             raise ModelNotFoundError(str(e)) from None
 
-    def _open(self, data: bytes, name: str):
-        """Parse the header only: format, size; nothing is decoded yet."""
+    def _open(self, data: bytes, name: str, size: Sequence[int]):
+        """Parse the header only (format, size; a JPEG set to decode at the scale the model needs)."""
         try:
-            return open_image(data, max_pixels=self.limits.max_pixels, name=name)
+            return open_image(data, max_pixels=self.limits.max_pixels, name=name, size=size)
         except BadImageError as e:
             raise _image_error(e) from None
 
@@ -170,8 +171,8 @@ class Engine:
 def _model_input_overhead(img) -> int:
     """Bytes that turning decoded pixels into model input takes on top of decoding.
 
-    The resize runs on float32 at full size (12 bytes a pixel) after a uint8 copy into
-    TensorFlow (3 bytes a pixel).
+    The resize runs on float32 at the decoded size (12 bytes a pixel) after a uint8 copy into
+    TensorFlow (3 bytes a pixel). ``img.size`` is already the reduced size of a drafted JPEG.
     """
     width, height = img.size
     return width * height * 15

@@ -73,7 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for flag in ("threads", "max_upload_bytes", "max_pixels", "max_instances", "memory_budget_mb",
+                 "batch_timeout_s", "connection_limit", "channel_timeout"):
+        if getattr(args, flag) <= 0:
+            parser.error(f"--{flag} must be positive")
+    if args.batch_size < 0 or args.batch_wait_ms < 0:
+        parser.error("--batch_size and --batch_wait_ms must not be negative")
     quiet_tensorflow()
     from imageclf.errors import UserError
     from service.app import ServiceConfig, create_app

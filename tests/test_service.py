@@ -245,10 +245,15 @@ def test_poets_like_graph_served_with_its_settings_file(tmp_path, poets_like_gra
         server.close()
 
 
-def test_service_command_starts_and_refuses_missing_graphs_dir(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "service", "--graphs_dir", str(tmp_path / "none")],
+@pytest.mark.parametrize("args, message", [
+    (["--graphs_dir", "/nonexistent/graphs"], "no such folder"),
+    (["--memory_budget_mb", "0"], "--memory_budget_mb must be positive"),
+    (["--channel_timeout", "-1"], "--channel_timeout must be positive"),
+])
+def test_service_command_refuses_bad_settings(args, message):
+    result = subprocess.run([sys.executable, "-m", "service", *args],
                             capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert result.returncode == 2 and "no such folder" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 
 def test_concurrent_requests_each_get_their_own_answer(served):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -12,6 +13,26 @@ def confusion_matrix(truth: np.ndarray, predicted: np.ndarray, num_classes: int)
     matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(matrix, (truth, predicted), 1)
     return matrix
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of an accuracy of ``correct`` out of ``n``.
+
+    Unlike the normal approximation it stays inside [0, 1] and is honest for small N and for
+    accuracies near 100%, which is where retrain's validation and test sets usually are.
+    """
+    if n <= 0:
+        return 0.0, 1.0
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def format_accuracy(correct: int, n: int) -> str:
+    """``87.1% (N=201, 95% CI 81.8-91.0%)``: enough to tell whether two runs really differ."""
+    low, high = wilson_interval(correct, n)
+    return f"{100 * correct / max(n, 1):.1f}% (N={n}, 95% CI {100 * low:.1f}-{100 * high:.1f}%)"
 
 
 def evaluation_report(truth: np.ndarray, predicted: np.ndarray, labels: Sequence[str]) -> dict:
@@ -27,6 +48,7 @@ def evaluation_report(truth: np.ndarray, predicted: np.ndarray, labels: Sequence
     return {
         "accuracy": float(correct.sum() / max(len(truth), 1)),
         "n": int(len(truth)),
+        "accuracy_ci95": [round(v, 4) for v in wilson_interval(int(correct.sum()), int(len(truth)))],
         "per_class": {label: {"precision": round(float(p), 4), "recall": round(float(r), 4),
                               "f1": round(float(f), 4), "support": int(s)}
                       for label, p, r, f, s in zip(labels, precision, recall, f1, support, strict=False)},

@@ -17,7 +17,7 @@ from imageclf.bases import BaseModel, FrozenGraphSpec, load_base
 from imageclf.bottlenecks import BottleneckCache, BottleneckReport, feature_function, get_bottlenecks
 from imageclf.dataset import TEST, TRAIN, VALIDATION, ImageFile, check_trainable, scan_image_dir
 from imageclf.images import DEFAULT_MAX_PIXELS, read_image
-from imageclf.metrics import evaluation_report, format_report
+from imageclf.metrics import evaluation_report, format_accuracy, format_report, wilson_interval
 from imageclf.preprocess import distort, pack_images, packed_to_model_input
 from imageclf.training import FinalLayer, TrainConfig, sampler_from_arrays, train_final_layer
 
@@ -96,6 +96,10 @@ def retrain(opts: RetrainOptions, log: Callable[[str], None] = tqdm.write) -> Re
     layer = train_final_layer(sampler, splits[VALIDATION], base.bottleneck_size, len(labels),
                               opts.training, log=log)
 
+    validation_x, validation_y = splits[VALIDATION]
+    if len(validation_y):
+        correct = int((layer.probabilities(validation_x).argmax(axis=1) == validation_y).sum())
+        log(f"Final validation accuracy = {format_accuracy(correct, len(validation_y))}")
     evaluation = _evaluate(layer, splits[TEST], labels, opts, [f for f in files if f.split == TEST], log)
     accuracies = {name: _accuracy(layer, *splits[name]) for name in (TRAIN, VALIDATION, TEST)}
     # The version is claimed before anything is written, and the SavedModel written before the
@@ -136,7 +140,7 @@ def _evaluate(layer: FinalLayer, test: tuple[np.ndarray, np.ndarray], labels: li
     probabilities = layer.probabilities(x)
     predicted = probabilities.argmax(axis=1)
     report = evaluation_report(y, predicted, labels)
-    log(f"Final test accuracy = {100 * report['accuracy']:.1f}% (N={report['n']})")
+    log(f"Final test accuracy = {format_accuracy(round(report['accuracy'] * report['n']), report['n'])}")
     log(format_report(report))
     if opts.print_misclassified_test_images:
         log("=== MISCLASSIFIED TEST IMAGES ===")
@@ -158,6 +162,7 @@ def _metadata(opts: RetrainOptions, base: BaseModel, labels: list[str], files: l
         "created": now.isoformat(timespec="seconds"),
         "class_counts": counts,
         "accuracy": accuracies,
+        "accuracy_ci95": _intervals(accuracies, files),
         "skipped_files": len(report.skipped),
         "training": {"steps": opts.training.steps, "learning_rate": opts.training.learning_rate,
                      "train_batch_size": opts.training.train_batch_size,
@@ -165,6 +170,13 @@ def _metadata(opts: RetrainOptions, base: BaseModel, labels: list[str], files: l
                                      "random_scale": opts.random_scale,
                                      "random_brightness": opts.random_brightness}},
     })
+
+
+def _intervals(accuracies: dict, files: list[ImageFile]) -> dict:
+    """95% Wilson intervals of each split's accuracy (see metrics.wilson_interval)."""
+    sizes = {name: sum(1 for f in files if f.split == name) for name in accuracies}
+    return {name: [round(v, 4) for v in wilson_interval(round(acc * sizes[name]), sizes[name])]
+            for name, acc in accuracies.items() if acc is not None}
 
 
 def _distorted_sampler(train_files: list[ImageFile], class_id: dict, base: BaseModel, opts: RetrainOptions):

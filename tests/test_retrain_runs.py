@@ -233,6 +233,8 @@ def test_cli_end_to_end_summary(tmp_path, tiny_module):
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "Final test accuracy = " in out and "Validation accuracy = " in out
+    assert re.search(r"Final validation accuracy = [\d.]+% \(N=\d+, 95% CI [\d.]+-[\d.]+%\)", out)
+    assert re.search(r"Final test accuracy = [\d.]+% \(N=\d+, 95% CI [\d.]+-[\d.]+%\)", out)
     assert "computed 24, reused 0, skipped 1" in out and "broken.png" in out
     assert (tmp_path / "graphs" / "my dogs.pb").is_file()
     assert (tmp_path / "graphs" / "my dogs.labels.txt").read_text().split("\n")[:3] == ["circle", "square", "triangle"]

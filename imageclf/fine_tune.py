@@ -52,8 +52,8 @@ class FineTuneConfig:
     blocks: int = 2
     max_epochs: int = 10
     patience: int = 3
-    base_learning_rate: float = 1e-4
-    head_learning_rate: float = 1e-3
+    base_learning_rate: float = 1e-5
+    head_learning_rate: float = 1e-4
     batch_size: int = 32
     flip_left_right: bool = True
     random_crop: float = 10

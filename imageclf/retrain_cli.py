@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="at most this many passes over the training images (default: %(default)s)")
     tune.add_argument("--fine_tune_patience", type=int, default=3,
                       help="stop after this many epochs without a better validation result (default: %(default)s)")
-    tune.add_argument("--fine_tune_learning_rate", type=float, default=1e-4,
+    tune.add_argument("--fine_tune_learning_rate", type=float, default=1e-5,
                       help="Adam learning rate of the base's blocks; the new layer uses 10x (default: %(default)s)")
 
     distort = p.add_argument_group("distortions (slow: features are recomputed at every step)")

@@ -19,6 +19,7 @@ import tensorflow as tf  # noqa: E402
 
 from imageclf.bases import FrozenGraphSpec  # noqa: E402
 from imageclf.demo_data import draw_shape, make_dataset  # noqa: E402
+from imageclf.fine_tune import FineTuneConfig  # noqa: E402
 from imageclf.retrain import RetrainOptions, retrain  # noqa: E402
 from imageclf.training import TrainConfig  # noqa: E402
 
@@ -79,6 +80,17 @@ def demo_model(tmp_path_factory):
                           bottleneck_dir=str(out / "bottlenecks"),
                           saved_model_dir=str(out / "saved_model"),
                           training=TrainConfig(steps=1000, eval_step_interval=500, progress=False))
+    return retrain(opts, log=lambda line: None)
+
+
+@pytest.fixture(scope="session")
+def fine_tuned_demo_model(tmp_path_factory):
+    """The same, with the base's top block fine-tuned too (kept short: two epochs)."""
+    out = tmp_path_factory.mktemp("fine_tuned_model")
+    opts = RetrainOptions(image_dir=str(REPO / "sample_images"), output_graph=str(out / "tuned.pb"),
+                          bottleneck_dir=str(out / "bottlenecks"), saved_model_dir=str(out / "saved_model"),
+                          training=TrainConfig(steps=1000, eval_step_interval=500, progress=False),
+                          fine_tune=FineTuneConfig(blocks=1, max_epochs=2, progress=False))
     return retrain(opts, log=lambda line: None)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import http.server
 import tarfile
@@ -13,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 from imageclf import retrain_cli
-from imageclf.bases import FrozenGraphSpec, load_base
+from imageclf.bases import FrozenGraphSpec, classifier_features, load_base
 from imageclf.bottlenecks import feature_function
 from imageclf.cli_common import run
 from imageclf.demo_data import make_dataset
@@ -105,15 +106,16 @@ def test_missing_path(tmp_path):
 # -- Frozen GraphDef bases: on one made by conftest.py, then on the real MobileNet in ../shared ----
 
 
-def graph_features(graph: Path, images: np.ndarray, mean: float = 127.5, std: float = 127.5) -> np.ndarray:
-    """The original graph's bottlenecks, one (p - mean) / std image at a time, as upstream fed it."""
+def graph_features(graph: Path, images: np.ndarray, mean: float = 127.5, std: float = 127.5,
+                   tensor: str = "MobilenetV1/Predictions/Reshape:0") -> np.ndarray:
+    """The original graph's ``tensor``, one (p - mean) / std image at a time, as upstream fed it."""
     graph_def = tf.compat.v1.GraphDef()
     graph_def.ParseFromString(graph.read_bytes())
     with tf.Graph().as_default() as g:
         tf.import_graph_def(graph_def, name="")
         with tf.compat.v1.Session(graph=g) as session:
-            return np.concatenate([session.run("MobilenetV1/Predictions/Reshape:0",
-                                               {"input:0": (one[None] * 255 - mean) / std}) for one in images])
+            return np.concatenate([session.run(tensor, {"input:0": (one[None] * 255 - mean) / std}).reshape(1, -1)
+                                   for one in images])
 
 
 def test_made_frozen_graph_base_needs_its_tensor_names_and_scaling(frozen_base):
@@ -129,13 +131,42 @@ def test_made_frozen_graph_base_needs_its_tensor_names_and_scaling(frozen_base):
 def test_made_frozen_graph_base_is_batched_and_scaled(frozen_base, tmp_path, batch):
     """Official MobileNet frozen graphs take one image ([1, H, W, 3]); the base still runs batches."""
     made = frozen_base if batch is None else write_frozen_base(tmp_path / "one", batch=1)
-    base = load_base(str(made.graph), made.spec())
+    base = load_base(str(made.graph), dataclasses.replace(made.spec(), exact_bottleneck=True))
     assert base.input_size == (48, 48) and base.bottleneck_size == 16
     images = np.random.default_rng(1).random((3, 48, 48, 3), dtype=np.float32)
     batched = features_of(base, images)
     np.testing.assert_allclose(batched, graph_features(made.graph, images), atol=1e-4)
     # The scaling matters: the same images fed in [0, 1] give other features.
     assert not np.allclose(batched, graph_features(made.graph, images, mean=0.0, std=255.0), atol=1e-2)
+
+
+def test_frozen_base_trains_on_the_features_under_its_class_logits(frozen_base):
+    """The Poets "bottleneck" is the ImageNet logits; the pooled features under them are used."""
+    base = load_base(str(frozen_base.graph), frozen_base.spec())
+    assert base.bottleneck_size == 12 and "features MobilenetV1/Logits/AvgPool:0" in base.description
+    images = np.random.default_rng(2).random((3, 48, 48, 3), dtype=np.float32)
+    np.testing.assert_allclose(features_of(base, images),
+                               graph_features(frozen_base.graph, images, tensor="MobilenetV1/Logits/AvgPool:0"),
+                               atol=1e-5)
+    # Naming the features directly is the same base: same vectors, same cache.
+    direct = load_base(str(frozen_base.graph),
+                       dataclasses.replace(frozen_base.spec(), bottleneck_tensor="MobilenetV1/Logits/AvgPool:0"))
+    assert direct.fingerprint == base.fingerprint
+    exact = load_base(str(frozen_base.graph), dataclasses.replace(frozen_base.spec(), exact_bottleneck=True))
+    assert exact.bottleneck_size == 16 and exact.fingerprint != base.fingerprint
+
+
+def test_tensors_that_are_not_class_logits_are_used_as_named(frozen_base):
+    graph_def = tf.compat.v1.GraphDef()
+    graph_def.ParseFromString(frozen_base.graph.read_bytes())
+    with tf.Graph().as_default() as g:
+        tf.import_graph_def(graph_def, name="")
+        # A convolution's activations and the pooled features themselves are features already.
+        assert classifier_features(g.get_tensor_by_name("MobilenetV1/Conv2d_0/Relu6:0")) is None
+        assert classifier_features(g.get_tensor_by_name("MobilenetV1/Logits/AvgPool:0")) is None
+        assert classifier_features(g.get_tensor_by_name("MobilenetV1/Predictions/Softmax:0")) is None
+        logits = g.get_tensor_by_name("MobilenetV1/Predictions/Reshape:0")
+        assert classifier_features(logits).name == "MobilenetV1/Logits/AvgPool:0"
 
 
 def test_retrain_on_made_frozen_graph_base_cli(frozen_base, tmp_path, capsys):
@@ -145,7 +176,8 @@ def test_retrain_on_made_frozen_graph_base_cli(frozen_base, tmp_path, capsys):
         "--output_graph", str(tmp_path / "out.pb"), "--bottleneck_dir", str(tmp_path / "bn")])
     out, err = capsys.readouterr()
     assert status == 0, err
-    assert "Base model: frozen graph frozen_graph.pb (48x48, 16 features)" in out
+    assert "Base model: frozen graph frozen_graph.pb, features MobilenetV1/Logits/AvgPool:0 (they feed its " \
+        "classifier MobilenetV1/Predictions/Reshape:0) (48x48, 12 features)" in out
     model = GraphModel(tmp_path / "out.pb")
     try:
         assert model.input_size == (48, 48) and model.labels == ["circle", "square", "triangle"]
@@ -162,7 +194,7 @@ def test_frozen_graph_base_needs_its_tensor_names_and_scaling():
 
 @needs_shared
 def test_frozen_graph_base_is_batched_and_scaled(tmp_path):
-    spec = FrozenGraphSpec("input:0", "MobilenetV1/Predictions/Reshape:0", 127.5, 127.5)
+    spec = FrozenGraphSpec("input:0", "MobilenetV1/Predictions/Reshape:0", 127.5, 127.5, exact_bottleneck=True)
     base = load_base(str(FROZEN_BASE / "frozen_graph.pb"), spec)
     assert base.input_size == (224, 224) and base.bottleneck_size == 1001
     images = np.random.default_rng(1).random((3, 224, 224, 3), dtype=np.float32)
@@ -187,4 +219,5 @@ def test_retrain_on_frozen_graph_base_cli(tmp_path):
                       "--base_input_mean", "127.5", "--base_input_std", "127.5", "--how_many_training_steps", "100",
                       "--output_graph", str(tmp_path / "out.pb"), "--bottleneck_dir", str(tmp_path / "bn"))
     assert result.returncode == 0, result.stderr
-    assert "224x224, 1001 features" in result.stdout
+    assert "features MobilenetV1/Logits/AvgPool_1a/AvgPool:0" in result.stdout
+    assert "224x224, 256 features" in result.stdout

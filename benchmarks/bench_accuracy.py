@@ -1,0 +1,254 @@
+"""Held-out accuracy of the old head, the new head and --fine_tune, with intervals and wall times.
+
+    .venv/bin/python benchmarks/bench_accuracy.py            # all parts, about 15 minutes on 2 cores
+    .venv/bin/python benchmarks/bench_accuracy.py --parts digits --quick
+
+Parts (each prints its table; all go into one JSON under results/):
+- ``poets``: the Poets base (MobileNet v1 0.25 224, ../shared/base) on the dev data
+  (../shared/data/stanford_dogs_9). The Poets script's recipe (its 1001 class logits as the
+  bottleneck, plain SGD at 0.01 for 4,000 steps of 100, nothing else) against our default head
+  (the pooled features under those logits, class-balanced loss): 5-fold cross-validation, so
+  every image is tested once (N = all images), plus the wall time of one real ``retrain.py``
+  run of each on an empty cache.
+- ``default``: the built-in base on the dev data: the head before class balancing against the
+  head now (5-fold CV), then head-only against ``--fine_tune`` on retrain's own split, both
+  scored through their exported graphs on the same test images.
+- ``digits``: a non-dog set, scikit-learn's bundled handwritten digits (1,797 8x8 scans, BSD
+  licence; ``pip install -r benchmarks/requirements.txt``): head-only against ``--fine_tune``
+  (no mirroring: a mirrored digit is another shape) through the exported graphs.
+
+Two models scored on the same test images are compared with an exact McNemar test on the images
+only one of them gets right; the 95% Wilson intervals say how precise each accuracy is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from common import DEFAULT_IMAGE_DIR, REPO_ROOT, machine_info, machine_line, prepare_imports, write_results
+
+POETS_BASE = REPO_ROOT.parent / "shared" / "base" / "mobilenet_v1_025_224_frozen" / "frozen_graph.pb"
+POETS_FLAGS = ["--base_input_tensor", "input:0", "--base_bottleneck_tensor", "MobilenetV1/Predictions/Reshape:0",
+               "--base_input_mean", "127.5", "--base_input_std", "127.5"]
+FOLDS = 5
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default="poets,default,digits", help="comma-separated: poets, default, digits")
+    parser.add_argument("--quick", action="store_true", help="few steps and epochs: checks the script, not the model")
+    parser.add_argument("--output", type=Path, help="results JSON (default: benchmarks/results/...)")
+    args = parser.parse_args()
+    prepare_imports()
+    machine = machine_info()
+    results = {"benchmark": "bench_accuracy", "machine": machine, "quick": args.quick, "parts": {}}
+    with tempfile.TemporaryDirectory(prefix="bench_accuracy-") as tmp:
+        for part in args.parts.split(","):
+            started = time.time()
+            results["parts"][part] = PARTS[part](Path(tmp) / part, args.quick)
+            results["parts"][part]["part_seconds"] = round(time.time() - started, 1)
+    from common import load_average
+
+    machine["load_average_end"] = load_average()
+    print(machine_line(machine))
+    print(f"Results: {write_results('bench_accuracy', results, args.output)}")
+    return 0
+
+
+# -- the parts ------------------------------------------------------------------------------------
+
+
+def poets_part(work: Path, quick: bool) -> dict:
+    if not (POETS_BASE.is_file() and DEFAULT_IMAGE_DIR.is_dir()):
+        print(f"poets: skipped ({POETS_BASE.parent} or {DEFAULT_IMAGE_DIR} not found)")
+        return {"skipped": "../shared not found"}
+    steps = 300 if quick else 4000
+    base_flags = ["--tfhub_module", str(POETS_BASE), *POETS_FLAGS, "--how_many_training_steps", str(steps)]
+    runs = {"poets recipe": run_retrain(work / "old", DEFAULT_IMAGE_DIR, [*base_flags, "--exact_bottleneck_tensor",
+                                                                        "--no_class_balance"]),
+            "new head": run_retrain(work / "new", DEFAULT_IMAGE_DIR, base_flags)}
+    from imageclf.bases import FrozenGraphSpec
+
+    spec = FrozenGraphSpec("input:0", "MobilenetV1/Predictions/Reshape:0", 127.5, 127.5)
+    cv = {"poets recipe": cross_validate(DEFAULT_IMAGE_DIR, str(POETS_BASE), _replace(spec, exact_bottleneck=True),
+                                         work / "old" / "bottlenecks", steps, balance=False),
+          "new head": cross_validate(DEFAULT_IMAGE_DIR, str(POETS_BASE), spec, work / "new" / "bottlenecks", steps,
+                                     balance=True)}
+    return _report("poets: MobileNet v1 0.25 224 (Poets base) on the dev data", runs, cv)
+
+
+def default_part(work: Path, quick: bool) -> dict:
+    if not DEFAULT_IMAGE_DIR.is_dir():
+        print(f"default: skipped ({DEFAULT_IMAGE_DIR} not found)")
+        return {"skipped": "../shared not found"}
+    steps, epochs = (300, 1) if quick else (4000, 10)
+    flags = ["--how_many_training_steps", str(steps)]
+    runs = {"head only": run_retrain(work / "head", DEFAULT_IMAGE_DIR, flags),
+            "fine-tuned": run_retrain(work / "tuned", DEFAULT_IMAGE_DIR,
+                                      [*flags, "--fine_tune", "--fine_tune_epochs", str(epochs)],
+                                      bottlenecks=work / "head" / "bottlenecks")}
+    cv = {"head before (no class balance)": cross_validate(DEFAULT_IMAGE_DIR, "builtin", None,
+                                                            work / "head" / "bottlenecks", steps, balance=False),
+          "head now": cross_validate(DEFAULT_IMAGE_DIR, "builtin", None, work / "head" / "bottlenecks", steps,
+                                     balance=True)}
+    return _report("default: built-in MobileNetV2 160 on the dev data", runs, cv, paired=("head only", "fine-tuned"))
+
+
+def digits_part(work: Path, quick: bool) -> dict:
+    try:
+        image_dir = write_digits(work / "digits")
+    except ImportError:
+        print("digits: skipped (pip install -r benchmarks/requirements.txt for scikit-learn's digits)")
+        return {"skipped": "scikit-learn not installed"}
+    steps, epochs = (300, 1) if quick else (4000, 10)
+    flags = ["--how_many_training_steps", str(steps), "--testing_percentage", "20"]
+    runs = {"head only": run_retrain(work / "head", image_dir, flags),
+            "fine-tuned": run_retrain(work / "tuned", image_dir,
+                                      [*flags, "--fine_tune", "--fine_tune_epochs", str(epochs),
+                                       "--random_crop", "10", "--random_brightness", "10"],
+                                      bottlenecks=work / "head" / "bottlenecks")}
+    return _report("digits: scikit-learn's 8x8 digits (non-dog), built-in base", runs, {},
+                   paired=("head only", "fine-tuned"))
+
+
+PARTS = {"poets": poets_part, "default": default_part, "digits": digits_part}
+
+
+# -- data, runs, scores ---------------------------------------------------------------------------
+
+
+def write_digits(folder: Path) -> Path:
+    """scikit-learn's bundled digits as one PNG per scan, a folder per digit (upscaled 8x)."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for i, (pixels, digit) in enumerate(zip(digits.images, digits.target, strict=True)):
+        target = folder / f"digit_{digit}"
+        target.mkdir(parents=True, exist_ok=True)
+        gray = Image.fromarray((pixels / 16.0 * 255).astype(np.uint8))
+        gray.resize((64, 64), Image.Resampling.BICUBIC).convert("RGB").save(target / f"{i:04d}.png")
+    return folder
+
+
+def run_retrain(out: Path, image_dir: Path, flags: list[str], bottlenecks: Path | None = None) -> dict:
+    """One real retrain.py run (wall time included), scored afterwards through its exported graph."""
+    out.mkdir(parents=True, exist_ok=True)
+    graph = out / "model.pb"
+    command = [sys.executable, str(REPO_ROOT / "retrain.py"), "--image_dir", str(image_dir), "--quiet",
+               "--output_graph", str(graph), "--bottleneck_dir", str(bottlenecks or out / "bottlenecks"), *flags]
+    started = time.time()
+    done = subprocess.run(command, capture_output=True, text=True)
+    seconds = time.time() - started
+    if done.returncode != 0:
+        raise SystemExit(f"retrain.py failed:\n{done.stderr[-3000:]}")
+    sidecar = json.loads(graph.with_suffix(".json").read_text())
+    correct, names = score_graph(graph, image_dir, flags)
+    return {"flags": flags, "wall_seconds": round(seconds, 1), "test_correct": correct, "test_files": names,
+            "fine_tune": sidecar.get("fine_tune"), "base": sidecar["base_model"]["description"]}
+
+
+def score_graph(graph: Path, image_dir: Path, flags: list[str]) -> tuple[list[bool], list[str]]:
+    """Per test image (retrain's own split), whether the exported graph's top-1 is right."""
+    from imageclf.dataset import TEST, scan_image_dir
+    from imageclf.graph_model import GraphModel
+    from imageclf.images import read_image
+
+    testing = float(flags[flags.index("--testing_percentage") + 1]) if "--testing_percentage" in flags else 10
+    labels, files = scan_image_dir(image_dir, 10, testing)
+    test = [f for f in files if f.split == TEST]
+    model = GraphModel(graph)
+    try:
+        correct = []
+        for i in range(0, len(test), 32):
+            chunk = test[i:i + 32]
+            predicted = model.predict([read_image(f.path, size=model.input_size) for f in chunk]).argmax(axis=1)
+            correct += [model.labels[p] == f.label for p, f in zip(predicted, chunk, strict=True)]
+    finally:
+        model.close()
+    return correct, [f"{f.label}/{f.rel}" for f in test]
+
+
+def cross_validate(image_dir: Path, handle: str, spec, cache_dir: Path, steps: int, balance: bool) -> dict:
+    """5-fold CV of the head on cached bottlenecks: every image is a test image once."""
+    from imageclf.bases import load_base
+    from imageclf.bottlenecks import BottleneckCache, get_bottlenecks
+    from imageclf.dataset import scan_image_dir
+    from imageclf.training import TrainConfig, class_weights, sampler_from_arrays, train_final_layer
+
+    labels, files = scan_image_dir(image_dir)
+    base = load_base(handle, spec)
+    vectors, _ = get_bottlenecks([f.path for f in files], base, BottleneckCache(cache_dir, base), progress=False)
+    files = [f for f in files if f.path in vectors]
+    x = np.stack([vectors[f.path] for f in files])
+    y = np.array([labels.index(f.label) for f in files], np.int32)
+    fold = np.array([_bucket(f"{f.label}/{f.rel}", "fold") % FOLDS for f in files])
+    validation = np.array([_bucket(f"{f.label}/{f.rel}", "validation") % 9 == 0 for f in files])
+    correct = 0
+    started = time.time()
+    for k in range(FOLDS):
+        test, train = fold == k, (fold != k) & ~validation
+        val = (fold != k) & validation
+        layer = train_final_layer(sampler_from_arrays(x[train], y[train]), (x[val], y[val]), base.bottleneck_size,
+                                  len(labels), TrainConfig(steps=steps, eval_step_interval=steps, progress=False),
+                                  log=lambda line: None,
+                                  weights_per_class=class_weights(y[train], len(labels)) if balance else None)
+        correct += int((layer.probabilities(x[test]).argmax(axis=1) == y[test]).sum())
+    return {"correct": correct, "n": len(y), "features": base.bottleneck_size,
+            "seconds": round(time.time() - started, 1)}
+
+
+def _bucket(name: str, salt: str) -> int:
+    return int(hashlib.sha1(f"{salt}:{name}".encode()).hexdigest(), 16)
+
+
+def _replace(spec, **changes):
+    import dataclasses
+
+    return dataclasses.replace(spec, **changes)
+
+
+def mcnemar_p(a: list[bool], b: list[bool]) -> float:
+    """Exact two-sided McNemar test: how likely so lopsided a split of the disagreements is by chance."""
+    only_a = sum(x and not y for x, y in zip(a, b, strict=True))
+    only_b = sum(y and not x for x, y in zip(a, b, strict=True))
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(only_a, only_b) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def _report(title: str, runs: dict, cv: dict, paired: tuple[str, str] | None = None) -> dict:
+    from imageclf.metrics import format_accuracy
+
+    print(f"\n{title}")
+    for name, run in runs.items():
+        n, right = len(run["test_correct"]), sum(run["test_correct"])
+        tuned = run["fine_tune"]
+        extra = (f", fine-tune best epoch {tuned['best_epoch']}/{tuned['epochs_run']}, "
+                 f"{tuned['images_per_second']} img/s" if tuned else "")
+        print(f"  {name:32s} test {format_accuracy(right, n)}, retrain.py wall {run['wall_seconds']} s{extra}")
+        run["accuracy"] = right / n if n else None
+    for name, result in cv.items():
+        print(f"  {name:32s} {FOLDS}-fold CV {format_accuracy(result['correct'], result['n'])} "
+              f"on {result['features']} features")
+    out = {"runs": runs, "cross_validation": cv}
+    if paired:
+        p = mcnemar_p(runs[paired[0]]["test_correct"], runs[paired[1]]["test_correct"])
+        print(f"  {paired[1]} vs {paired[0]} on the same test images: McNemar p = {p:.3g}")
+        out["mcnemar_p"] = p
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -180,11 +180,14 @@ def score_graph(graph: Path, image_dir: Path, flags: list[str]) -> tuple[list[bo
 
 def cross_validate(image_dir: Path, handle: str, spec, cache_dir: Path, steps: int, balance: bool) -> dict:
     """5-fold CV of the head on cached bottlenecks: every image is a test image once."""
+    import tensorflow as tf
+
     from imageclf.bases import load_base
     from imageclf.bottlenecks import BottleneckCache, get_bottlenecks
     from imageclf.dataset import scan_image_dir
     from imageclf.training import TrainConfig, class_weights, sampler_from_arrays, train_final_layer
 
+    tf.get_logger().setLevel("ERROR")  # one trainer per fold: its retracing warnings say nothing here
     labels, files = scan_image_dir(image_dir)
     base = load_base(handle, spec)
     vectors, _ = get_bottlenecks([f.path for f in files], base, BottleneckCache(cache_dir, base), progress=False)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install, lint, and run the whole test suite (offline; a few minutes on 2 cores).
+# Install, lint, and run the whole test suite (offline; about 8 minutes on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -33,9 +33,12 @@ Base models (--tfhub_module):
 Examples:
   python retrain.py --image_dir dogs
   python retrain.py --image_dir dogs --how_many_training_steps 8000 --flip_left_right
+  python retrain.py --image_dir dogs --fine_tune        # also train MobileNetV2's top 2 blocks
   python retrain.py --image_dir parts --tfhub_module mobilenet_v1_025_224/frozen_graph.pb \\
       --base_input_tensor input:0 --base_bottleneck_tensor MobilenetV1/Predictions/Reshape:0 \\
       --base_input_mean 127.5 --base_input_std 127.5
+  (Predictions/Reshape is that base's class logits: the features under them are used instead,
+  unless --exact_bottleneck_tensor.)
 """
 
 

@@ -141,9 +141,7 @@ def _positive(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
             parser.error(f"--{flag} must be positive")
     if args.watch_interval <= 0 or args.watch_settle < 0:
         parser.error("--watch_interval must be positive and --watch_settle not negative")
-    if args.learning_rate <= 0 or args.fine_tune_learning_rate <= 0:
-        parser.error("--learning_rate and --fine_tune_learning_rate must be positive")
-    for flag in ("fine_tune_epochs", "fine_tune_patience"):
+    for flag in ("learning_rate", "fine_tune_learning_rate", "fine_tune_epochs", "fine_tune_patience"):
         if getattr(args, flag) <= 0:
             parser.error(f"--{flag} must be positive")
     if not 1 <= args.fine_tune_blocks <= 16:

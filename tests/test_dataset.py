@@ -102,9 +102,15 @@ def test_cli_reports_folder_errors_without_traceback(tmp_path):
         assert result.stderr.startswith("retrain.py: error: ")
 
 
-def test_cli_rejects_bad_flag_values():
-    result = run_tool("retrain.py", "--image_dir", "x", "--learning_rate", "-1")
-    assert result.returncode == 2 and "--learning_rate must be positive" in result.stderr
+@pytest.mark.parametrize("flag, value, message", [
+    ("--learning_rate", "-1", "--learning_rate must be positive"),
+    ("--fine_tune_learning_rate", "0", "--fine_tune_learning_rate must be positive"),
+    ("--fine_tune_epochs", "0", "--fine_tune_epochs must be positive"),
+    ("--fine_tune_blocks", "17", "--fine_tune_blocks must be from 1 to 16"),
+])
+def test_cli_rejects_bad_flag_values(flag, value, message):
+    result = run_tool("retrain.py", "--image_dir", "x", flag, value)
+    assert result.returncode == 2 and message in result.stderr
 
 
 def test_demo_shapes_are_real_and_unknown_names_are_refused(tmp_path):

@@ -16,12 +16,14 @@ Every flag can also be set with an environment variable: IMAGECLF_HOST, IMAGECLF
 IMAGECLF_GRAPHS_DIR, IMAGECLF_IMAGE_ROOT, IMAGECLF_THREADS, IMAGECLF_MAX_UPLOAD_BYTES,
 IMAGECLF_MAX_PIXELS, IMAGECLF_MAX_INSTANCES, IMAGECLF_MEMORY_BUDGET_MB, IMAGECLF_BATCH_SIZE,
 IMAGECLF_BATCH_WAIT_MS, IMAGECLF_BATCH_TIMEOUT_S, IMAGECLF_CONNECTION_LIMIT, IMAGECLF_CHANNEL_TIMEOUT,
-IMAGECLF_ALLOWED_HOSTS. Flags win over the environment.
+IMAGECLF_ALLOWED_HOSTS, IMAGECLF_GRPC_PORT, IMAGECLF_GRPC_MAX_CONCURRENT_RPCS. Flags win over the
+environment.
 
 Try:
   curl 'localhost:8000/?file=sample_images/circle/circle_000.jpg'
   curl -F image=@sample_images/square/square_000.jpg localhost:8000/classify
   open http://localhost:8000/ in a browser
+  TensorFlow Serving gRPC clients: localhost:8500 (PredictionService, ModelService)
 """
 
 
@@ -33,7 +35,8 @@ def _env(name: str, default):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m service", epilog=EPILOG,
                                 description="Serve the frozen graphs in a folder over HTTP (JSON, "
-                                            "a browser page, and the TensorFlow Serving REST API).",
+                                            "a browser page, and the TensorFlow Serving REST API) and "
+                                            "TensorFlow Serving's gRPC API.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default=_env("host", "127.0.0.1"), help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=_env("port", 8000), help="port (default: %(default)s)")
@@ -65,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channel_timeout", type=int, default=_env("channel_timeout", 30),
                    help="seconds a connection may stay silent (mid-request or idle) before it is closed "
                         "(default: %(default)s)")
+    p.add_argument("--grpc_port", type=int, default=_env("grpc_port", 8500),
+                   help="port for TensorFlow Serving's gRPC API (Predict, Classify, GetModelMetadata, "
+                        "GetModelStatus) on --host; 0 turns it off (default: %(default)s)")
+    p.add_argument("--grpc_max_concurrent_rpcs", type=int, default=_env("grpc_max_concurrent_rpcs", 0),
+                   help="gRPC calls in progress or waiting for a thread at once; more are refused with "
+                        "RESOURCE_EXHAUSTED (default: 4 x --threads)")
     p.add_argument("--allowed_hosts", default=_env("allowed_hosts", ""),
                    help="comma-separated Host names the service answers to (others get 400, which stops "
                         "DNS rebinding); default: localhost names when --host is a loopback address, "
@@ -81,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--{flag} must be positive")
     if args.batch_size < 0 or args.batch_wait_ms < 0:
         parser.error("--batch_size and --batch_wait_ms must not be negative")
+    if not 0 <= args.grpc_port <= 65535 or args.grpc_max_concurrent_rpcs < 0:
+        parser.error("--grpc_port must be 0 (off) to 65535 and --grpc_max_concurrent_rpcs not negative")
     quiet_tensorflow()
     from imageclf.errors import UserError
     from service.app import ServiceConfig, create_app
@@ -101,17 +112,38 @@ def main(argv: Sequence[str] | None = None) -> int:
                            max_instances=args.max_instances, memory_budget_mb=args.memory_budget_mb,
                            batch_size=args.batch_size or args.threads, batch_wait_ms=args.batch_wait_ms,
                            batch_timeout_s=args.batch_timeout_s, allowed_hosts=allowed)
-    server = create_server(create_app(config), host=args.host, port=args.port, threads=args.threads,
+    app = create_app(config)
+    server = create_server(app, host=args.host, port=args.port, threads=args.threads,
                            max_request_body_size=args.max_upload_bytes + 65536,
                            connection_limit=args.connection_limit, channel_timeout=args.channel_timeout)
-    print(f"Serving {args.graphs_dir}/ on http://{args.host}:{args.port}/  (Ctrl-C to stop)", flush=True)
+    grpc_server = _grpc_server(args, app) if args.grpc_port else None
+    also = f" and gRPC on {args.host}:{grpc_server.port}" if grpc_server else ""
+    print(f"Serving {args.graphs_dir}/ on http://{args.host}:{args.port}/{also}  (Ctrl-C to stop)", flush=True)
     try:
+        if grpc_server:
+            grpc_server.start()
         server.run()
     except KeyboardInterrupt:
         pass
     finally:
+        if grpc_server:
+            grpc_server.stop()
         server.close()
     return 0
+
+
+def _grpc_server(args: argparse.Namespace, app):
+    """TensorFlow Serving's gRPC API over the app's engine and metrics, with the HTTP side's bounds."""
+    from imageclf.errors import UserError
+    from service.grpc_api import GrpcServer
+
+    shared = app.extensions["imageclf"]
+    try:
+        return GrpcServer(shared["engine"], shared["metrics"], host=args.host, port=args.grpc_port,
+                          threads=args.threads, max_message_bytes=args.max_upload_bytes + 65536,
+                          max_concurrent_rpcs=args.grpc_max_concurrent_rpcs or 4 * args.threads)
+    except OSError as e:
+        raise UserError(f"--grpc_port {args.grpc_port}: {e}; pick another port, or 0 to turn gRPC off") from None
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ from imageclf.serving.budget import MemoryBudget
 class ServiceMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("imageclf_requests_total", "HTTP requests answered",
+        self.requests = Counter("imageclf_requests_total",
+                                "Requests answered: HTTP by route and status, gRPC by method and status code",
                                 ["endpoint", "status"], registry=self.registry)
         self.latency = Histogram("imageclf_request_seconds", "Time to answer a request", ["endpoint"],
                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),

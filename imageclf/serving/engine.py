@@ -9,8 +9,9 @@ map them to their own status codes.
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -50,8 +51,20 @@ class TooManyInstancesError(EngineError):
     kind = "too_many_instances"
 
 
+class BadTensorError(EngineError):
+    """Pixels sent as a tensor have the wrong shape or values outside [0, 1]."""
+
+    kind = "bad_input"
+
+
 class ModelNotFoundError(EngineError):
     kind = "unknown_model"
+
+
+class VersionNotFoundError(EngineError):
+    """The model is served, but not in the version asked for."""
+
+    kind = "unknown_version"
 
 
 class UnavailableError(EngineError):
@@ -97,23 +110,52 @@ class Engine:
         self.budget = MemoryBudget(self.limits.memory_budget_bytes, self.limits.budget_wait_s)
 
     def classify(self, images: Sequence[bytes], model: str | None = None,
-                 names: Sequence[str] | None = None) -> Answer:
+                 names: Sequence[str] | None = None, version: int | None = None) -> Answer:
         """Scores for encoded images (one upload, or a TF Serving request's instances)."""
         self.check_count(len(images))
         names = list(names) if names is not None else [f"instance {i}" for i in range(len(images))]
-        servable = self._acquire(model)
-        try:
+        with self.hold(model, version) as servable:
             size = servable.model.input_size
             opened = [self._open(data, name, size) for data, name in zip(images, names, strict=True)]
             started = time.perf_counter()
             inputs = [self._model_input(servable, img, name) for img, name in zip(opened, names, strict=True)]
             decoded = time.perf_counter()
-            scores = self._predict(servable, inputs)
-            return Answer(name=servable.name, version=servable.version, labels=list(servable.labels),
-                          scores=np.stack(scores), decode_ms=1000 * (decoded - started),
-                          inference_ms=1000 * (time.perf_counter() - decoded))
-        finally:
-            servable.release()
+            return self._answer(servable, inputs, started, decoded)
+
+    def classify_pixels(self, shape: Sequence[int], pixels: Callable[[], np.ndarray], model: str | None = None,
+                        version: int | None = None) -> Answer:
+        """Scores for images the client decoded and resized: float32 ``[n, H, W, 3]`` in [0, 1].
+
+        ``shape`` is checked (count, and the served model's input size) before ``pixels()``
+        builds the array, inside the decode budget, so a request cannot make the service
+        allocate for a shape it will refuse. The pixels then take the same batched model call as
+        decoded images, scaled the way the graph expects (see GraphModel.model_input).
+        """
+        shape = tuple(int(d) for d in shape)
+        if len(shape) != 4:
+            raise BadTensorError(f"images must have the shape [n, height, width, 3], not {list(shape)}")
+        self.check_count(shape[0])
+        with self.hold(model, version) as servable:
+            expected = (*servable.model.input_size, 3)
+            if shape[1:] != expected:
+                raise BadTensorError(f"images must have the shape [n, {expected[0]}, {expected[1]}, 3] for model "
+                                     f"{servable.name}, not {list(shape)} (resize them to the model's input size)")
+            started = time.perf_counter()
+            # The array, and the scaled copy that graphs fed (p - mean) / std need.
+            try:
+                with self.budget.reserve(2 * 4 * math.prod(shape)):
+                    inputs = _scaled_inputs(servable, _checked_pixels(pixels(), shape))
+            except BudgetExceededError as e:
+                raise TooManyPixelsError(str(e)) from None
+            except BudgetBusyError as e:
+                raise BusyError(str(e)) from None
+            return self._answer(servable, inputs, started, time.perf_counter())
+
+    def _answer(self, servable: Servable, inputs: list[np.ndarray], started: float, decoded: float) -> Answer:
+        scores = self._predict(servable, inputs)
+        return Answer(name=servable.name, version=servable.version, labels=list(servable.labels),
+                      scores=np.stack(scores), decode_ms=1000 * (decoded - started),
+                      inference_ms=1000 * (time.perf_counter() - decoded))
 
     def check_count(self, n: int) -> None:
         """Refuse a request with no images or more than ``max_instances``, before any work."""
@@ -124,10 +166,17 @@ class Engine:
                                         f"{self.limits.max_instances:,} (split the request)")
 
     @contextmanager
-    def hold(self, model: str | None = None) -> Iterator[Servable]:
-        """Hold the served version of ``model`` (None: the default) for the ``with`` block."""
+    def hold(self, model: str | None = None, version: int | None = None) -> Iterator[Servable]:
+        """Hold the served version of ``model`` (None: the default) for the ``with`` block.
+
+        With ``version``, only that version will do: the served one is checked while held, so a
+        reload in between cannot answer from another version.
+        """
         servable = self._acquire(model)
         try:
+            if version is not None and version != servable.version:
+                raise VersionNotFoundError(f"model {servable.name} has no version {version} "
+                                           f"(serving version {servable.version})")
             yield servable
         finally:
             servable.release()
@@ -166,6 +215,25 @@ class Engine:
             raise BusyError(str(e)) from None
         except (BatchFailedError, RetiredError) as e:
             raise UnavailableError(str(e)) from None
+
+
+def _checked_pixels(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    if array.shape != shape:
+        raise BadTensorError(f"images hold {array.size:,} values, not the {math.prod(shape):,} "
+                             f"of their shape {list(shape)}")
+    array = np.asarray(array, np.float32)
+    # A client that sends 0..255 by mistake would otherwise get confident nonsense.
+    if array.size and not (np.isfinite(array).all() and array.min() >= 0.0 and array.max() <= 1.0):
+        raise BadTensorError("image values must be finite and in [0, 1] (divide 8-bit pixels by 255)")
+    return array
+
+
+def _scaled_inputs(servable: Servable, array: np.ndarray) -> list[np.ndarray]:
+    """Pixels in [0, 1] -> what the graph's input takes: the scaling step of GraphModel.model_input."""
+    model = servable.model
+    if (model.input_mean, model.input_std) != (0.0, 255.0):
+        array = (array * 255.0 - model.input_mean) / model.input_std
+    return list(array)
 
 
 def _model_input_overhead(img) -> int:

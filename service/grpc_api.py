@@ -1,0 +1,221 @@
+"""TensorFlow Serving's gRPC API (``PredictionService``, ``ModelService``) over the engine.
+
+A thin skin like app.py: read the request (tfs_protos), call ``imageclf.serving.Engine`` (so
+limits, batching, the decode budget and hot reload are the HTTP path's), shape the answer.
+Errors become gRPC status codes, never a traceback; every call is counted in the service's
+Prometheus metrics under its method path (``/tensorflow.serving.PredictionService/Predict``)
+with the status code name.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from concurrent import futures
+
+import grpc
+from tensorflow_serving.apis import (
+    classification_pb2,
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+    status_pb2,
+)
+
+from imageclf.serving.engine import Engine, EngineError, ModelNotFoundError, VersionNotFoundError
+from imageclf.serving.signatures import DEFAULT_SIGNATURE, UnknownSignatureError, signature_named, signatures
+from service import tfs_protos as protos
+from service.metrics import ServiceMetrics
+
+log = logging.getLogger(__name__)
+
+PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
+MODEL_SERVICE = "tensorflow.serving.ModelService"
+
+Code = grpc.StatusCode
+#: Engine error kinds -> status codes. Limits that retrying the same request can never pass
+#: (too many instances, too many pixels) are INVALID_ARGUMENT, as TF Serving answers a batch
+#: over its maximum; a busy service is UNAVAILABLE, the code gRPC clients retry.
+CODES = {"bad_image": Code.INVALID_ARGUMENT, "not_an_image": Code.INVALID_ARGUMENT,
+         "too_many_pixels": Code.INVALID_ARGUMENT, "bad_input": Code.INVALID_ARGUMENT,
+         "too_many_instances": Code.INVALID_ARGUMENT, "too_large": Code.INVALID_ARGUMENT,
+         "unknown_model": Code.NOT_FOUND, "unknown_version": Code.NOT_FOUND,
+         "unavailable": Code.UNAVAILABLE, "busy": Code.UNAVAILABLE}
+
+
+class Unimplemented(Exception):
+    kind = "unimplemented"
+
+
+class _Calls:
+    """Runs one RPC's handler: errors to status codes, and the call counted in the metrics."""
+
+    def __init__(self, metrics: ServiceMetrics):
+        self.metrics = metrics
+
+    def run(self, method: str, handler: Callable, request, context: grpc.ServicerContext):
+        started = time.perf_counter()
+        try:
+            response = handler(request)
+        except Exception as e:  # noqa: BLE001 - every failure must become a status, never a traceback
+            code, kind, message = _failure(e)
+            self.metrics.errors.labels(kind).inc()
+            self._record(method, code, started)
+            context.abort(code, message)
+        self._record(method, Code.OK, started)
+        return response
+
+    def _record(self, method: str, code: grpc.StatusCode, started: float) -> None:
+        self.metrics.requests.labels(method, code.name).inc()
+        self.metrics.latency.labels(method).observe(time.perf_counter() - started)
+
+
+def _failure(error: Exception) -> tuple[grpc.StatusCode, str, str]:
+    if isinstance(error, EngineError):
+        return CODES.get(error.kind, Code.INVALID_ARGUMENT), error.kind, str(error)
+    if isinstance(error, protos.RequestError):
+        return Code.INVALID_ARGUMENT, error.kind, str(error)
+    if isinstance(error, UnknownSignatureError):
+        return Code.INVALID_ARGUMENT, "unknown_signature", str(error.args[0])
+    if isinstance(error, Unimplemented):
+        return Code.UNIMPLEMENTED, error.kind, str(error)
+    log.error("unexpected error in a gRPC call", exc_info=error)
+    return Code.INTERNAL, "internal", f"internal error: {type(error).__name__}"
+
+
+class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
+    def __init__(self, engine: Engine, calls: _Calls):
+        self.engine, self.calls = engine, calls
+
+    def Predict(self, request, context):  # noqa: N802 - names fixed by the service definition
+        return self.calls.run(f"/{PREDICTION_SERVICE}/Predict", self._predict, request, context)
+
+    def Classify(self, request, context):  # noqa: N802
+        return self.calls.run(f"/{PREDICTION_SERVICE}/Classify", self._classify, request, context)
+
+    def GetModelMetadata(self, request, context):  # noqa: N802
+        return self.calls.run(f"/{PREDICTION_SERVICE}/GetModelMetadata", self._metadata, request, context)
+
+    def Regress(self, request, context):  # noqa: N802
+        return self.calls.run(f"/{PREDICTION_SERVICE}/Regress", _unimplemented(
+            "Regress is not supported: these models are classifiers (use Predict or Classify)"), request, context)
+
+    def MultiInference(self, request, context):  # noqa: N802
+        return self.calls.run(f"/{PREDICTION_SERVICE}/MultiInference", _unimplemented(
+            "MultiInference is not supported: send one Predict or Classify per model"), request, context)
+
+    def _predict(self, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
+        name, version = protos.requested_model(request.model_spec)
+        signature = signature_named(request.model_spec.signature_name)
+        wanted = protos.wanted_outputs(request.output_filter, signature)
+        tensor = protos.input_tensor(request.inputs, signature)
+        shape = protos.tensor_shape(tensor)
+        if signature.takes_pixels:
+            answer = self.engine.classify_pixels(shape, lambda: protos.float_array(tensor, shape), name, version)
+        else:  # the engine checks the count before any decoding
+            answer = self.engine.classify(protos.string_values(tensor, signature.input.key), name, version=version)
+        return predict_pb2.PredictResponse(model_spec=protos.reply_spec(answer.name, answer.version, signature.name),
+                                           outputs=protos.output_tensors(answer, wanted))
+
+    def _classify(self, request: classification_pb2.ClassificationRequest):
+        name, version = protos.requested_model(request.model_spec)
+        signature = signature_named(request.model_spec.signature_name)
+        if signature.name != DEFAULT_SIGNATURE:
+            raise protos.RequestError(f"Classify reads encoded images from tf.Example: use the signature "
+                                      f"'{DEFAULT_SIGNATURE}' (or none), not '{signature.name}'")
+        answer = self.engine.classify(protos.example_images(request.input), name, version=version)
+        return classification_pb2.ClassificationResponse(
+            model_spec=protos.reply_spec(answer.name, answer.version, signature.name),
+            result=protos.classification_result(answer))
+
+    def _metadata(self, request: get_model_metadata_pb2.GetModelMetadataRequest):
+        name, version = protos.requested_model(request.model_spec)
+        fields = set(request.metadata_field)
+        if fields != {"signature_def"}:
+            raise protos.RequestError("metadata_field must be ['signature_def'], the metadata served here; "
+                                      f"got {sorted(fields) or 'none'}")
+        with self.engine.hold(name, version) as servable:
+            definitions, version = protos.signature_def_map(signatures(servable.model)), servable.version
+        response = get_model_metadata_pb2.GetModelMetadataResponse(model_spec=protos.reply_spec(name, version))
+        response.metadata["signature_def"].Pack(definitions)
+        return response
+
+
+class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
+    def __init__(self, engine: Engine, calls: _Calls):
+        self.engine, self.calls = engine, calls
+
+    def GetModelStatus(self, request, context):  # noqa: N802
+        return self.calls.run(f"/{MODEL_SERVICE}/GetModelStatus", self._status, request, context)
+
+    def HandleReloadConfigRequest(self, request, context):  # noqa: N802
+        return self.calls.run(f"/{MODEL_SERVICE}/HandleReloadConfigRequest", _unimplemented(
+            "HandleReloadConfigRequest is not supported: the service serves every graph in --graphs_dir and "
+            "reloads them when the files change"), request, context)
+
+    def _status(self, request: get_model_status_pb2.GetModelStatusRequest):
+        name, version = protos.requested_model(request.model_spec)
+        statuses = {s.name: s for s in self.engine.registry.statuses()}
+        if name not in statuses:
+            raise ModelNotFoundError(f"unknown model '{name}' (known: {', '.join(sorted(statuses)) or 'none'})")
+        status = statuses[name]
+        served = status.served
+        if served is not None and version is not None and version != served.version:
+            raise VersionNotFoundError(f"model {name} has no version {version} (serving version {served.version})")
+        state = get_model_status_pb2.ModelVersionStatus
+        if served is not None:
+            entry = state(version=served.version, state=state.AVAILABLE, status=status_pb2.StatusProto())
+        elif status.state == "loading":
+            entry = state(version=version or 0, state=state.LOADING, status=status_pb2.StatusProto())
+        else:  # the graph failed to load and no earlier version is served
+            entry = state(version=version or 0, state=state.END,
+                          status=status_pb2.StatusProto(error_code=2, error_message=status.error or "load failed"))
+        return get_model_status_pb2.GetModelStatusResponse(model_version_status=[entry])
+
+
+def _unimplemented(message: str) -> Callable:
+    def handler(request):
+        raise Unimplemented(message)
+    return handler
+
+
+class GrpcServer:
+    """The gRPC API on ``host:port`` (0: any free port; see ``.port``), with bounded resources.
+
+    - ``threads`` handler threads (one RPC each), like waitress' ``--threads``;
+    - at most ``max_concurrent_rpcs`` RPCs in progress or queued; more are refused at once
+      with RESOURCE_EXHAUSTED;
+    - messages over ``max_message_bytes`` are refused by gRPC with RESOURCE_EXHAUSTED before
+      a handler sees them.
+    """
+
+    def __init__(self, engine: Engine, metrics: ServiceMetrics, *, host: str, port: int, threads: int,
+                 max_message_bytes: int, max_concurrent_rpcs: int):
+        self._executor = futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc-handler")
+        self._server = grpc.server(self._executor, maximum_concurrent_rpcs=max_concurrent_rpcs, options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.so_reuseport", 0),  # otherwise a second service on the same port would share it silently
+        ])
+        calls = _Calls(metrics)
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionServicer(engine, calls),
+                                                                            self._server)
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(engine, calls), self._server)
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        try:
+            self.port = self._server.add_insecure_port(address)
+        except RuntimeError:
+            self.port = 0
+        if not self.port:
+            self._executor.shutdown()
+            raise OSError(f"cannot listen for gRPC on {address} (is the port in use?)")
+
+    def start(self) -> None:
+        self._server.start()
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Refuse new RPCs, let running ones finish for up to ``grace`` seconds, free every thread."""
+        self._server.stop(grace).wait()
+        self._executor.shutdown(wait=True)

@@ -410,6 +410,19 @@ def test_deployment_wiring_matches_the_image_and_the_other_objects():
     assert int(_configmap()["TF_NUM_INTRAOP_THREADS"]) == int(_configmap()["TF_NUM_INTEROP_THREADS"]) == cpus
 
 
+def test_compose_runs_as_the_image_user_with_read_only_inputs():
+    user = _one(_dockerfile_run_stage(), "USER").value[0]
+    services = _compose()["services"]
+    assert _interpolate(services["retrain"]["user"], {}) == user
+    assert "user" not in services["imageclf"]  # the image's own
+    for name in ("imageclf", "tfserving"):
+        assert all(read_only for _, read_only in _mounts(services[name], {}).values()), name
+    assert services["imageclf"]["read_only"] and services["imageclf"]["tmpfs"] == ["/tmp"]
+    for name in ("imageclf", "retrain"):
+        assert services[name]["build"] == {"context": "..", "dockerfile": "deploy/Dockerfile"}
+        assert (DEPLOY / services[name]["build"]["context"] / services[name]["build"]["dockerfile"]).is_file()
+
+
 def test_memory_request_and_limit_cover_the_measured_service():
     soaks = [json.loads(p.read_text()) for p in (REPO / "benchmarks" / "results").glob("soak_service-*.json")
              if "prehardening" not in p.name]

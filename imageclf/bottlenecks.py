@@ -82,23 +82,43 @@ class BottleneckCache:
         self.size = base.bottleneck_size
 
     def _path(self, key: str) -> Path:
-        return self.dir / key[:2] / f"{key}.npy"
+        return self.dir / entry_name(key)
 
     def get(self, key: str) -> np.ndarray | None:
         """The cached vector, or None when absent or unreadable (it will be recomputed)."""
-        path = self._path(key)
         try:
-            vector = np.load(path, allow_pickle=False)
-        except (OSError, ValueError, EOFError):
+            data = self._path(key).read_bytes()
+        except OSError:
             return None
-        if vector.shape != (self.size,) or vector.dtype != np.float32 or not np.isfinite(vector).all():
-            return None
-        return vector
+        return vector_from_bytes(data, self.size)
 
     def put(self, key: str, vector: np.ndarray) -> None:
-        buffer = io.BytesIO()
-        np.save(buffer, np.asarray(vector, np.float32), allow_pickle=False)
-        write_bytes_atomic(self._path(key), buffer.getvalue(), durable=False)
+        write_bytes_atomic(self._path(key), vector_bytes(vector), durable=False)
+
+
+# The entry layout and file format, public so that the Beam job (bottlenecks_job.py) writes the
+# very same cache through tf.io.gfile (gs://...) without a second definition of either.
+def entry_name(key: str) -> str:
+    """Where the vector of the image whose bytes hash to ``key`` sits inside a cache folder."""
+    return f"{key[:2]}/{key}.npy"
+
+
+def vector_bytes(vector: np.ndarray) -> bytes:
+    """A cache entry's content: the vector as a float32 ``.npy`` file."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(vector, np.float32), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def vector_from_bytes(data: bytes, size: int) -> np.ndarray | None:
+    """The vector in a cache entry, or None when it is malformed (it will be recomputed)."""
+    try:
+        vector = np.load(io.BytesIO(data), allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None
+    if vector.shape != (size,) or vector.dtype != np.float32 or not np.isfinite(vector).all():
+        return None
+    return vector
 
 
 @dataclass
@@ -112,9 +132,10 @@ class BottleneckReport:
         return f"computed {self.computed:,}, reused {self.reused:,}, skipped {len(self.skipped):,}"
 
 
-def content_key(path: Path) -> str:
+def content_key(path: Path | str, opener: Callable = open) -> str:
+    """SHA-256 of the file's bytes; ``opener`` is ``open`` or one like it (tf.io.gfile.GFile for gs://)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with opener(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()

@@ -6,9 +6,13 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from imageclf.cli_common import quiet_tensorflow, run
 from imageclf.images import DEFAULT_MAX_PIXELS
+
+if TYPE_CHECKING:
+    from imageclf.bases import FrozenGraphSpec
 
 DESCRIPTION = """\
 Retrain a pretrained image model on your own classes.
@@ -65,21 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="list the test images the new model gets wrong")
 
     base = p.add_argument_group("base model")
-    base.add_argument("--tfhub_module", default="builtin",
-                      help="pretrained base: builtin, a SavedModel/Hub module dir, a TF Hub handle or URL, "
-                           "or a frozen .pb (default: %(default)s)")
     base.add_argument("--bottleneck_dir", default="bottlenecks",
                       help="cache of computed features (default: %(default)s); '' disables it")
-    base.add_argument("--base_input_tensor", help="frozen .pb base: its image input tensor, e.g. input:0")
-    base.add_argument("--base_bottleneck_tensor", help="frozen .pb base: the feature tensor to train on")
-    base.add_argument("--base_input_mean", type=float, help="frozen .pb base: pixels are fed as (p - mean) / std")
-    base.add_argument("--base_input_std", type=float, help="frozen .pb base: see --base_input_mean")
-    base.add_argument("--base_input_size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
-                      help="input size, for bases that do not declare one")
-    base.add_argument("--exact_bottleneck_tensor", action="store_true",
-                      help="frozen .pb base: train on --base_bottleneck_tensor as named even when it is the "
-                           "base's own class logits (by default the pooled features feeding those logits are "
-                           "used: more accurate, see README)")
+    add_base_arguments(base)
 
     train = p.add_argument_group("training")
     train.add_argument("--how_many_training_steps", type=int, default=4000,
@@ -135,6 +127,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_base_arguments(base: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
+    """The flags that choose the base model; retrain.py and the Beam job (bottlenecks_job.py) share them."""
+    base.add_argument("--tfhub_module", default="builtin",
+                      help="pretrained base: builtin, a SavedModel/Hub module dir, a TF Hub handle or URL, "
+                           "or a frozen .pb (default: %(default)s)")
+    base.add_argument("--base_input_tensor", help="frozen .pb base: its image input tensor, e.g. input:0")
+    base.add_argument("--base_bottleneck_tensor", help="frozen .pb base: the feature tensor to train on")
+    base.add_argument("--base_input_mean", type=float, help="frozen .pb base: pixels are fed as (p - mean) / std")
+    base.add_argument("--base_input_std", type=float, help="frozen .pb base: see --base_input_mean")
+    base.add_argument("--base_input_size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
+                      help="input size, for bases that do not declare one")
+    base.add_argument("--exact_bottleneck_tensor", action="store_true",
+                      help="frozen .pb base: train on --base_bottleneck_tensor as named even when it is the "
+                           "base's own class logits (by default the pooled features feeding those logits are "
+                           "used: more accurate, see README)")
+
+
+def frozen_spec(args: argparse.Namespace) -> FrozenGraphSpec:
+    """The FrozenGraphSpec that the flags of add_base_arguments describe."""
+    from imageclf.bases import FrozenGraphSpec
+
+    return FrozenGraphSpec(args.base_input_tensor, args.base_bottleneck_tensor, args.base_input_mean,
+                           args.base_input_std, tuple(args.base_input_size) if args.base_input_size else None,
+                           args.exact_bottleneck_tensor)
+
+
 def _positive(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for flag in ("how_many_training_steps", "train_batch_size", "eval_step_interval", "batch_size", "max_pixels"):
         if getattr(args, flag) <= 0:
@@ -156,7 +174,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _positive(parser, args)
     quiet_tensorflow()
-    from imageclf.bases import FrozenGraphSpec
     from imageclf.fine_tune import FineTuneConfig
     from imageclf.retrain import RetrainOptions, retrain
     from imageclf.summary import retrain_summary
@@ -165,10 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts = RetrainOptions(
         image_dir=args.image_dir, output_graph=args.output_graph, output_labels=args.output_labels,
         bottleneck_dir=args.bottleneck_dir or None, tfhub_module=args.tfhub_module,
-        frozen_base=FrozenGraphSpec(args.base_input_tensor, args.base_bottleneck_tensor, args.base_input_mean,
-                                    args.base_input_std,
-                                    tuple(args.base_input_size) if args.base_input_size else None,
-                                    args.exact_bottleneck_tensor),
+        frozen_base=frozen_spec(args),
         training=TrainConfig(steps=args.how_many_training_steps, learning_rate=args.learning_rate,
                              train_batch_size=args.train_batch_size,
                              validation_batch_size=args.validation_batch_size,

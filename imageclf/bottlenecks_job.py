@@ -1,0 +1,442 @@
+"""The bottleneck step of retrain.py as an Apache Beam pipeline: fill the cache on many machines.
+
+    python -m imageclf.bottlenecks_job --image_dir DIR --bottleneck_dir DIR [base flags] [Beam options]
+
+It finds the images by retrain.py's rules (dataset.scan_image_dir: every non-hidden file below
+each non-hidden class folder, recognised later by content), reads them through tf.io.gfile
+(local paths, gs://; s3:// once a plugin such as tensorflow-io registers it), decodes them with
+the one preprocessing (images.decode_image) and writes bottlenecks.BottleneckCache's folders,
+entry names and file format, so ``retrain.py --bottleneck_dir DIR`` afterwards computes nothing.
+
+The stages:
+1. list each class folder's files (one element per class folder);
+2. hash each file and look its key up in the cache: cached ones are counted and dropped;
+3. gather the (order, path, key) still to compute, put them in retrain.py's order and cut them
+   into --batch_size batches;
+4. per batch, on any worker: read and decode its images, one forward pass, write the entries.
+
+Why step 3 rather than Beam's BatchElements: the CPU kernels give an image's vector slightly
+different last bits depending on its position in the batch and on the batch size (measured up
+to 5e-6 on the built-in base). Batches formed as retrain.py forms them make the job's entries
+the very bytes retrain.py would have written from the same cache.
+
+Beam is imported here only; nothing else in imageclf needs it (requirements-beam.txt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from imageclf.cli_common import quiet_tensorflow, run
+
+quiet_tensorflow()
+
+try:
+    import apache_beam as beam
+    from apache_beam.metrics import Metrics
+    from apache_beam.metrics.metric import MetricsFilter
+    from apache_beam.options.pipeline_options import PipelineOptions
+except ModuleNotFoundError:
+    if __name__ == "__main__":
+        sys.exit("python -m imageclf.bottlenecks_job: error: Apache Beam is not installed: "
+                 "pip install -r requirements-beam.txt")
+    raise
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from imageclf.bases import BaseModel, FrozenGraphSpec, load_base  # noqa: E402
+from imageclf.bottlenecks import (  # noqa: E402
+    cache_key,
+    content_key,
+    entry_name,
+    pixels_feature_function,
+    vector_bytes,
+    vector_from_bytes,
+)
+from imageclf.errors import BadImageError, UserError  # noqa: E402
+from imageclf.images import decode_image  # noqa: E402
+from imageclf.preprocess import pack_images  # noqa: E402
+from imageclf.retrain_cli import add_base_arguments, frozen_spec  # noqa: E402
+from imageclf.retrain_cli import build_parser as retrain_parser  # noqa: E402
+
+PROG = "python -m imageclf.bottlenecks_job"
+NAMESPACE = "imageclf.bottlenecks"
+SKIPPED = "skipped"
+DEFAULT_LOCAL_WORKERS = 2
+_DIRECT_RUNNERS = {"directrunner", "direct"}
+
+log = logging.getLogger("imageclf.bottlenecks_job")
+_COUNTERS = {name: Metrics.counter(NAMESPACE, name) for name in ("listed", "reused", "computed", SKIPPED)}
+
+EPILOG = """\
+Every other flag is a Beam pipeline option, passed on as it is (--project, --region,
+--temp_location, --sdk_container_image, --flink_master, --direct_running_mode...).
+
+Examples:
+  python -m imageclf.bottlenecks_job --image_dir dogs --bottleneck_dir bottlenecks
+  python retrain.py --image_dir dogs --bottleneck_dir bottlenecks     # computed 0, reused N
+  python -m imageclf.bottlenecks_job --image_dir gs://BUCKET/dogs --bottleneck_dir gs://BUCKET/bottlenecks \\
+      --runner DataflowRunner --project PROJECT --region REGION --temp_location gs://BUCKET/tmp \\
+      --sdk_container_image REGISTRY/imageclf-beam:TAG
+"""
+
+
+# ---------------------------------------------------------------- flags and pipeline options
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    retrain_defaults = retrain_parser()
+    p.add_argument("--image_dir", required=True,
+                   help="folder with one subfolder of images per class: a local path or gs://...")
+    p.add_argument("--bottleneck_dir", required=True,
+                   help="the cache to fill: what you give retrain.py as --bottleneck_dir (or gs://... to copy down)")
+    p.add_argument("--batch_size", type=int, default=retrain_defaults.get_default("batch_size"),
+                   help="images per forward pass; keep retrain.py's for bit-identical vectors (default: %(default)s)")
+    p.add_argument("--max_pixels", type=int, default=retrain_defaults.get_default("max_pixels"),
+                   help="skip images with more pixels than this, as retrain.py does (default: %(default)s)")
+    p.add_argument("--skipped_list", help="also write the skipped files, one reason a line, to this file")
+    add_base_arguments(p.add_argument_group("base model (the same flags as retrain.py)"))
+    runner = p.add_argument_group("Beam runner")
+    runner.add_argument("--runner", default="DirectRunner",
+                        help="DirectRunner (default: worker processes on this machine), DataflowRunner, "
+                             "FlinkRunner, SparkRunner...")
+    runner.add_argument("--num_workers", type=int,
+                        help=f"DirectRunner: worker processes (default: {DEFAULT_LOCAL_WORKERS}); other runners: "
+                             "passed on as Beam's --num_workers")
+    return p
+
+
+def parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """Our flags, and the rest for Beam."""
+    parser = build_parser()
+    args, beam_argv = parser.parse_known_args(argv)
+    for flag in ("batch_size", "max_pixels", "num_workers"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            parser.error(f"--{flag} must be positive")
+    return args, beam_argv
+
+
+def is_direct(runner: str) -> bool:
+    return runner.lower() in _DIRECT_RUNNERS
+
+
+def pipeline_options(args: argparse.Namespace, beam_argv: Sequence[str]) -> PipelineOptions:
+    """Beam options: ours first, the user's after them (the last one of a flag wins)."""
+    flags = [f"--runner={args.runner}"]
+    if is_direct(args.runner):
+        flags += [f"--direct_num_workers={args.num_workers or DEFAULT_LOCAL_WORKERS}",
+                  "--direct_running_mode=multi_processing",
+                  # Our skip messages stay; the workers' start-up chatter goes.
+                  "--default_sdk_harness_log_level=WARNING",
+                  '--sdk_harness_log_level_overrides={"apache_beam": "ERROR", "__main__": "ERROR"}']
+    elif args.num_workers:
+        flags.append(f"--num_workers={args.num_workers}")
+    options = PipelineOptions([*flags, *beam_argv])
+    # Beam drops flags it does not know with a warning; a mistyped --project would then go unnoticed.
+    unknown = sorted(set(options.get_all_options(retain_unknown_options=True)) - set(options.get_all_options()))
+    if unknown:
+        raise UserError(f"unknown option(s): {', '.join('--' + name for name in unknown)} "
+                        "(neither this job's nor a Beam pipeline option; see --help)")
+    return options
+
+
+# ---------------------------------------------------------------- paths and files through tf.io.gfile
+
+def is_url(path: str) -> bool:
+    return "://" in path
+
+
+def join(root: str, *parts: str) -> str:
+    """``root/part/...``: locally as retrain.py names files (str of a Path), "/"-joined for URLs."""
+    if is_url(root):
+        return "/".join([root.rstrip("/"), *parts])
+    return str(Path(root, *parts))
+
+
+def class_folders(image_dir: str) -> list[str]:
+    """The class folder names in retrain.py's order: immediate subfolders, hidden ones left out."""
+    if not tf.io.gfile.isdir(image_dir):
+        raise UserError(f"--image_dir {image_dir}: no such folder")
+    names = sorted({name.rstrip("/") for name in tf.io.gfile.listdir(image_dir)})
+    folders = [name for name in names if not name.startswith(".") and tf.io.gfile.isdir(join(image_dir, name))]
+    if not folders:
+        raise UserError(f"--image_dir {image_dir}: no class folders found; put each class's "
+                        "images in its own subfolder (e.g. dogs/poodle/*.jpg, dogs/pug/*.jpg)")
+    return folders
+
+
+def files_below(folder: str) -> list[tuple[tuple[str, ...], str]]:
+    """(path parts below ``folder``, path) of each file below it, in retrain.py's order (that of
+    sorted Paths: part by part), files in hidden folders and hidden files left out."""
+    found = []
+    for directory, _, names in tf.io.gfile.walk(folder):
+        below = tuple(part for part in directory[len(folder):].split("/") if part)
+        for name in names:
+            parts = (*below, name)
+            if not any(part.startswith(".") for part in parts):
+                found.append((parts, join(folder, *parts)))
+    return sorted(found)
+
+
+def list_class_folder(element: tuple[int, str], image_dir: str) -> Iterator[tuple[tuple, str]]:
+    """(class folder index, name) -> ((index, parts), path) for each of its files; the first part
+    of each is the file's place in retrain.py's order."""
+    index, name = element
+    for parts, path in files_below(join(image_dir, name)):
+        _COUNTERS["listed"].inc()
+        yield (index, parts), path
+
+
+def read_bytes(path: str) -> bytes:
+    """A file's bytes; a failure is a BadImageError worded as retrain.py words it."""
+    try:
+        with tf.io.gfile.GFile(path, "rb") as f:
+            return f.read()
+    except tf.errors.OpError as e:
+        raise BadImageError(f"{path}: cannot read file ({_reason(e)})") from None
+
+
+def _reason(error: tf.errors.OpError) -> str:
+    # TensorFlow words it "PATH; No such file or directory": the part after the path is strerror's.
+    return error.message.rpartition("; ")[2] or type(error).__name__
+
+
+@dataclass(frozen=True)
+class CacheFolder:
+    """One base's folder of the cache (bottlenecks.BottleneckCache's layout and format), through tf.io.gfile."""
+
+    path: str
+    size: int  # the base's bottleneck size: an entry of another size is malformed
+
+    def entry(self, key: str) -> str:
+        return join(self.path, *entry_name(key).split("/"))
+
+    def get(self, key: str) -> np.ndarray | None:
+        """The cached vector, or None when absent or malformed (as BottleneckCache.get)."""
+        try:
+            with tf.io.gfile.GFile(self.entry(key), "rb") as f:
+                data = f.read()
+        except tf.errors.OpError:
+            return None
+        return vector_from_bytes(data, self.size)
+
+    def put(self, key: str, vector: np.ndarray) -> None:
+        path = self.entry(key)
+        if is_url(path):
+            # An object store shows an object only once its upload is complete: atomic as it is.
+            with tf.io.gfile.GFile(path, "wb") as f:
+                f.write(vector_bytes(vector))
+        else:
+            from imageclf.atomic import write_bytes_atomic
+
+            write_bytes_atomic(path, vector_bytes(vector), durable=False)
+
+
+# ---------------------------------------------------------------- the base, once per worker process
+
+@dataclass(frozen=True)
+class BaseSpec:
+    """What a worker needs to load the driver's base, and the cache folder name it must come to."""
+
+    handle: str
+    frozen: FrozenGraphSpec
+    folder: str
+
+
+_BASES: dict[tuple[str, FrozenGraphSpec], BaseModel] = {}
+_BASES_LOCK = threading.Lock()
+
+
+def shared_base(spec: BaseSpec) -> BaseModel:
+    """The base, loaded once per process however many DoFn instances (threads) a runner makes."""
+    with _BASES_LOCK:
+        if (spec.handle, spec.frozen) not in _BASES:
+            _BASES[spec.handle, spec.frozen] = load_base(spec.handle, spec.frozen)
+        base = _BASES[spec.handle, spec.frozen]
+    if cache_key(base) != spec.folder:
+        raise RuntimeError(f"the base {spec.handle} on this worker is not the one the job started with "
+                           f"(cache folder {cache_key(base)}, expected {spec.folder}): give every worker the same "
+                           "files")
+    return base
+
+
+# ---------------------------------------------------------------- the pipeline's steps
+
+def skip(reason: str) -> str:
+    """Count and log one unusable file (as retrain.py lists it); returns the reason."""
+    _COUNTERS[SKIPPED].inc()
+    log.warning("skipped %s", reason)
+    return reason
+
+
+class LookUp(beam.DoFn):
+    """(order, path) -> (order, path, key) for files not in the cache yet; cached ones are counted."""
+
+    def __init__(self, cache: CacheFolder):
+        self.cache = cache
+
+    def process(self, element: tuple[tuple, str]) -> Iterator:
+        order, path = element
+        try:
+            key = content_key(path, opener=tf.io.gfile.GFile)
+        except tf.errors.OpError as e:
+            yield beam.pvalue.TaggedOutput(SKIPPED, skip(f"{path}: cannot read file ({_reason(e)})"))
+            return
+        if self.cache.get(key) is None:
+            yield order, path, key
+        else:
+            _COUNTERS["reused"].inc()
+
+
+def plan_batches(todo: Iterable[tuple[tuple, str, str]], batch_size: int) -> Iterator[list[tuple[str, str, bool]]]:
+    """retrain.py's batches: the files still to compute in its order, cut every ``batch_size``.
+
+    Items are (path, key, write). Of several files with the same bytes only the last one's vector
+    is written, as in retrain.py, where the last write wins.
+    """
+    ordered = sorted(todo)
+    last = {key: i for i, (_, _, key) in enumerate(ordered)}
+    items = [(path, key, last[key] == i) for i, (_, path, key) in enumerate(ordered)]
+    for start in range(0, len(items), batch_size):
+        yield items[start:start + batch_size]
+
+
+class ComputeBatch(beam.DoFn):
+    """One batch: read and decode its images (threads), one forward pass, write the cache entries."""
+
+    def __init__(self, base: BaseSpec, cache: CacheFolder, max_pixels: int):
+        self.base_spec, self.cache, self.max_pixels = base, cache, max_pixels
+
+    def setup(self) -> None:
+        self.base = shared_base(self.base_spec)
+        self.features = pixels_feature_function(self.base)
+        # As retrain.py: reading and decoding overlap (gs:// reads wait on the network, not a core).
+        self.pool = ThreadPoolExecutor(max(2, os.cpu_count() or 2))
+
+    def teardown(self) -> None:
+        self.pool.shutdown()
+
+    def process(self, batch: list[tuple[str, str, bool]]) -> Iterator:
+        decoded = list(self.pool.map(self.decode, [path for path, _, _ in batch]))
+        good = []
+        for item, pixels in zip(batch, decoded, strict=True):
+            if isinstance(pixels, BadImageError):
+                yield beam.pvalue.TaggedOutput(SKIPPED, skip(str(pixels)))
+            else:
+                good.append((item, pixels))
+        if not good:
+            return
+        vectors = self.features(*pack_images([pixels for _, pixels in good])).numpy()
+        for ((_, key, write), _), vector in zip(good, vectors, strict=True):
+            if write:
+                self.cache.put(key, vector)
+        _COUNTERS["computed"].inc(len(good))
+
+    def decode(self, path: str) -> np.ndarray | BadImageError:
+        try:
+            return decode_image(read_bytes(path), self.max_pixels, name=path, size=self.base.input_size)
+        except BadImageError as e:
+            return e
+
+
+def build_pipeline(pipeline: beam.Pipeline, args: argparse.Namespace, folders: list[str],
+                   base: BaseSpec, cache: CacheFolder) -> None:
+    files = (pipeline
+             | "Class folders" >> beam.Create(list(enumerate(folders)))
+             | "List files" >> beam.FlatMap(list_class_folder, args.image_dir)
+             | "Spread files" >> beam.Reshuffle())
+    looked_up = files | "Hash and look up" >> beam.ParDo(LookUp(cache)).with_outputs(SKIPPED, main="todo")
+    computed = (looked_up.todo
+                | "Gather" >> beam.combiners.ToList()
+                | "Cut into batches" >> beam.FlatMap(plan_batches, args.batch_size)
+                | "Spread batches" >> beam.Reshuffle()
+                | "Decode and run the base" >> beam.ParDo(ComputeBatch(base, cache, args.max_pixels))
+                .with_outputs(SKIPPED, main="done"))
+    if args.skipped_list:
+        _ = ((looked_up[SKIPPED], computed[SKIPPED])
+             | "All skipped" >> beam.Flatten()
+             | "Write skipped" >> beam.io.WriteToText(args.skipped_list, num_shards=1, shard_name_template=""))
+
+
+# ---------------------------------------------------------------- running it
+
+def counts(result: beam.runners.runner.PipelineResult) -> dict[str, int]:
+    """The job's counters; committed values where the runner has them."""
+    found = {name: 0 for name in _COUNTERS}
+    for counter in result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]:
+        try:
+            value = counter.committed
+        except Exception:  # noqa: BLE001 - runners without committed metrics raise various errors
+            value = None
+        found[counter.key.metric.name] += int(value if value is not None else counter.attempted)
+    return found
+
+
+def summary(found: dict[str, int], seconds: float, cache: CacheFolder, skipped_list: str | None) -> str:
+    lines = [f"Bottlenecks: computed {found['computed']:,}, reused {found['reused']:,}, "
+             f"skipped {found[SKIPPED]:,} (cache {cache.path})",
+             f"Done in {seconds:.1f} s: {found['listed']:,} files, {found['listed'] / seconds:.1f} images/s "
+             f"({found['computed'] / seconds:.1f} computed/s, worker start-up included)"]
+    if found[SKIPPED]:
+        where = f"listed in {skipped_list}" if skipped_list else "named in the log above"
+        lines.append(f"The {found[SKIPPED]:,} skipped file(s) are not usable images: {where}.")
+    return "\n".join(lines)
+
+
+def _importable_by_local_workers() -> None:
+    """Local worker processes start a fresh Python: let them import imageclf from any working folder."""
+    root = str(Path(__file__).resolve().parent.parent)
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if root not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([root, *paths])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, beam_argv = parse(argv)
+    options = pipeline_options(args, beam_argv)
+    folders = class_folders(args.image_dir)
+    spec = frozen_spec(args)
+    base = load_base(args.tfhub_module, spec)  # here first: bad flags fail before any worker starts
+    _BASES[args.tfhub_module, spec] = base  # an in-process runner uses it as it is
+    cache = CacheFolder(join(args.bottleneck_dir, cache_key(base)), base.bottleneck_size)
+    print(f"Base model: {base.description} ({base.input_size[0]}x{base.input_size[1]}, "
+          f"{base.bottleneck_size} features)\n{len(folders)} class folders in {args.image_dir}; runner {args.runner}",
+          flush=True)
+    if is_direct(args.runner):
+        _importable_by_local_workers()
+        # The runner forwards each worker's log lines, which the workers already print themselves.
+        logging.getLogger("apache_beam.runners.portability.local_job_service").setLevel(logging.ERROR)
+    started = time.monotonic()
+    pipeline = beam.Pipeline(options=options)
+    build_pipeline(pipeline, args, folders, BaseSpec(args.tfhub_module, spec, cache_key(base)), cache)
+    result = pipeline.run()
+    state = result.wait_until_finish()
+    print(summary(counts(result), time.monotonic() - started, cache, args.skipped_list), flush=True)
+    if state != beam.runners.runner.PipelineState.DONE:
+        print(f"{PROG}: error: the pipeline ended in state {state}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def entry_point() -> None:
+    sys.exit(run(PROG, main))
+
+
+if __name__ == "__main__":
+    # Beam pickles DoFns by reference to their module; defined in __main__ they would be pickled
+    # by value instead. Run them under the module's own name, which workers import.
+    from imageclf import bottlenecks_job
+
+    bottlenecks_job.entry_point()

@@ -532,15 +532,16 @@ def test_probes_and_health_check_against_the_real_service(compose_retrain, tmp_p
     port, grpc_port = _free_port(), _free_port()
     env = {**os.environ, **_configmap(), "IMAGECLF_GRAPHS_DIR": str(graphs), "IMAGECLF_IMAGE_ROOT": str(images),
            "IMAGECLF_HOST": "127.0.0.1", "IMAGECLF_PORT": str(port), "IMAGECLF_GRPC_PORT": str(grpc_port)}
-    service = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tmp_path / "service.log"
+    with open(log, "wb") as out:
+        service = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=env, stdout=out, stderr=out)
     probes = {name: _container()[name]["httpGet"] for name in ("startupProbe", "readinessProbe", "livenessProbe")}
     try:
         def probe(name: str) -> int:
             get = probes[name]
             return _get(port, get["path"], {h["name"]: h["value"] for h in get["httpHeaders"]}["Host"])[0]
 
-        assert _wait_for(lambda: probe("startupProbe") == 200, 120), service.stderr.read1().decode()[-2000:]
+        assert _wait_for(lambda: probe("startupProbe") == 200, 120), log.read_text()[-2000:]
         assert probe("livenessProbe") == 200
         assert probe("readinessProbe") == 503  # no graph yet: no traffic for this pod
         assert _get(port, "/healthz", "attacker.example")[0] == 400  # the allowed names are in force

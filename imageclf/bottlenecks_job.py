@@ -33,6 +33,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +78,11 @@ _DIRECT_RUNNERS = {"directrunner", "direct"}
 
 log = logging.getLogger("imageclf.bottlenecks_job")
 _COUNTERS = {name: Metrics.counter(NAMESPACE, name) for name in ("listed", "reused", "computed", SKIPPED)}
+# When each stage's work began and ended, in ms since the epoch (min of the one, max of the other),
+# so the summary can tell the stages' own time from the workers' start-up.
+STAGES = {"look_up": "hashing and cache look-ups", "compute": "decoding and forward passes"}
+_SPANS = {stage: (Metrics.distribution(NAMESPACE, f"{stage}_start_ms"),
+                  Metrics.distribution(NAMESPACE, f"{stage}_end_ms")) for stage in STAGES}
 
 EPILOG = """\
 Every other flag is a Beam pipeline option, passed on as it is (--project, --region,
@@ -274,6 +280,16 @@ def shared_base(spec: BaseSpec) -> BaseModel:
 
 # ---------------------------------------------------------------- the pipeline's steps
 
+@contextmanager
+def timed(stage: str) -> Iterator[None]:
+    """Record the span of one piece of a stage's work (see _SPANS)."""
+    start = time.time()
+    yield
+    started, ended = _SPANS[stage]
+    started.update(int(start * 1000))
+    ended.update(int(time.time() * 1000))
+
+
 def skip(reason: str) -> str:
     """Count and log one unusable file (as retrain.py lists it); returns the reason."""
     _COUNTERS[SKIPPED].inc()
@@ -289,15 +305,17 @@ class LookUp(beam.DoFn):
 
     def process(self, element: tuple[tuple, str]) -> Iterator:
         order, path = element
-        try:
-            key = content_key(path, opener=tf.io.gfile.GFile)
-        except tf.errors.OpError as e:
-            yield beam.pvalue.TaggedOutput(SKIPPED, skip(f"{path}: cannot read file ({_reason(e)})"))
-            return
-        if self.cache.get(key) is None:
-            yield order, path, key
-        else:
+        with timed("look_up"):
+            try:
+                key = content_key(path, opener=tf.io.gfile.GFile)
+            except tf.errors.OpError as e:
+                yield beam.pvalue.TaggedOutput(SKIPPED, skip(f"{path}: cannot read file ({_reason(e)})"))
+                return
+            cached = self.cache.get(key) is not None
+        if cached:
             _COUNTERS["reused"].inc()
+        else:
+            yield order, path, key
 
 
 def plan_batches(todo: Iterable[tuple[tuple, str, str]], batch_size: int) -> Iterator[list[tuple[str, str, bool]]]:
@@ -329,6 +347,10 @@ class ComputeBatch(beam.DoFn):
         self.pool.shutdown()
 
     def process(self, batch: list[tuple[str, str, bool]]) -> Iterator:
+        with timed("compute"):
+            yield from self.compute(batch)
+
+    def compute(self, batch: list[tuple[str, str, bool]]) -> Iterator:
         decoded = list(self.pool.map(self.decode, [path for path, _, _ in batch]))
         good = []
         for item, pixels in zip(batch, decoded, strict=True):
@@ -372,23 +394,46 @@ def build_pipeline(pipeline: beam.Pipeline, args: argparse.Namespace, folders: l
 
 # ---------------------------------------------------------------- running it
 
-def counts(result: beam.runners.runner.PipelineResult) -> dict[str, int]:
-    """The job's counters; committed values where the runner has them."""
-    found = {name: 0 for name in _COUNTERS}
-    for counter in result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]:
-        try:
-            value = counter.committed
-        except Exception:  # noqa: BLE001 - runners without committed metrics raise various errors
-            value = None
-        found[counter.key.metric.name] += int(value if value is not None else counter.attempted)
-    return found
+@dataclass
+class JobMetrics:
+    counts: dict[str, int]
+    spans: dict[str, float]  # seconds from the first piece of a stage's work to the end of its last
 
 
-def summary(found: dict[str, int], seconds: float, cache: CacheFolder, skipped_list: str | None) -> str:
+def job_metrics(result: beam.runners.runner.PipelineResult) -> JobMetrics:
+    """The job's counters and stage spans; committed values where the runner has them."""
+    found = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))
+    counts = {name: 0 for name in _COUNTERS}
+    for counter in found["counters"]:
+        counts[counter.key.metric.name] += int(_value(counter))
+    edges = {d.key.metric.name: _value(d) for d in found["distributions"]}
+    spans = {}
+    for stage in STAGES:
+        start, end = edges.get(f"{stage}_start_ms"), edges.get(f"{stage}_end_ms")
+        if start is not None and end is not None and start.count:
+            spans[stage] = (end.max - start.min) / 1000
+    return JobMetrics(counts, spans)
+
+
+def _value(result):
+    try:
+        value = result.committed
+    except Exception:  # noqa: BLE001 - runners without committed metrics raise various errors
+        value = None
+    return value if value is not None else result.attempted
+
+
+def summary(metrics: JobMetrics, seconds: float, cache: CacheFolder, skipped_list: str | None) -> str:
+    found = metrics.counts
     lines = [f"Bottlenecks: computed {found['computed']:,}, reused {found['reused']:,}, "
              f"skipped {found[SKIPPED]:,} (cache {cache.path})",
              f"Done in {seconds:.1f} s: {found['listed']:,} files, {found['listed'] / seconds:.1f} images/s "
              f"({found['computed'] / seconds:.1f} computed/s, worker start-up included)"]
+    stages = [f"{STAGES[stage]} {span:.1f} s" for stage, span in metrics.spans.items()]
+    if "compute" in metrics.spans and metrics.spans["compute"] > 0:
+        stages[-1] += f" ({found['computed'] / metrics.spans['compute']:.1f} computed/s)"
+    if stages:
+        lines.append("  stages, first to last piece of work: " + ", ".join(stages))
     if found[SKIPPED]:
         where = f"listed in {skipped_list}" if skipped_list else "named in the log above"
         lines.append(f"The {found[SKIPPED]:,} skipped file(s) are not usable images: {where}.")
@@ -423,7 +468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     build_pipeline(pipeline, args, folders, BaseSpec(args.tfhub_module, spec, cache_key(base)), cache)
     result = pipeline.run()
     state = result.wait_until_finish()
-    print(summary(counts(result), time.monotonic() - started, cache, args.skipped_list), flush=True)
+    print(summary(job_metrics(result), time.monotonic() - started, cache, args.skipped_list), flush=True)
     if state != beam.runners.runner.PipelineState.DONE:
         print(f"{PROG}: error: the pipeline ended in state {state}", file=sys.stderr)
         return 1

@@ -42,6 +42,7 @@ from tensorflow_serving.apis import (
 
 from imageclf import label_image_cli
 from imageclf.demo_data import draw_shape, make_dataset
+from imageclf.graph_model import GraphModel
 from imageclf.images import decode_image
 from imageclf.preprocess import image_to_model_input
 from imageclf.retrain import retrain
@@ -261,6 +262,44 @@ def test_model_status(served, model):
     assert failure(served.models.GetModelStatus, request).code() == Code.NOT_FOUND
 
 
+def test_older_graphs_take_pixels_in_0_1_and_failed_loads_show_in_status(poets_like_graph, tmp_path):
+    """A batch-1 graph fed (p - 127.5) / 127.5 still takes ``images`` in [0, 1]; a broken graph is END."""
+    graphs = tmp_path / "graphs"
+    graphs.mkdir()
+    shutil.copy(poets_like_graph.graph, graphs / "defects.pb")
+    shutil.copy(poets_like_graph.labels_file, graphs / "defects.labels.txt")
+    (graphs / "defects.json").write_text(json.dumps(poets_like_graph.settings_json("defects.labels.txt")))
+    (graphs / "broken.pb").write_bytes(b"not a graph")
+    image = poets_like_graph.sample_images[2]
+    size = poets_like_graph.input_size
+    x = image_to_model_input(decode_image(image.read_bytes(), name=image.name, size=size), size)
+    model = GraphModel(graphs / "defects.pb")
+    try:
+        expected = model.session.run(model.output, {model.input: ((x * 255 - 127.5) / 127.5)[None]})[0]
+    finally:
+        model.close()
+    service = Service(graphs, image.parent)
+    try:
+        response = service.prediction.Predict(predict_request("predict_images", name="defects", images=x[None]),
+                                              timeout=30)
+        np.testing.assert_allclose(tf.make_ndarray(response.outputs["scores"])[0], expected, rtol=0, atol=1e-5)
+        encoded = service.prediction.Predict(predict_request(name="defects", image_bytes=[image.read_bytes()]),
+                                             timeout=30)
+        body = json.dumps({"instances": [{"b64": base64.b64encode(image.read_bytes()).decode()}]}).encode()
+        rest = service.http.json("/v1/models/defects:predict", data=body, headers=JSON)[1]["predictions"]
+        np.testing.assert_allclose(tf.make_ndarray(encoded.outputs["scores"]), rest, rtol=0, atol=1e-5)
+
+        request = get_model_status_pb2.GetModelStatusRequest()
+        request.model_spec.name = "broken"
+        (status,) = service.models.GetModelStatus(request, timeout=30).model_version_status
+        assert status.state == get_model_status_pb2.ModelVersionStatus.END
+        assert status.status.error_code != 0 and "not a frozen TensorFlow GraphDef" in status.status.error_message
+        error = failure(service.prediction.Predict, predict_request(name="broken", image_bytes=[b"x"]))
+        assert error.code() == Code.NOT_FOUND
+    finally:
+        service.close()
+
+
 def _jpeg(images: Path) -> bytes:
     return (images / "circle" / "circle_004.jpg").read_bytes()
 
@@ -355,23 +394,37 @@ def test_both_signatures_go_through_the_batcher(served, model):
         assert stats["batches"] - before["batches"] >= 4 and stats["largest"] <= 2  # --batch_size 2
 
 
-def test_pixels_count_against_the_decode_budget_and_stop_leaves_no_threads(served):
-    """A second gRPC server over the same models, with a 50 kB decode budget (4 images need 98 kB)."""
+def test_pixels_count_against_the_decode_budget_calls_are_bounded_and_stop_leaves_no_threads(served):
+    """A second gRPC server over the same models: a 50 kB decode budget (4 images need 98 kB), one call at a time."""
     before = set(threading.enumerate())
-    engine = Engine(served.engine.registry, Limits(max_instances=4, memory_budget_bytes=50_000, budget_wait_s=0.2))
+    engine = Engine(served.engine.registry, Limits(max_instances=4, memory_budget_bytes=50_000, budget_wait_s=3))
     server = GrpcServer(engine, served.metrics, host="127.0.0.1", port=0, threads=2, max_message_bytes=1 << 20,
-                        max_concurrent_rpcs=4)
+                        max_concurrent_rpcs=1)
     server.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     try:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        status = model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus
+        status_request = get_model_status_pb2.GetModelStatusRequest()
+        status_request.model_spec.name = MODEL
         one = np.full((1, 32, 32, 3), 0.5, np.float32)
         assert stub.Predict(predict_request("predict_images", images=one), timeout=30).outputs
         error = failure(stub.Predict, predict_request("predict_images", images=np.repeat(one, 4, axis=0)))
         assert error.code() == Code.INVALID_ARGUMENT and "decode budget" in error.details()
-        with engine.budget.reserve(40_000):  # other requests hold most of it: retry later
-            error = failure(stub.Predict, predict_request("predict_images", images=one))
-            assert error.code() == Code.UNAVAILABLE and "memory budget" in error.details()
+        with engine.budget.reserve(40_000):  # other requests hold most of the budget
+            def send():
+                return stub.Predict.future(predict_request("predict_images", images=one), timeout=30)
+            waiting, refused, deadline = send(), None, time.monotonic() + 60
+            while refused is None and time.monotonic() < deadline:  # a second call while one waits is refused
+                if waiting.done():
+                    waiting = send()  # it came while a status call held the one slot
+                try:
+                    status(status_request, timeout=30)
+                except grpc.RpcError as e:
+                    refused = e
+            assert refused is not None and refused.code() == Code.RESOURCE_EXHAUSTED
+            assert waiting.exception().code() == Code.UNAVAILABLE  # busy for the whole wait: retry later
+            assert "memory budget" in waiting.exception().details()
     finally:
         channel.close()
         server.stop(grace=1)

@@ -5,6 +5,10 @@ limits, batching, the decode budget and hot reload are the HTTP path's), shape t
 Errors become gRPC status codes, never a traceback; every call is counted in the service's
 Prometheus metrics under its method path (``/tensorflow.serving.PredictionService/Predict``)
 with the status code name.
+
+Methods are registered from the services' descriptors with the official request and response
+messages, but requests are parsed inside the handler: bytes that are not a valid message are
+then INVALID_ARGUMENT (and counted), where gRPC's own parsing would answer INTERNAL.
 """
 
 from __future__ import annotations
@@ -15,13 +19,14 @@ from collections.abc import Callable
 from concurrent import futures
 
 import grpc
+from google.protobuf.message import DecodeError
 from tensorflow_serving.apis import (
     classification_pb2,
     get_model_metadata_pb2,
     get_model_status_pb2,
-    model_service_pb2_grpc,
+    model_service_pb2,
     predict_pb2,
-    prediction_service_pb2_grpc,
+    prediction_service_pb2,
     status_pb2,
 )
 
@@ -32,8 +37,14 @@ from service.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
 
-PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
-MODEL_SERVICE = "tensorflow.serving.ModelService"
+PREDICTION_SERVICE = prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"]
+MODEL_SERVICE = model_service_pb2.DESCRIPTOR.services_by_name["ModelService"]
+UNSUPPORTED = {
+    "Regress": "Regress is not supported: these models are classifiers (use Predict or Classify)",
+    "MultiInference": "MultiInference is not supported: send one Predict or Classify per model",
+    "HandleReloadConfigRequest": "HandleReloadConfigRequest is not supported: the service serves every graph "
+                                 "in --graphs_dir and reloads them when the files change",
+}
 
 Code = grpc.StatusCode
 #: Engine error kinds -> status codes. Limits that retrying the same request can never pass
@@ -56,10 +67,10 @@ class _Calls:
     def __init__(self, metrics: ServiceMetrics):
         self.metrics = metrics
 
-    def run(self, method: str, handler: Callable, request, context: grpc.ServicerContext):
+    def run(self, method: str, handler: Callable, request_type, data: bytes, context: grpc.ServicerContext):
         started = time.perf_counter()
         try:
-            response = handler(request)
+            response = handler(_parsed(request_type, data))
         except Exception as e:  # noqa: BLE001 - every failure must become a status, never a traceback
             code, kind, message = _failure(e)
             self.metrics.errors.labels(kind).inc()
@@ -71,6 +82,17 @@ class _Calls:
     def _record(self, method: str, code: grpc.StatusCode, started: float) -> None:
         self.metrics.requests.labels(method, code.name).inc()
         self.metrics.latency.labels(method).observe(time.perf_counter() - started)
+
+
+def _parsed(request_type, data: bytes):
+    if request_type is None:  # an unimplemented method: nothing to read
+        return data
+    request = request_type()
+    try:
+        request.ParseFromString(data)
+    except DecodeError:
+        raise protos.RequestError(f"the request is not a valid {request_type.DESCRIPTOR.full_name} message") from None
+    return request
 
 
 def _failure(error: Exception) -> tuple[grpc.StatusCode, str, str]:
@@ -86,26 +108,16 @@ def _failure(error: Exception) -> tuple[grpc.StatusCode, str, str]:
     return Code.INTERNAL, "internal", f"internal error: {type(error).__name__}"
 
 
-class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
-    def __init__(self, engine: Engine, calls: _Calls):
-        self.engine, self.calls = engine, calls
+class PredictionHandlers:
+    """PredictionService's methods, request message in, response message out."""
 
-    def Predict(self, request, context):  # noqa: N802 - names fixed by the service definition
-        return self.calls.run(f"/{PREDICTION_SERVICE}/Predict", self._predict, request, context)
+    def __init__(self, engine: Engine):
+        self.engine = engine
 
-    def Classify(self, request, context):  # noqa: N802
-        return self.calls.run(f"/{PREDICTION_SERVICE}/Classify", self._classify, request, context)
-
-    def GetModelMetadata(self, request, context):  # noqa: N802
-        return self.calls.run(f"/{PREDICTION_SERVICE}/GetModelMetadata", self._metadata, request, context)
-
-    def Regress(self, request, context):  # noqa: N802
-        return self.calls.run(f"/{PREDICTION_SERVICE}/Regress", _unimplemented(
-            "Regress is not supported: these models are classifiers (use Predict or Classify)"), request, context)
-
-    def MultiInference(self, request, context):  # noqa: N802
-        return self.calls.run(f"/{PREDICTION_SERVICE}/MultiInference", _unimplemented(
-            "MultiInference is not supported: send one Predict or Classify per model"), request, context)
+    def methods(self) -> dict[str, tuple[type, Callable]]:
+        return {"Predict": (predict_pb2.PredictRequest, self._predict),
+                "Classify": (classification_pb2.ClassificationRequest, self._classify),
+                "GetModelMetadata": (get_model_metadata_pb2.GetModelMetadataRequest, self._metadata)}
 
     def _predict(self, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
         name, version = protos.requested_model(request.model_spec)
@@ -144,17 +156,14 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         return response
 
 
-class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
-    def __init__(self, engine: Engine, calls: _Calls):
-        self.engine, self.calls = engine, calls
+class ModelHandlers:
+    """ModelService's methods."""
 
-    def GetModelStatus(self, request, context):  # noqa: N802
-        return self.calls.run(f"/{MODEL_SERVICE}/GetModelStatus", self._status, request, context)
+    def __init__(self, engine: Engine):
+        self.engine = engine
 
-    def HandleReloadConfigRequest(self, request, context):  # noqa: N802
-        return self.calls.run(f"/{MODEL_SERVICE}/HandleReloadConfigRequest", _unimplemented(
-            "HandleReloadConfigRequest is not supported: the service serves every graph in --graphs_dir and "
-            "reloads them when the files change"), request, context)
+    def methods(self) -> dict[str, tuple[type, Callable]]:
+        return {"GetModelStatus": (get_model_status_pb2.GetModelStatusRequest, self._status)}
 
     def _status(self, request: get_model_status_pb2.GetModelStatusRequest):
         name, version = protos.requested_model(request.model_spec)
@@ -174,6 +183,24 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
             entry = state(version=version or 0, state=state.END,
                           status=status_pb2.StatusProto(error_code=2, error_message=status.error or "load failed"))
         return get_model_status_pb2.GetModelStatusResponse(model_version_status=[entry])
+
+
+def _service(service, methods: dict[str, tuple[type, Callable]], calls: _Calls) -> grpc.GenericRpcHandler:
+    """Every method of ``service`` (a descriptor): those in ``methods``, the others UNIMPLEMENTED."""
+    handlers = {}
+    for method in service.methods:
+        request_type, handler = methods.get(method.name) or (None, _unimplemented(
+            UNSUPPORTED.get(method.name, f"{method.name} is not supported by this service")))
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            _behaviour(calls, f"/{service.full_name}/{method.name}", request_type, handler),
+            response_serializer=lambda response: response.SerializeToString())
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
+
+
+def _behaviour(calls: _Calls, path: str, request_type, handler: Callable) -> Callable:
+    def behaviour(data: bytes, context: grpc.ServicerContext):
+        return calls.run(path, handler, request_type, data, context)
+    return behaviour
 
 
 def _unimplemented(message: str) -> Callable:
@@ -200,9 +227,9 @@ class GrpcServer:
             ("grpc.so_reuseport", 0),  # otherwise a second service on the same port would share it silently
         ])
         calls = _Calls(metrics)
-        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionServicer(engine, calls),
-                                                                            self._server)
-        model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(engine, calls), self._server)
+        self._server.add_generic_rpc_handlers((
+            _service(PREDICTION_SERVICE, PredictionHandlers(engine).methods(), calls),
+            _service(MODEL_SERVICE, ModelHandlers(engine).methods(), calls)))
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
             self.port = self._server.add_insecure_port(address)

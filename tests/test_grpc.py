@@ -343,6 +343,28 @@ def test_bad_predict_requests_get_precise_status_codes(served, model, case):
     assert error.code() == code and words in error.details(), error.details()
 
 
+def test_mutated_request_bytes_never_get_internal(served, model):
+    """Bytes that are no PredictRequest, or a valid one with random bytes changed: a precise status, never INTERNAL."""
+    call = served.channel.unary_unary("/tensorflow.serving.PredictionService/Predict")
+    error = failure(call, b"\xff\xff\xff")
+    assert error.code() == Code.INVALID_ARGUMENT and "not a valid tensorflow.serving.PredictRequest" in error.details()
+    valid = predict_request(image_bytes=[_jpeg(model[1])]).SerializeToString()
+    rng = np.random.default_rng(10)
+    codes = set()
+    for _ in range(40):
+        mutated = bytearray(valid)
+        for at in rng.integers(0, 64, 3):  # the message head: spec, input map, tensor dtype and shape
+            mutated[at] = rng.integers(0, 256)
+        try:
+            call(bytes(mutated), timeout=30)
+            codes.add(Code.OK)
+        except grpc.RpcError as e:
+            codes.add(e.code())
+            assert "Traceback" not in (e.details() or "")
+    assert not codes & {Code.INTERNAL, Code.UNKNOWN}, codes
+    assert Code.INVALID_ARGUMENT in codes
+
+
 def test_oversize_message_is_refused_before_the_handler(served, model):
     request = predict_request(image_bytes=[bytes(400_000)])  # over max_upload_bytes + 64 KiB
     assert failure(served.prediction.Predict, request).code() == Code.RESOURCE_EXHAUSTED
@@ -488,3 +510,14 @@ def test_command_line_serves_grpc_and_grpc_port_0_turns_it_off(model, tmp_path):
         on_output, off_output = _interrupt(on), _interrupt(off)
     assert f"and gRPC on 127.0.0.1:{grpc_on}" in on_output
     assert "gRPC" not in off_output
+
+
+def test_a_grpc_port_in_use_is_one_line_and_exit_status_2(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "service", "--graphs_dir", str(tmp_path), "--port", "0",
+                                 "--grpc_port", str(port)], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"--grpc_port {port}: cannot listen" in result.stderr and "0 to turn gRPC off" in result.stderr

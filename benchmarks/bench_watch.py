@@ -64,7 +64,7 @@ def main() -> int:
     new = classes[3]
     python = sys.executable
     procs = [subprocess.Popen([python, "-m", "service", "--graphs_dir", str(graphs), "--image_root", str(work),
-                               "--port", str(port)], cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+                               "--port", str(port), "--grpc_port", "0"], cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL),
              subprocess.Popen([python, str(REPO_ROOT / "retrain.py"), "--image_dir", str(data), "--watch", "--quiet",
                                "--output_graph", str(graphs / "photos.pb"), "--bottleneck_dir",

@@ -308,6 +308,7 @@ def _child_env(repo: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(repo) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    env["IMAGECLF_GRPC_PORT"] = "0"  # HTTP only: two soaks (or a soak and a service) must not share port 8500
     return env
 
 

@@ -16,6 +16,11 @@ Parts (each prints its table; all go into one JSON under results/):
 - ``digits``: a non-dog set, scikit-learn's bundled handwritten digits (1,797 8x8 scans, BSD
   licence; ``pip install -r benchmarks/requirements.txt``): head-only against ``--fine_tune``
   (no mirroring: a mirrored digit is another shape) through the exported graphs.
+- ``orientation``: a task far from the base's: which way up is a photo? Every ``--orientation_every``-th
+  dev photo, saved upright and turned 90, 180 and 270 degrees (four classes; the four copies of a
+  photo share one file name in a breed subfolder, so they always land in the same split). Head-only
+  against ``--fine_tune`` (no mirroring: a mirror swaps the 90 and 270 classes), through the exported
+  graphs on 20% of the photos.
 
 Two models scored on the same test images are compared with an exact McNemar test on the images
 only one of them gets right; the 95% Wilson intervals say how precise each accuracy is.
@@ -44,10 +49,16 @@ FOLDS = 5
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="poets,default,digits", help="comma-separated: poets, default, digits")
+    parser.add_argument("--parts", default="poets,default,digits,orientation",
+                        help="comma-separated: poets, default, digits, orientation")
     parser.add_argument("--quick", action="store_true", help="few steps and epochs: checks the script, not the model")
     parser.add_argument("--output", type=Path, help="results JSON (default: benchmarks/results/...)")
+    parser.add_argument("--orientation_every", type=int, default=3,
+                        help="orientation part: use every Nth dev photo (default: %(default)s)")
+    parser.add_argument("--orientation_tune", default=ORIENTATION_TUNE,
+                        help="orientation part: the fine-tune flags (default: %(default)s)")
     args = parser.parse_args()
+    OPTIONS.update(vars(args))
     prepare_imports()
     machine = machine_info()
     results = {"benchmark": "bench_accuracy", "machine": machine, "quick": args.quick, "parts": {}}
@@ -120,7 +131,24 @@ def digits_part(work: Path, quick: bool) -> dict:
                    paired=("head only", "fine-tuned"))
 
 
-PARTS = {"poets": poets_part, "default": default_part, "digits": digits_part}
+def orientation_part(work: Path, quick: bool) -> dict:
+    if not DEFAULT_IMAGE_DIR.is_dir():
+        print(f"orientation: skipped ({DEFAULT_IMAGE_DIR} not found)")
+        return {"skipped": "../shared not found"}
+    image_dir = write_orientations(work / "orientation", DEFAULT_IMAGE_DIR, OPTIONS["orientation_every"])
+    steps, epochs = (300, 1) if quick else (4000, 15)
+    flags = ["--how_many_training_steps", str(steps), "--testing_percentage", "20"]
+    tune = ["--fine_tune", "--fine_tune_epochs", str(epochs), *OPTIONS["orientation_tune"].split()]
+    runs = {"head only": run_retrain(work / "head", image_dir, flags),
+            "fine-tuned": run_retrain(work / "tuned", image_dir, [*flags, *tune],
+                                      bottlenecks=work / "head" / "bottlenecks")}
+    return _report(f"orientation: one dev photo in {OPTIONS['orientation_every']}, turned 4 ways, built-in base",
+                   runs, {}, paired=("head only", "fine-tuned"))
+
+
+PARTS = {"poets": poets_part, "default": default_part, "digits": digits_part, "orientation": orientation_part}
+ORIENTATION_TUNE = "--fine_tune_blocks 4 --fine_tune_learning_rate 3e-5 --random_crop 10 --random_brightness 10"
+OPTIONS: dict = {"orientation_every": 3, "orientation_tune": ORIENTATION_TUNE}
 
 
 # -- data, runs, scores ---------------------------------------------------------------------------
@@ -137,6 +165,23 @@ def write_digits(folder: Path) -> Path:
         target.mkdir(parents=True, exist_ok=True)
         gray = Image.fromarray((pixels / 16.0 * 255).astype(np.uint8))
         gray.resize((64, 64), Image.Resampling.BICUBIC).convert("RGB").save(target / f"{i:04d}.png")
+    return folder
+
+
+def write_orientations(folder: Path, photos: Path, every: int) -> Path:
+    """Every ``every``-th photo four times: upright and turned a quarter, a half and three quarters."""
+    from PIL import Image, ImageOps
+
+    turns = {"upright": None, "turned 90": Image.Transpose.ROTATE_90, "turned 180": Image.Transpose.ROTATE_180,
+             "turned 270": Image.Transpose.ROTATE_270}
+    sources = sorted(p for p in photos.rglob("*.jpg"))[::every]
+    for source in sources:
+        with Image.open(source) as img:
+            upright = ImageOps.exif_transpose(img).convert("RGB")
+        for name, turn in turns.items():
+            target = folder / name / source.parent.name / source.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            (upright.transpose(turn) if turn else upright).save(target, quality=95)
     return folder
 
 

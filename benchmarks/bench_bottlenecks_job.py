@@ -100,9 +100,11 @@ def bench_job(image_dir: Path, cache_root: Path) -> dict:
     counts = re.search(r"Bottlenecks: computed ([\d,]+), reused ([\d,]+), skipped ([\d,]+)", result.stdout)
     pipeline = re.search(r"Done in ([\d.]+) s", result.stdout)
     stage = re.search(r"decoding and forward passes ([\d.]+) s", result.stdout)
+    look_up = re.search(r"hashing and cache look-ups ([\d.]+) s", result.stdout)
     computed = int(counts.group(1).replace(",", ""))
     return {**rate(computed, float(pipeline.group(1))), "wall": rate(computed, wall),
-            "compute_stage": rate(computed, float(stage.group(1))),
+            "compute_stage": rate(computed, float(stage.group(1))), "look_up_stage_s": float(look_up.group(1)),
+            "output": result.stdout.strip().splitlines()[-4:],
             "summary": counts.group(0).removeprefix("Bottlenecks: "), "workers": WORKERS,
             "runner": "DirectRunner, multi_processing", "load_average_after": load_average()}
 
@@ -147,7 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(machine_line(machine))
     if note:
         print(f"note: {note}")
-    print(f"results: {write_results('bench_bottlenecks_job', results, args.output)}")
+    name = "bench_bottlenecks_job" + ("-quick" if args.quick else "")  # a quick run never overwrites a full one
+    print(f"results: {write_results(name, results, args.output)}")
     return 0
 
 

@@ -5,18 +5,23 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from imageclf.cli_common import quiet_tensorflow, run
 from imageclf.images import DEFAULT_MAX_PIXELS
+
+SHUTDOWN_GRACE_S = 5.0
 
 EPILOG = """\
 Every flag can also be set with an environment variable: IMAGECLF_HOST, IMAGECLF_PORT,
 IMAGECLF_GRAPHS_DIR, IMAGECLF_IMAGE_ROOT, IMAGECLF_THREADS, IMAGECLF_MAX_UPLOAD_BYTES,
 IMAGECLF_MAX_PIXELS, IMAGECLF_MAX_INSTANCES, IMAGECLF_MEMORY_BUDGET_MB, IMAGECLF_BATCH_SIZE,
 IMAGECLF_BATCH_WAIT_MS, IMAGECLF_BATCH_TIMEOUT_S, IMAGECLF_CONNECTION_LIMIT, IMAGECLF_CHANNEL_TIMEOUT,
-IMAGECLF_ALLOWED_HOSTS, IMAGECLF_GRPC_PORT, IMAGECLF_GRPC_MAX_CONCURRENT_RPCS. Flags win over the
+IMAGECLF_ALLOWED_HOSTS, IMAGECLF_GRPC_PORT, IMAGECLF_GRPC_MAX_CONCURRENT_RPCS, IMAGECLF_BACKEND,
+IMAGECLF_BACKEND_MODELS, IMAGECLF_BACKEND_TIMEOUT_S, IMAGECLF_BACKEND_MAX_CALLS. Flags win over the
 environment.
 
 Try:
@@ -24,6 +29,11 @@ Try:
   curl -F image=@sample_images/square/square_000.jpg localhost:8000/classify
   open http://localhost:8000/ in a browser
   TensorFlow Serving gRPC clients: localhost:8500 (PredictionService, ModelService)
+
+As a front for TensorFlow Serving (or another python -m service) serving the exported SavedModel:
+  python -m service --backend grpc://tfserving:8500 --backend_models sample_images
+
+SIGTERM or Ctrl-C: new connections are refused, requests in progress get up to 5 s to finish.
 """
 
 
@@ -74,6 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc_max_concurrent_rpcs", type=int, default=_env("grpc_max_concurrent_rpcs", 0),
                    help="gRPC calls in progress or waiting for a thread at once; more are refused with "
                         "RESOURCE_EXHAUSTED (default: 4 x --threads)")
+    p.add_argument("--backend", default=_env("backend", ""),
+                   help="grpc://HOST:PORT of a TensorFlow Serving (or another python -m service) serving the "
+                        "models' exported SavedModels: inference is forwarded there (predict_images, pixels "
+                        "decoded here), no graph is loaded here, and --graphs_dir is not read (default: none)")
+    p.add_argument("--backend_models", default=_env("backend_models", ""),
+                   help="with --backend: the model names to serve, comma-separated; the first is the default "
+                        "model (TensorFlow Serving has no call that lists its models)")
+    p.add_argument("--backend_timeout_s", type=float, default=_env("backend_timeout_s", 5.0),
+                   help="deadline of each call to the backend; then 503 (default: %(default)s)")
+    p.add_argument("--backend_max_calls", type=int, default=_env("backend_max_calls", 0),
+                   help="calls to the backend in flight at once; more wait up to --backend_timeout_s, then 503 "
+                        "(default: --threads)")
     p.add_argument("--allowed_hosts", default=_env("allowed_hosts", ""),
                    help="comma-separated Host names the service answers to (others get 400, which stops "
                         "DNS rebinding); default: localhost names when --host is a loopback address, "
@@ -92,13 +114,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--batch_size and --batch_wait_ms must not be negative")
     if not 0 <= args.grpc_port <= 65535 or args.grpc_max_concurrent_rpcs < 0:
         parser.error("--grpc_port must be 0 (off) to 65535 and --grpc_max_concurrent_rpcs not negative")
+    backend = _backend(parser, args)
     quiet_tensorflow()
     from imageclf.errors import UserError
     from service.app import ServiceConfig, create_app
     from service.security import default_allowed_hosts
-    from service.server import create_server
+    from service.server import create_server, serve_until
 
-    if not os.path.isdir(args.graphs_dir):
+    if backend is None and not os.path.isdir(args.graphs_dir):
         raise UserError(f"--graphs_dir {args.graphs_dir}: no such folder (run retrain.py first)")
     if not os.path.isdir(args.image_root):
         raise UserError(f"--image_root {args.image_root}: no such folder")
@@ -111,25 +134,67 @@ def main(argv: Sequence[str] | None = None) -> int:
                            max_upload_bytes=args.max_upload_bytes, max_pixels=args.max_pixels,
                            max_instances=args.max_instances, memory_budget_mb=args.memory_budget_mb,
                            batch_size=args.batch_size or args.threads, batch_wait_ms=args.batch_wait_ms,
-                           batch_timeout_s=args.batch_timeout_s, allowed_hosts=allowed)
+                           batch_timeout_s=args.batch_timeout_s, allowed_hosts=allowed, backend=backend)
     app = create_app(config)
     server = create_server(app, host=args.host, port=args.port, threads=args.threads,
                            max_request_body_size=args.max_upload_bytes + 65536,
                            connection_limit=args.connection_limit, channel_timeout=args.channel_timeout)
     grpc_server = _grpc_server(args, app) if args.grpc_port else None
     also = f" and gRPC on {args.host}:{grpc_server.port}" if grpc_server else ""
-    print(f"Serving {args.graphs_dir}/ on http://{args.host}:{args.port}/{also}  (Ctrl-C to stop)", flush=True)
+    what = f"models {', '.join(backend.models)} of {backend.url}" if backend else f"{args.graphs_dir}/"
+    print(f"Serving {what} on http://{args.host}:{args.port}/{also}  (Ctrl-C to stop)", flush=True)
+    stop = threading.Event()
+    _stop_on_signals(stop, server)
+    stopping = []
     try:
         if grpc_server:
             grpc_server.start()
-        server.run()
-    except KeyboardInterrupt:
-        pass
+        serve_until(server, stop, SHUTDOWN_GRACE_S)
     finally:
+        # gRPC drains while HTTP does (each for up to the grace period); the backend channel closes last.
         if grpc_server:
-            grpc_server.stop()
-        server.close()
+            stopping.append(threading.Thread(target=grpc_server.stop, args=(SHUTDOWN_GRACE_S,)))
+            stopping[-1].start()
+        for thread in stopping:
+            thread.join()
+        app.extensions["imageclf"]["registry"].stop()
+    print("Stopped.", flush=True)
     return 0
+
+
+def _stop_on_signals(stop: threading.Event, server) -> None:
+    """SIGTERM (containers, Kubernetes) and SIGINT (Ctrl-C) start a graceful stop; a second one stops at once."""
+    def handler(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        print(f"{signal.Signals(signum).name}: stopping (requests in progress get up to {SHUTDOWN_GRACE_S:g} s)",
+              flush=True)
+        stop.set()
+        server.pull_trigger()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, handler)
+
+
+def _backend(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """The --backend settings, checked; None without --backend."""
+    from imageclf.serving.backend_config import BackendOptions, parse_backend_url
+
+    models = tuple(dict.fromkeys(m.strip() for m in args.backend_models.split(",") if m.strip()))
+    if not args.backend:
+        if models:
+            parser.error("--backend_models needs --backend grpc://HOST:PORT")
+        return None
+    try:
+        parse_backend_url(args.backend)
+    except ValueError as e:
+        parser.error(f"--backend: {e}")
+    if not models:
+        parser.error("--backend needs --backend_models NAME[,NAME...]: the models to ask the backend for "
+                     "(TensorFlow Serving cannot list them)")
+    if args.backend_timeout_s <= 0 or args.backend_max_calls < 0:
+        parser.error("--backend_timeout_s must be positive and --backend_max_calls not negative")
+    return BackendOptions(url=args.backend, models=models, timeout_s=args.backend_timeout_s,
+                          max_calls=args.backend_max_calls or args.threads)
 
 
 def _grpc_server(args: argparse.Namespace, app):

@@ -18,14 +18,19 @@ from werkzeug.exceptions import HTTPException
 
 from imageclf.images import DEFAULT_MAX_PIXELS
 from imageclf.paths import PathError, read_confined
+from imageclf.serving.backend_config import BackendOptions
 from imageclf.serving.engine import Answer, BusyError, Engine, EngineError, Limits, UnavailableError
 from imageclf.serving.registry import ModelRegistry
+from imageclf.serving.remote import RemoteRegistry, remote_registry
 from imageclf.serving.servable import BatchOptions
 from service.metrics import ServiceMetrics
 from service.security import install_security
 
 STATUS = {"bad_image": 400, "not_an_image": 415, "too_large": 413, "too_many_pixels": 400,
-          "too_many_instances": 413, "unknown_model": 404, "unavailable": 503, "busy": 503}
+          "too_many_instances": 413, "unknown_model": 404, "unavailable": 503, "busy": 503,
+          # --backend: unreachable, slow or full (retry), a refusal of the request, anything else.
+          "backend_unavailable": 503, "backend_timeout": 503, "backend_busy": 503,
+          "backend_invalid_argument": 400, "backend_error": 502}
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,7 @@ class ServiceConfig:
     batch_wait_ms: float = 2.0            # while another batch runs, how long a new one waits for company
     batch_timeout_s: float = 30.0         # how long a request waits for a batch led by another request
     allowed_hosts: tuple[str, ...] | None = field(default=None)  # Host header values accepted; None: any
+    backend: BackendOptions | None = None  # forward inference to a gRPC backend instead of loading graphs_dir
 
     def limits(self) -> Limits:
         return Limits(max_pixels=self.max_pixels, max_instances=self.max_instances,
@@ -58,15 +64,17 @@ class ApiError(Exception):
         self.status, self.message, self.kind = status, message, kind
 
 
-def create_app(config: ServiceConfig, registry: ModelRegistry | None = None) -> Flask:
-    """A Flask app over ``config.graphs_dir``.
+def create_app(config: ServiceConfig, registry: ModelRegistry | RemoteRegistry | None = None) -> Flask:
+    """A Flask app over ``config.graphs_dir``, or over the models of ``config.backend``.
 
     Without ``registry`` it makes one and starts its poller; a registry passed in is started
     by the caller (after this call, so that its first loads are counted in the metrics).
     """
     metrics = ServiceMetrics()
     own_registry = registry is None
-    if own_registry:
+    if own_registry and config.backend is not None:
+        registry = remote_registry(config.backend, config.batching(), on_call=metrics.backend_call)
+    elif own_registry:
         registry = ModelRegistry(config.graphs_dir, config.poll_seconds, batching=config.batching())
     registry.add_listener(metrics.reloaded)
     if own_registry:
@@ -109,7 +117,7 @@ def _install_routes(app: Flask, engine: Engine, metrics: ServiceMetrics, config:
     @app.get("/readyz")
     def readyz():
         if not engine.registry.ready():
-            return jsonify({"status": "not ready", "error": "no model is loaded"}), 503
+            return jsonify({"status": "not ready", "error": engine.registry.not_ready_reason()}), 503
         return jsonify({"status": "ready"})
 
     @app.get("/models")

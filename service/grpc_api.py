@@ -54,7 +54,11 @@ CODES = {"bad_image": Code.INVALID_ARGUMENT, "not_an_image": Code.INVALID_ARGUME
          "too_many_pixels": Code.INVALID_ARGUMENT, "bad_input": Code.INVALID_ARGUMENT,
          "too_many_instances": Code.INVALID_ARGUMENT, "too_large": Code.INVALID_ARGUMENT,
          "unknown_model": Code.NOT_FOUND, "unknown_version": Code.NOT_FOUND,
-         "unavailable": Code.UNAVAILABLE, "busy": Code.UNAVAILABLE}
+         "unavailable": Code.UNAVAILABLE, "busy": Code.UNAVAILABLE,
+         # --backend: what HTTP answers 503 and 502 (gRPC's own mapping of 502) is UNAVAILABLE.
+         "backend_unavailable": Code.UNAVAILABLE, "backend_timeout": Code.UNAVAILABLE,
+         "backend_busy": Code.UNAVAILABLE, "backend_invalid_argument": Code.INVALID_ARGUMENT,
+         "backend_error": Code.UNAVAILABLE}
 
 
 class Unimplemented(Exception):

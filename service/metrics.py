@@ -20,9 +20,19 @@ class ServiceMetrics:
                               ["kind"], registry=self.registry)
         self.reloads = Counter("imageclf_model_reloads_total", "Model (re)loads, by result",
                                ["model", "result"], registry=self.registry)
+        self.backend_calls = Counter("imageclf_backend_calls_total",
+                                     "Calls to the --backend, by method and gRPC status code",
+                                     ["method", "code"], registry=self.registry)
+        self.backend_latency = Histogram("imageclf_backend_call_seconds", "Time of a call to the --backend",
+                                         ["method"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+                                         registry=self.registry)
 
     def reloaded(self, model: str, ok: bool) -> None:
         self.reloads.labels(model, "ok" if ok else "failed").inc()
+
+    def backend_call(self, method: str, code: str, seconds: float) -> None:
+        self.backend_calls.labels(method, code).inc()
+        self.backend_latency.labels(method).observe(seconds)
 
     def watch_budget(self, budget: MemoryBudget) -> None:
         """Export the decode budget's use, now and at its peak."""

@@ -11,10 +11,15 @@ from __future__ import annotations
 import json
 import logging
 import resource
+import threading
+import time
 
 import waitress
+from waitress import wasyncore
 from waitress.channel import HTTPChannel
 from waitress.task import ErrorTask
+
+log = logging.getLogger(__name__)
 
 
 class JsonErrorTask(ErrorTask):
@@ -61,3 +66,38 @@ def _raise_open_files_limit(wanted: int) -> None:
     if soft != resource.RLIM_INFINITY and soft < wanted:
         new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+
+
+def serve_until(server, stop: threading.Event, grace_s: float = 5.0) -> None:
+    """Run ``server`` until ``stop`` is set, then shut it down gracefully, and return.
+
+    Shutting down: the listening socket is closed (new connections are refused), requests being
+    received or handled go on for up to ``grace_s`` seconds and their answers are sent, idle
+    keep-alive connections are closed, then the request threads stop. Waitress' own shutdown
+    stops its event loop at once, so answers still being written would be lost. Set ``stop``
+    from a signal handler; call ``server.pull_trigger()`` too, to wake the loop at once.
+    """
+    adj = server.adj
+    channels = server._map  # noqa: SLF001 - waitress keeps its socket map there (BaseWSGIServer)
+
+    def turn(timeout: float) -> None:
+        wasyncore.loop(timeout=timeout, map=channels, use_poll=adj.asyncore_use_poll, count=1)
+
+    while not stop.is_set():
+        turn(adj.asyncore_loop_timeout)
+    wasyncore.dispatcher.close(server)  # the listener only: the loop's trigger must keep working
+    deadline = time.monotonic() + grace_s
+    while True:
+        open_channels = [c for c in list(channels.values()) if isinstance(c, HTTPChannel)]
+        busy = [c for c in open_channels if c.requests or c.request is not None or c.total_outbufs_len]
+        for channel in open_channels:
+            if channel not in busy:
+                channel.will_close = True  # closed by the loop; the client reconnects elsewhere
+        if not busy or time.monotonic() >= deadline:
+            break
+        turn(0.05)
+    if busy:
+        log.warning("shutting down with %d request(s) unfinished after %g s", len(busy), grace_s)
+    turn(0)  # close the idle connections marked above
+    server.task_dispatcher.shutdown(cancel_pending=True, timeout=max(0.1, deadline - time.monotonic()))
+    wasyncore.close_all(channels)

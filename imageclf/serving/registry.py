@@ -111,6 +111,9 @@ class ModelRegistry:
         with self._lock:
             return any(m.served is not None for m in self._models.values())
 
+    def not_ready_reason(self) -> str:
+        return "no model is loaded"
+
     # -- keeping up with the folder -----------------------------------------------------
 
     def add_listener(self, listener: Callable[[str, bool], None]) -> None:

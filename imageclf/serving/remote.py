@@ -1,0 +1,319 @@
+"""Models served by a gRPC backend, as the engine sees them: the ``--backend`` client mode.
+
+``RemoteRegistry`` stands where the local ``ModelRegistry`` stands (``acquire``, ``statuses``,
+``ready``), so the engine, and through it every route, work unchanged: images are opened,
+bounded and decoded here by the one preprocessing (EXIF, HEIC, JPEG draft scaling, the pixel
+limit and the decode budget), resized to the model's input size, and sent as float32 pixels to
+the backend's ``predict_images`` signature; concurrent requests share one call, as they share one
+``Session.run`` locally. The backend answers the scores, the labels (``classes``) and the version.
+
+Each model's input size and tensor names come from GetModelMetadata, and its labels from one
+warm-up call, when the model is first seen and again whenever the backend serves a new version.
+A poller asks GetModelStatus about every model about once a second: readiness is "every model is
+AVAILABLE on the backend". A request never waits for the poller: it calls the backend, and the
+backend's answer (or failure) is the answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from imageclf.preprocess import image_to_model_input
+from imageclf.serving.backend import (
+    BackendClient,
+    BackendRejectedError,
+    BackendUnavailableError,
+    ModelSignature,
+    Prediction,
+)
+from imageclf.serving.backend_config import BackendOptions
+from imageclf.serving.batching import BatchFailedError, MicroBatcher
+from imageclf.serving.engine import BusyError, EngineError, UnavailableError
+from imageclf.serving.registry import UnknownModelError
+from imageclf.serving.servable import BatchOptions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TensorName:
+    """A tensor of the backend's model, known by name only (its SignatureDef's TensorInfo.name)."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class RemoteModel:
+    """What the engine and the routes read of a model (GraphModel's attributes), for a backend's model.
+
+    The backend's ``predict_images`` takes pixels in [0, 1], so the scaling is the identity
+    (mean 0, std 255), whatever the backend does inside.
+    """
+
+    input_size: tuple[int, int]
+    labels: list[str]
+    input: TensorName
+    output: TensorName
+    bytes_input: TensorName | None
+    metadata: dict
+    input_mean: float = 0.0
+    input_std: float = 255.0
+
+    def model_input(self, pixels: np.ndarray) -> np.ndarray:
+        """Decoded RGB uint8 ``[h, w, 3]`` -> float32 ``[H, W, 3]`` in [0, 1], as for a local graph.
+
+        The antialiased resize can land a hair above 1.0 in float32 (1.0000011 seen on white
+        pixels); the backend may refuse values outside [0, 1], so they are clipped (a change
+        far below what moves a score).
+        """
+        return np.clip(image_to_model_input(pixels, self.input_size), 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class _Row:
+    scores: np.ndarray
+    labels: tuple[str, ...]
+    version: int
+
+
+@dataclass(eq=False)
+class RemoteVersion:
+    """One version of a backend's model: its signature, labels and the batcher that calls Predict."""
+
+    name: str
+    version: int
+    model: RemoteModel
+    batcher: MicroBatcher
+    loaded_at: float = field(default_factory=time.time)
+    load_seconds: float = 0.0
+
+
+class RemoteServable:
+    """One request's hold on a backend's model (what the engine needs of a Servable).
+
+    Made per request: the version and labels it reports are those of the backend's answer to
+    this request, which may be newer than the metadata it was acquired with.
+    """
+
+    def __init__(self, served: RemoteVersion, registry: RemoteRegistry):
+        self._served, self._registry = served, registry
+        self.name, self.version, self.model = served.name, served.version, served.model
+        self.labels: list[str] = list(served.model.labels)
+
+    def acquire(self) -> bool:
+        return True
+
+    def release(self) -> None:
+        """Nothing to free: the backend owns the model."""
+
+    def predict(self, model_inputs: list[np.ndarray]) -> list[np.ndarray]:
+        try:
+            rows: list[_Row] = self._served.batcher.submit_many(model_inputs)
+        except BatchFailedError as e:
+            cause = e.__cause__
+            if isinstance(cause, EngineError):  # each request gets its own error, as its own status
+                raise type(cause)(str(cause)) from None
+            raise
+        answered = {(row.version, row.labels) for row in rows}
+        if len(answered) > 1:
+            raise BackendUnavailableError("the backend changed the model's version during this request; retry")
+        self.version, labels = answered.pop()
+        self.labels = list(labels)
+        if self.version != self._served.version:
+            self._registry.recheck()
+        return [row.scores for row in rows]
+
+
+@dataclass
+class RemoteStatus:
+    """What the front knows of one backend model (the fields ModelStatus has, and ``describe``)."""
+
+    name: str
+    served: RemoteVersion | None        # set only while the backend says the model is AVAILABLE
+    state: str                          # ready | loading | unavailable | failed
+    error: str | None
+    checked_at: float | None
+
+    def describe(self) -> dict:
+        s = self.served
+        return {"name": self.name, "file": None, "backend": True, "state": self.state,
+                "version": s.version if s else None, "last_error": self.error,
+                "loaded_at": s.loaded_at if s else None, "load_seconds": s.load_seconds if s else None,
+                "labels": s.model.labels if s else None, "input_size": list(s.model.input_size) if s else None,
+                "metadata": s.model.metadata if s else None, "checked_at": self.checked_at}
+
+
+@dataclass(eq=False)
+class _Model:
+    name: str
+    served: RemoteVersion | None = None     # the newest version seen; kept while the backend is away
+    state: str = "loading"                  # until the backend has been asked
+    error: str | None = None
+    checked_at: float | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)  # one metadata fetch at a time
+
+
+class RemoteRegistry:
+    """The models ``models`` (the first is the default) of the backend behind ``client``."""
+
+    def __init__(self, client: BackendClient, models: Sequence[str], batching: BatchOptions | None = None,
+                 poll_seconds: float = 1.0):
+        if not models:
+            raise ValueError("name at least one model of the backend")
+        self.client = client
+        self.default = models[0]
+        self.poll_seconds = poll_seconds
+        self._batching = batching or BatchOptions()
+        self._models = {name: _Model(name) for name in models}
+        self._listeners: list[Callable[[str, bool], None]] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- what the engine and the routes use ---------------------------------------------
+
+    def acquire(self, name: str | None = None) -> RemoteServable:
+        model = self._models.get(name or self.default)
+        if model is None:
+            raise UnknownModelError(f"unknown model '{name}' (serving: {', '.join(self._models)})")
+        served = model.served or self._fetch(model)
+        return RemoteServable(served, self)
+
+    def statuses(self) -> list[RemoteStatus]:
+        with self._lock:
+            return [RemoteStatus(m.name, m.served if m.state == "ready" else None, m.state, m.error, m.checked_at)
+                    for m in self._models.values()]
+
+    def ready(self) -> bool:
+        with self._lock:
+            return all(m.state == "ready" and m.served is not None for m in self._models.values())
+
+    def not_ready_reason(self) -> str:
+        waiting = [f"{s.name}: {s.error or s.state}" for s in self.statuses() if s.served is None]
+        return "the backend does not serve every model yet (" + "; ".join(waiting) + ")"
+
+    def add_listener(self, listener: Callable[[str, bool], None]) -> None:
+        """Call ``listener(model_name, ok)`` after every metadata fetch (a version first seen)."""
+        self._listeners.append(listener)
+
+    def recheck(self) -> None:
+        """Ask the poller to look at the backend now (a new version was seen, or a request refused)."""
+        self._wake.set()
+
+    # -- keeping up with the backend ----------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._poll, name="backend-poller", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop polling and close the channel (calls still running fail as CANCELLED)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread:
+            self._thread.join()
+        self.client.close()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            for model in self._models.values():
+                if self._stop.is_set():
+                    return
+                try:
+                    self.check(model.name)
+                except Exception:  # noqa: BLE001 - the poller must outlive any one bad answer
+                    log.exception("checking model %s on the backend failed", model.name)
+            self._wake.wait(self.poll_seconds)
+            self._wake.clear()
+
+    def check(self, name: str) -> None:
+        """Ask the backend about ``name``; fetch its metadata when it serves a version not seen yet."""
+        model = self._models[name]
+        try:
+            state = self.client.status(name)
+        except EngineError as e:
+            self._set(model, _state_of(e), str(e))
+            return
+        if not state.available:
+            self._set(model, state.state, state.error)
+            return
+        if model.served is None or model.served.version != state.version:
+            try:
+                self._fetch(model, state.version)
+            except EngineError:
+                return  # _fetch recorded the error
+        self._set(model, "ready", None)
+
+    def _set(self, model: _Model, state: str, error: str | None) -> None:
+        with self._lock:
+            model.state, model.error, model.checked_at = state, error, time.time()
+
+    def _fetch(self, model: _Model, expected_version: int | None = None) -> RemoteVersion:
+        """Metadata and labels of the version the backend serves now, swapped in for new requests."""
+        with model.lock:
+            current = model.served
+            if current is not None and (expected_version is None or current.version == expected_version):
+                return current  # another request or the poller fetched it meanwhile
+            started = time.perf_counter()
+            try:
+                served = self._load(model.name, self.client.signature(model.name), started)
+            except EngineError as e:
+                self._set(model, _state_of(e), str(e))
+                self._notify(model.name, False)
+                raise
+            with self._lock:
+                model.served = served
+            log.info("backend model %s version %s: input %dx%d, %d labels", model.name, served.version,
+                     *served.model.input_size, len(served.model.labels))
+            self._notify(model.name, True)
+            return served
+
+    def _load(self, name: str, signature: ModelSignature, started: float) -> RemoteVersion:
+        # One call with a gray picture tells the labels (and proves the signature works end to end).
+        warm = self.client.predict(name, np.full((1, *signature.input_size, 3), 0.5, np.float32))
+        options = self._batching
+        batcher = MicroBatcher(self._caller(name), min(options.max_batch, self.client.images_per_call(
+            signature.input_size)), options.max_wait_ms / 1000, options.timeout_s)
+        model = RemoteModel(input_size=signature.input_size, labels=list(warm.labels),
+                            input=TensorName(signature.input_name), output=TensorName(signature.output_name),
+                            bytes_input=TensorName(signature.bytes_input_name) if signature.bytes_input_name else None,
+                            metadata={"backend_signature": "predict_images", "input_size": list(signature.input_size),
+                                      "labels": list(warm.labels)})
+        return RemoteVersion(name=name, version=warm.version or signature.version, model=model, batcher=batcher,
+                             load_seconds=round(time.perf_counter() - started, 3))
+
+    def _caller(self, name: str) -> Callable[[list[np.ndarray]], list[_Row]]:
+        def run(inputs: list[np.ndarray]) -> list[_Row]:
+            try:
+                answer: Prediction = self.client.predict(name, np.stack(inputs))
+            except BackendRejectedError:
+                self.recheck()  # a new version may take another input size
+                raise
+            return [_Row(row, answer.labels, answer.version) for row in answer.scores]
+        return run
+
+    def _notify(self, name: str, ok: bool) -> None:
+        for listener in self._listeners:
+            listener(name, ok)
+
+
+def _state_of(error: EngineError) -> str:
+    """A model's state after a failed call: "unavailable" when a retry may succeed, "failed" otherwise."""
+    return "unavailable" if isinstance(error, UnavailableError | BusyError) else "failed"
+
+
+def remote_registry(options: BackendOptions, batching: BatchOptions,
+                    on_call: Callable[[str, str, float], None] | None = None) -> RemoteRegistry:
+    """A RemoteRegistry over one channel to ``options.url`` (not started; call ``start()``)."""
+    client = BackendClient(options.target, timeout_s=options.timeout_s,
+                           max_calls=options.max_calls, on_call=on_call)
+    # A request that joins a batch led by another waits for that call: a slot, then the deadline.
+    batching = replace(batching, timeout_s=2 * options.timeout_s + 1)
+    return RemoteRegistry(client, options.models, batching, options.poll_seconds)

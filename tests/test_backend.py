@@ -1,0 +1,388 @@
+"""``python -m service --backend grpc://HOST:PORT``: a front that forwards inference, tested front to back.
+
+Two real ``python -m service`` processes on 127.0.0.1: the back serves a retrained graph (tiny base)
+and speaks TF Serving's gRPC API; the front runs with ``--backend grpc://127.0.0.1:PORT``, loads no
+graph and answers HTTP (and gRPC) by decoding with the one preprocessing and calling the back's
+``predict_images`` with the official stubs. An in-process local service over the same graph gives
+the answers the front must equal. The back is killed and restarted, and both processes are
+stopped with SIGTERM while a request is in progress.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+from imageclf.demo_data import draw_shape, make_dataset
+from imageclf.retrain import retrain
+from imageclf.serving.backend_config import BackendOptions
+from imageclf.training import TrainConfig
+from service.app import ServiceConfig, create_app
+
+from .conftest import REPO, quick_options
+from .service_helpers import Server, multipart
+
+MODEL = "shapes"
+JSON = {"Content-Type": "application/json"}
+# Pictures the front and the local service must classify alike: JPEG, PNG, an EXIF-turned phone-style
+# JPEG, and two formats only Pillow decodes (TF Serving's in-graph decoding could not).
+FILES = ["circle/circle_001.jpg", "square/square_002.jpg", "triangle.png", "turned.jpg", "photo.tiff",
+         "photo.heic"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Process:
+    """``python -m service`` with some flags, its output in a file."""
+
+    def __init__(self, name: str, args: list[str], log: Path):
+        self.name, self.args, self.log = name, args, log
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        with open(self.log, "ab") as out:
+            self.process = subprocess.Popen([sys.executable, "-m", "service", "--port", str(self.port), *self.args],
+                                            cwd=REPO, stdout=out, stderr=out, env={**os.environ,
+                                                                                   "TF_NUM_INTRAOP_THREADS": "2"})
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, path: str, status: int = 200, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.process.poll() is None:
+            try:
+                if get(self.url + path)[0] == status:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"{self.name}: {path} never answered {status}:\n{self.output()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+
+
+def get(url: str, data: bytes | None = None, headers: dict | None = None) -> tuple[int, dict, bytes]:
+    request = urllib.request.Request(url, data=data, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def get_json(url: str, **kw) -> tuple[int, dict, dict]:
+    status, headers, body = get(url, **kw)
+    assert headers.get("Content-Type") == "application/json", (status, body[:300])
+    return status, headers, json.loads(body)
+
+
+def metric(text: str, name: str, **labels) -> float:
+    selector = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))  # as prometheus_client writes them
+    found = re.search(rf"^{re.escape(name)}{{{re.escape(selector)}}} (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def _turned_photo() -> bytes:
+    """A phone-style JPEG stored sideways with EXIF orientation 6 (display: turn 90 degrees clockwise)."""
+    upright = draw_shape("triangle", np.random.default_rng(11), (240, 180))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out = io.BytesIO()
+    upright.transpose(Image.Transpose.ROTATE_90).save(out, "JPEG", quality=92, exif=exif.tobytes())
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("backend_photos")
+    make_dataset(root, per_class=8)
+    draw_shape("triangle", np.random.default_rng(5), (90, 70)).save(root / "triangle.png")
+    (root / "turned.jpg").write_bytes(_turned_photo())
+    square = draw_shape("square", np.random.default_rng(6), (120, 100))
+    square.save(root / "photo.tiff")
+    square.save(root / "photo.heic", format="HEIF")
+    return root
+
+
+@pytest.fixture(scope="module")
+def ports():
+    return {"back_grpc": _free_port(), "front_grpc": _free_port()}
+
+
+@pytest.fixture(scope="module")
+def front(photos, ports, tmp_path_factory):
+    """The front, started first (nothing listens on the back's port yet): it loads TensorFlow meanwhile."""
+    process = Process("front", ["--backend", f"grpc://127.0.0.1:{ports['back_grpc']}", "--backend_models", MODEL,
+                                "--grpc_port", str(ports["front_grpc"]), "--image_root", str(photos),
+                                "--backend_timeout_s", "3", "--threads", "4", "--max_instances", "8"],
+                      tmp_path_factory.mktemp("front") / "front.log")
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def graphs(photos, tiny_module, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("backend_model")
+    opts = quick_options(photos, out, tfhub_module=str(tiny_module),
+                         training=TrainConfig(steps=100, eval_step_interval=100, progress=False))
+    opts.output_graph = str(out / "graphs" / f"{MODEL}.pb")
+    retrain(opts, log=lambda line: None)
+    return out / "graphs"
+
+
+@pytest.fixture(scope="module")
+def back(graphs, photos, ports, tmp_path_factory):
+    process = Process("back", ["--graphs_dir", str(graphs), "--grpc_port", str(ports["back_grpc"]),
+                               "--image_root", str(photos), "--threads", "4"],
+                      tmp_path_factory.mktemp("back") / "back.log")
+    process.wait_for("/readyz")
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def local(graphs, photos):
+    """The same graph served in this process, as python -m service serves it without --backend."""
+    server = Server(graphs, photos, threads=4)
+    yield server
+    server.close()
+
+
+def version(graphs: Path) -> int:
+    return json.loads((graphs / f"{MODEL}.json").read_text())["version"]
+
+
+def assert_same_answer(front_answer: dict, local_answer: dict) -> None:
+    assert front_answer["model"] == local_answer["model"]
+    assert list(front_answer["probabilities"]) == list(local_answer["probabilities"])  # labels, in order
+    np.testing.assert_allclose(list(front_answer["probabilities"].values()),
+                               list(local_answer["probabilities"].values()), rtol=0, atol=1e-5)
+    assert [p["label"] for p in front_answer["predictions"]] == [p["label"] for p in local_answer["predictions"]]
+
+
+def test_front_is_not_ready_until_the_back_serves_the_model(front, request):
+    front.wait_for("/healthz")
+    status, _, body = get_json(front.url + "/readyz")
+    assert status == 503 and MODEL in body["error"], body
+    status, headers, body = get_json(front.url + "/?file=circle/circle_000.jpg")
+    assert status == 503 and headers.get("Retry-After") == "1" and "unavailable" in body["error"], body
+    assert "127.0.0.1" not in body["error"]  # the backend's address stays inside
+    (model,) = get_json(front.url + "/models")[2]["models"]
+    assert model["name"] == MODEL and model["state"] != "ready" and model["version"] is None
+
+    back = request.getfixturevalue("back")
+    assert back.process.poll() is None
+    front.wait_for("/readyz", timeout=30)
+    (model,) = get_json(front.url + "/models")[2]["models"]
+    assert model["state"] == "ready" and model["labels"] == ["circle", "square", "triangle"]
+    assert model["input_size"] == [32, 32]
+
+
+def test_answers_through_the_front_equal_local_serving(front, back, local, graphs, photos, ports):
+    front.wait_for("/readyz", timeout=30)
+    for name in FILES:
+        status, _, answer = get_json(f"{front.url}/?file={name}&top_k=3")
+        assert status == 200, (name, answer)
+        assert answer["model"] == {"name": MODEL, "version": version(graphs)}
+        assert_same_answer(answer, local.json(f"/?file={name}&top_k=3")[1])
+
+    data = (photos / "turned.jpg").read_bytes()
+    body, headers = multipart("image", "turned.jpg", data)
+    status, _, answer = get_json(front.url + "/classify", data=body, headers=headers)
+    assert status == 200 and answer["image"] == "turned.jpg"
+    assert_same_answer(answer, local.json("/classify", data=body, headers=headers)[1])
+    status, _, answer = get_json(front.url + "/", data=(photos / "photo.heic").read_bytes())
+    assert status == 200
+    assert_same_answer(answer, local.json("/", data=(photos / "photo.heic").read_bytes())[1])
+
+    # TF Serving's REST API: more instances than one backend call takes (the batch is split).
+    instances = [{"b64": base64.b64encode((photos / name).read_bytes()).decode()} for name in FILES + FILES[:2]]
+    body = json.dumps({"instances": instances}).encode()
+    status, _, answer = get_json(f"{front.url}/v1/models/{MODEL}:predict", data=body, headers=JSON)
+    assert status == 200 and len(answer["predictions"]) == 8
+    np.testing.assert_allclose(answer["predictions"], local.json(f"/v1/models/{MODEL}:predict", data=body,
+                                                                 headers=JSON)[1]["predictions"], rtol=0, atol=1e-5)
+    status, _, answer = get_json(f"{front.url}/v1/models/{MODEL}", headers=JSON)
+    assert answer["model_version_status"][0]["version"] == str(version(graphs))
+    metadata = get_json(f"{front.url}/v1/models/{MODEL}/metadata")[2]["metadata"]["signature_def"]["signature_def"]
+    assert metadata["serving_default"]["labels"] == ["circle", "square", "triangle"]
+    assert metadata["serving_default"]["image_size"] == [32, 32]
+
+    # The front's own gRPC API forwards too.
+    grpc_request = predict_pb2.PredictRequest()
+    grpc_request.model_spec.name = MODEL
+    grpc_request.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto([(photos / "turned.jpg").read_bytes()]))
+    with grpc.insecure_channel(f"127.0.0.1:{ports['front_grpc']}") as channel:
+        reply = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(grpc_request, timeout=30)
+    assert reply.model_spec.version.value == version(graphs)
+    expected = local.json("/?file=turned.jpg")[1]["probabilities"]
+    np.testing.assert_allclose(tf.make_ndarray(reply.outputs["scores"])[0], list(expected.values()), rtol=0,
+                               atol=1e-5)
+
+
+def test_the_front_refuses_bad_requests_itself(front, back):
+    front.wait_for("/readyz", timeout=30)
+
+    def predict_calls() -> float:
+        return metric(get(front.url + "/metrics")[2].decode(), "imageclf_backend_calls_total", method="Predict",
+                      code="OK")
+    before = predict_calls()
+    for path, status, words in [("/?file=../escape.jpg", 403, "refused"), ("/?file=/etc/passwd", 403, "refused"),
+                                ("/?file=missing.jpg", 404, "missing.jpg"),
+                                ("/?file=circle/circle_001.jpg&model=nope", 404, "unknown model 'nope'"),
+                                ("/?file=circle/circle_001.jpg&top_k=0", 400, "top_k")]:
+        got, _, body = get_json(front.url + path)
+        assert got == status and words in body["error"], (path, got, body)
+    for data, status in [(b"hello", 415), ((REPO / "sample_images" / "circle" / "circle_000.jpg").read_bytes()[:300],
+                                           400)]:
+        got, _, body = get_json(front.url + "/classify", data=data)
+        assert got == status and "Traceback" not in body["error"], body
+    body = json.dumps({"instances": [{"b64": "aGVsbG8="}]}).encode()
+    assert get_json(f"{front.url}/v1/models/nope:predict", data=body, headers=JSON)[0] == 404
+    assert predict_calls() == before  # none of them reached the back
+
+
+def test_a_model_the_back_does_not_serve_is_404_and_keeps_the_front_unready(back, photos, ports):
+    """An in-process front (the same app as python -m service builds) asking for a model the back lacks."""
+    config = ServiceConfig(image_root=str(photos), backend=BackendOptions(
+        url=f"grpc://127.0.0.1:{ports['back_grpc']}", models=("ghost", MODEL), timeout_s=3))
+    app = create_app(config)
+    registry = app.extensions["imageclf"]["registry"]
+    try:
+        client = app.test_client()
+        answer = client.get("/?file=circle/circle_001.jpg&model=ghost")
+        assert answer.status_code == 404 and "not served by the backend" in answer.json["error"], answer.json
+        answer = client.get("/?file=circle/circle_001.jpg&model=shapes")
+        assert answer.status_code == 200 and answer.json["model"]["name"] == MODEL
+        answer = client.get("/?file=circle/circle_001.jpg")  # the first model named is the default
+        assert answer.status_code == 404
+        deadline = time.monotonic() + 20
+        while not [s for s in registry.statuses() if s.name == "ghost" and s.error] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        answer = client.get("/readyz")
+        assert answer.status_code == 503 and "ghost" in answer.json["error"], answer.json
+    finally:
+        registry.stop()
+
+
+def test_calls_are_counted_on_the_front_and_reach_the_back_over_grpc(front, back):
+    front.wait_for("/readyz", timeout=30)
+    method = "/tensorflow.serving.PredictionService/Predict"
+
+    def counts():
+        front_metrics, back_metrics = get(front.url + "/metrics")[2].decode(), get(back.url + "/metrics")[2].decode()
+        return (metric(front_metrics, "imageclf_requests_total", endpoint="/", status="200"),
+                metric(front_metrics, "imageclf_backend_calls_total", method="Predict", code="OK"),
+                metric(front_metrics, "imageclf_backend_call_seconds_count", method="Predict"),
+                metric(back_metrics, "imageclf_requests_total", endpoint=method, status="OK"),
+                metric(back_metrics, "imageclf_requests_total", endpoint="/", status="200"))
+    before = counts()
+    assert get(front.url + "/?file=square/square_003.jpg")[0] == 200
+    assert np.subtract(counts(), before).tolist() == [1, 1, 1, 1, 0]
+
+
+def test_back_down_is_503_json_and_the_front_recovers(front, back, local):
+    front.wait_for("/readyz", timeout=30)
+    back.stop()  # SIGKILL: no goodbye
+    status, headers, body = get_json(front.url + "/?file=circle/circle_002.jpg")
+    assert status == 503 and headers.get("Retry-After") == "1" and "retry" in body["error"], body
+    front.wait_for("/readyz", status=503, timeout=30)
+    assert get(front.url + "/healthz")[0] == 200  # alive: do not restart the front for it
+    assert get_json(front.url + "/models")[2]["models"][0]["state"] == "unavailable"
+
+    back.start()
+    back.wait_for("/readyz")
+    front.wait_for("/readyz", timeout=30)
+    status, _, answer = get_json(front.url + "/?file=circle/circle_002.jpg")
+    assert status == 200
+    assert_same_answer(answer, local.json("/?file=circle/circle_002.jpg")[1])
+    text = get(front.url + "/metrics")[2].decode()
+    assert metric(text, "imageclf_errors_total", kind="backend_unavailable") >= 1
+    assert metric(text, "imageclf_requests_total", endpoint="/", status="500") == 0
+
+
+def _half_sent_upload(url: str, data: bytes) -> tuple[socket.socket, bytes]:
+    """A connection with a POST /classify whose body is half sent; returns it and the other half."""
+    port = int(url.rsplit(":", 1)[1])
+    conn = socket.create_connection(("127.0.0.1", port), timeout=30)
+    # One whole request first: its answer proves the server accepted the connection (one still in
+    # the listen backlog when the listener closes is reset, which is not what is tested here).
+    conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    assert _response(conn)[0] == 200
+    head = (f"POST /classify HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/octet-stream\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n").encode()
+    half = len(data) // 2
+    conn.sendall(head + data[:half])
+    return conn, data[half:]
+
+
+def _response(conn: socket.socket) -> tuple[int, dict]:
+    raw = b""
+    while b"\r\n\r\n" not in raw or len(raw.split(b"\r\n\r\n", 1)[1]) < int(
+            re.search(rb"Content-Length: (\d+)", raw, re.I).group(1)):
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        raw += chunk
+    head, body = raw.split(b"\r\n\r\n", 1)
+    return int(head.split()[1]), json.loads(body)
+
+
+def _refuses_connections(url: str, timeout: float = 10) -> bool:
+    port = int(url.rsplit(":", 1)[1])
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except ConnectionRefusedError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("which", ["front", "back"])
+def test_sigterm_finishes_the_request_in_progress_and_exits_0(which, front, back, local, photos):
+    """Last in this file: it stops the processes. The front is stopped first, while the back still answers."""
+    process = {"front": front, "back": back}[which]
+    process.wait_for("/readyz", timeout=30)
+    data = (photos / "turned.jpg").read_bytes()
+    conn, rest = _half_sent_upload(process.url, data)
+    with conn:
+        process.process.send_signal(signal.SIGTERM)
+        assert _refuses_connections(process.url)  # stopped accepting...
+        conn.sendall(rest)  # ...but the request already being received is answered
+        status, answer = _response(conn)
+    assert status == 200, answer
+    assert_same_answer(answer, local.json("/classify", data=data)[1])
+    assert process.process.wait(timeout=30) == 0
+    output = process.output()
+    assert "SIGTERM: stopping" in output and "Stopped." in output and "Traceback" not in output, output[-3000:]

@@ -241,7 +241,10 @@ def test_image_command_and_settings_are_what_the_service_parser_reads(monkeypatc
     settings = {"Dockerfile": {k: v for k, v in _image_env().items() if k.startswith("IMAGECLF_")},
                 "ConfigMap": {k: v for k, v in _configmap().items() if k.startswith("IMAGECLF_")},
                 "compose": {k: v for k, v in _compose()["services"]["imageclf"]["environment"].items()
-                            if k.startswith("IMAGECLF_")}}
+                            if k.startswith("IMAGECLF_")},
+                "compose front": {k: _interpolate(v, {})
+                                  for k, v in _compose()["services"]["front"]["environment"].items()
+                                  if k.startswith("IMAGECLF_")}}
     for where, env in settings.items():
         assert env, where
         for name, value in env.items():
@@ -415,10 +418,11 @@ def test_compose_runs_as_the_image_user_with_read_only_inputs():
     services = _compose()["services"]
     assert _interpolate(services["retrain"]["user"], {}) == user
     assert "user" not in services["imageclf"]  # the image's own
-    for name in ("imageclf", "tfserving"):
+    for name in ("imageclf", "tfserving", "front"):
         assert all(read_only for _, read_only in _mounts(services[name], {}).values()), name
-    assert services["imageclf"]["read_only"] and services["imageclf"]["tmpfs"] == ["/tmp"]
-    for name in ("imageclf", "retrain"):
+    for name in ("imageclf", "front"):
+        assert services[name]["read_only"] and services[name]["tmpfs"] == ["/tmp"]
+    for name in ("imageclf", "retrain", "front"):
         assert services[name]["build"] == {"context": "..", "dockerfile": "deploy/Dockerfile"}
         assert (DEPLOY / services[name]["build"]["context"] / services[name]["build"]["dockerfile"]).is_file()
 
@@ -564,3 +568,19 @@ def test_probes_and_health_check_against_the_real_service(compose_retrain, tmp_p
         service.terminate()
         service.wait(timeout=30)
     assert _healthcheck(port) == 1
+
+
+def test_compose_front_asks_the_tf_serving_container_for_its_model():
+    from imageclf.serving.backend_config import parse_backend_url
+
+    services = _compose()["services"]
+    front, tfserving = services["front"], services["tfserving"]
+    host, port = parse_backend_url(front["environment"]["IMAGECLF_BACKEND"]).rsplit(":", 1)
+    assert host == "tfserving" and host in front["depends_on"]
+    assert any(published.endswith(f":{port}") for published in tfserving["ports"])  # TF Serving's gRPC port
+    for model_name in ("", "dogs"):
+        env = {"MODEL_NAME": model_name} if model_name else {}
+        assert (_interpolate(front["environment"]["IMAGECLF_BACKEND_MODELS"], env)
+                == _interpolate(tfserving["environment"]["MODEL_NAME"], env))
+    assert "/graphs" not in _mounts(front, {})  # the model lives in TF Serving only
+    assert front["profiles"] == ["front"]  # `up` without the profile starts what it did before

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Sequence
@@ -21,8 +22,8 @@ IMAGECLF_GRAPHS_DIR, IMAGECLF_IMAGE_ROOT, IMAGECLF_THREADS, IMAGECLF_MAX_UPLOAD_
 IMAGECLF_MAX_PIXELS, IMAGECLF_MAX_INSTANCES, IMAGECLF_MEMORY_BUDGET_MB, IMAGECLF_BATCH_SIZE,
 IMAGECLF_BATCH_WAIT_MS, IMAGECLF_BATCH_TIMEOUT_S, IMAGECLF_CONNECTION_LIMIT, IMAGECLF_CHANNEL_TIMEOUT,
 IMAGECLF_ALLOWED_HOSTS, IMAGECLF_GRPC_PORT, IMAGECLF_GRPC_MAX_CONCURRENT_RPCS, IMAGECLF_BACKEND,
-IMAGECLF_BACKEND_MODELS, IMAGECLF_BACKEND_TIMEOUT_S, IMAGECLF_BACKEND_MAX_CALLS. Flags win over the
-environment.
+IMAGECLF_BACKEND_MODELS, IMAGECLF_BACKEND_TIMEOUT_S, IMAGECLF_BACKEND_MAX_CALLS, IMAGECLF_WORKERS,
+IMAGECLF_INTRA_OP_THREADS, IMAGECLF_INTER_OP_THREADS. Flags win over the environment.
 
 Try:
   curl 'localhost:8000/?file=sample_images/circle/circle_000.jpg'
@@ -32,6 +33,9 @@ Try:
 
 As a front for TensorFlow Serving (or another python -m service) serving the exported SavedModel:
   python -m service --backend grpc://tfserving:8500 --backend_models sample_images
+
+On a machine with many cores (see README, "Big machines"):
+  python -m service --workers 4 --threads 8     # 4 processes on one port, cores split between them
 
 SIGTERM or Ctrl-C: new connections are refused, requests in progress get up to 5 s to finish.
 """
@@ -96,6 +100,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend_max_calls", type=int, default=_env("backend_max_calls", 0),
                    help="calls to the backend in flight at once; more wait up to --backend_timeout_s, then 503 "
                         "(default: --threads)")
+    p.add_argument("--workers", type=int, default=_env("workers", 1),
+                   help="service processes answering on the same port, each with its own --threads, models and "
+                        "GIL, under a parent that passes SIGTERM on to them; each gets --memory_budget_mb / N "
+                        "and, unless given, --intra_op_threads cores / N (default: %(default)s)")
+    p.add_argument("--intra_op_threads", type=int, default=_env("intra_op_threads", 0),
+                   help="TensorFlow threads that one operation (a convolution) may use, per process; 0: one per "
+                        "core, or cores / --workers (default: %(default)s)")
+    p.add_argument("--inter_op_threads", type=int, default=_env("inter_op_threads", 0),
+                   help="TensorFlow threads running independent operations at once, per process; 0: TensorFlow's "
+                        "choice, or 1-2 with --workers (default: %(default)s)")
+    # Internal: how the --workers parent starts each worker (see service/workers.py).
+    p.add_argument("--listen_fd", type=int, default=-1, help=argparse.SUPPRESS)
+    p.add_argument("--worker_index", type=int, default=-1, help=argparse.SUPPRESS)
     p.add_argument("--allowed_hosts", default=_env("allowed_hosts", ""),
                    help="comma-separated Host names the service answers to (others get 400, which stops "
                         "DNS rebinding); default: localhost names when --host is a loopback address, "
@@ -114,8 +131,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--batch_size and --batch_wait_ms must not be negative")
     if not 0 <= args.grpc_port <= 65535 or args.grpc_max_concurrent_rpcs < 0:
         parser.error("--grpc_port must be 0 (off) to 65535 and --grpc_max_concurrent_rpcs not negative")
+    if args.workers <= 0 or args.intra_op_threads < 0 or args.inter_op_threads < 0:
+        parser.error("--workers must be positive, --intra_op_threads and --inter_op_threads not negative")
     backend = _backend(parser, args)
+    if args.workers > 1:
+        return _run_workers(parser, args, sys.argv[1:] if argv is None else list(argv))
     quiet_tensorflow()
+    _tensorflow_threads(args.intra_op_threads, args.inter_op_threads)
     from imageclf.errors import UserError
     from service.app import ServiceConfig, create_app
     from service.security import default_allowed_hosts
@@ -136,13 +158,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                            batch_size=args.batch_size or args.threads, batch_wait_ms=args.batch_wait_ms,
                            batch_timeout_s=args.batch_timeout_s, allowed_hosts=allowed, backend=backend)
     app = create_app(config)
+    worker = args.listen_fd >= 0
+    if worker:
+        app.extensions["imageclf"]["metrics"].set_worker(args.worker_index)
     server = create_server(app, host=args.host, port=args.port, threads=args.threads,
+                           listen_socket=socket.socket(fileno=args.listen_fd) if worker else None,
                            max_request_body_size=args.max_upload_bytes + 65536,
                            connection_limit=args.connection_limit, channel_timeout=args.channel_timeout)
     grpc_server = _grpc_server(args, app) if args.grpc_port else None
     also = f" and gRPC on {args.host}:{grpc_server.port}" if grpc_server else ""
     what = f"models {', '.join(backend.models)} of {backend.url}" if backend else f"{args.graphs_dir}/"
-    print(f"Serving {what} on http://{args.host}:{args.port}/{also}  (Ctrl-C to stop)", flush=True)
+    who = f"Worker {args.worker_index} (pid {os.getpid()}) serving" if worker else "Serving"
+    print(f"{who} {what} on http://{args.host}:{args.port}/{also}  (Ctrl-C to stop)", flush=True)
     stop = threading.Event()
     _stop_on_signals(stop, server)
     stopping = []
@@ -160,6 +187,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         app.extensions["imageclf"]["registry"].stop()
     print("Stopped.", flush=True)
     return 0
+
+
+def _run_workers(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> int:
+    from service.workers import plan_workers, run_workers
+
+    if args.listen_fd >= 0:
+        parser.error("--workers cannot be combined with --listen_fd (that is how workers are started)")
+    if not os.path.isdir(args.image_root):  # checked once here rather than N times
+        from imageclf.errors import UserError
+        raise UserError(f"--image_root {args.image_root}: no such folder")
+    plan = plan_workers(args.workers, args.memory_budget_mb, args.intra_op_threads, args.inter_op_threads)
+    return run_workers(argv, host=args.host, port=args.port, grpc_port=args.grpc_port, plan=plan,
+                       grace_s=SHUTDOWN_GRACE_S)
+
+
+def _tensorflow_threads(intra_op: int, inter_op: int) -> None:
+    """Thread pools of this process, for sessions and eager ops alike (0: TensorFlow's default)."""
+    if not intra_op and not inter_op:
+        return
+    import tensorflow as tf
+
+    # Sessions made without a config (GraphModel's) take the eager context's, which these set.
+    if intra_op:
+        tf.config.threading.set_intra_op_parallelism_threads(intra_op)
+    if inter_op:
+        tf.config.threading.set_inter_op_parallelism_threads(inter_op)
 
 
 def _stop_on_signals(stop: threading.Event, server) -> None:
@@ -206,6 +259,7 @@ def _grpc_server(args: argparse.Namespace, app):
     try:
         return GrpcServer(shared["engine"], shared["metrics"], host=args.host, port=args.grpc_port,
                           threads=args.threads, max_message_bytes=args.max_upload_bytes + 65536,
+                          reuse_port=args.listen_fd >= 0,
                           max_concurrent_rpcs=args.grpc_max_concurrent_rpcs or 4 * args.threads)
     except OSError as e:
         raise UserError(f"--grpc_port {args.grpc_port}: {e}; pick another port, or 0 to turn gRPC off") from None

@@ -224,11 +224,13 @@ class GrpcServer:
     """
 
     def __init__(self, engine: Engine, metrics: ServiceMetrics, *, host: str, port: int, threads: int,
-                 max_message_bytes: int, max_concurrent_rpcs: int):
+                 max_message_bytes: int, max_concurrent_rpcs: int, reuse_port: bool = False):
         self._executor = futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc-handler")
         self._server = grpc.server(self._executor, maximum_concurrent_rpcs=max_concurrent_rpcs, options=[
             ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.so_reuseport", 0),  # otherwise a second service on the same port would share it silently
+            # Off, or a second service on the same port would share it silently; on for --workers,
+            # whose parent holds the port (service/workers.py).
+            ("grpc.so_reuseport", int(reuse_port)),
         ])
         calls = _Calls(metrics)
         self._server.add_generic_rpc_handlers((

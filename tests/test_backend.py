@@ -11,17 +11,21 @@ stopped with SIGTERM while a request is in progress.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
+import logging
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -29,7 +33,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
-from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
 
 from imageclf.demo_data import draw_shape, make_dataset
 from imageclf.retrain import retrain
@@ -308,6 +318,204 @@ def test_calls_are_counted_on_the_front_and_reach_the_back_over_grpc(front, back
     before = counts()
     assert get(front.url + "/?file=square/square_003.jpg")[0] == 200
     assert np.subtract(counts(), before).tolist() == [1, 1, 1, 1, 0]
+
+
+# -- a broken or hostile backend: a real gRPC server on 127.0.0.1 whose answers each test sets ------------
+
+class HostileBackend(prediction_service_pb2_grpc.PredictionServiceServicer,
+                     model_service_pb2_grpc.ModelServiceServicer):
+    """TF Serving's PredictionService and ModelService for one model ``m``, answering as told.
+
+    By default it is well behaved: an ``input`` x ``input`` predict_images signature, version
+    ``version``, two labels. ``answer`` (a function of the row count) replaces Predict's
+    answers; ``hang`` (seconds) delays the named methods; ``refuse`` makes Predict refuse any input.
+    """
+
+    def __init__(self):
+        self.input, self.version, self.labels = 8, 1, [b"cat", b"dog"]
+        self.answer = None
+        self.refuse = False
+        self.hang: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self.called = {name: threading.Event() for name in ("GetModelStatus", "GetModelMetadata", "Predict")}
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(self, self.server)
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(self, self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.url = f"grpc://127.0.0.1:{self.port}"
+        self.server.start()
+
+    def _enter(self, method: str) -> None:
+        self.calls[method] = self.calls.get(method, 0) + 1
+        self.called[method].set()
+        time.sleep(self.hang.get(method, 0))
+
+    def GetModelStatus(self, request, context):
+        self._enter("GetModelStatus")
+        state = get_model_status_pb2.ModelVersionStatus
+        return get_model_status_pb2.GetModelStatusResponse(
+            model_version_status=[state(version=self.version, state=state.AVAILABLE)])
+
+    def GetModelMetadata(self, request, context):
+        self._enter("GetModelMetadata")
+        definitions = get_model_metadata_pb2.SignatureDefMap()
+        signature = definitions.signature_def["predict_images"]
+        images = signature.inputs["images"]
+        images.name, images.dtype = "images:0", tf.float32.as_datatype_enum
+        images.tensor_shape.CopyFrom(tf.TensorShape([None, self.input, self.input, 3]).as_proto())
+        signature.outputs["scores"].name = "scores:0"
+        signature.outputs["classes"].name = "classes:0"
+        response = get_model_metadata_pb2.GetModelMetadataResponse()
+        response.model_spec.name, response.model_spec.version.value = "m", self.version
+        response.metadata["signature_def"].Pack(definitions)
+        return response
+
+    def Predict(self, request, context):
+        self._enter("Predict")
+        images = tf.make_ndarray(request.inputs["images"])
+        if self.refuse or images.shape[1:] != (self.input, self.input, 3):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"images must be [n, {self.input}, {self.input}, 3]")
+        n = len(images)
+        response = self.answer(n) if self.answer else _answer(np.full((n, len(self.labels)), 0.5), [self.labels] * n)
+        response.model_spec.name, response.model_spec.version.value = "m", self.version
+        return response
+
+    def close(self) -> None:
+        self.server.stop(0)
+
+
+def _answer(scores, classes) -> predict_pb2.PredictResponse:
+    response = predict_pb2.PredictResponse()
+    response.outputs["scores"].CopyFrom(tf.make_tensor_proto(np.asarray(scores, np.float32)))
+    response.outputs["classes"].CopyFrom(tf.make_tensor_proto(np.asarray(classes, object)))
+    return response
+
+
+def _one_value_for(shape: list[int]) -> predict_pb2.PredictResponse:
+    """Scores declared ``shape`` with one value: tf.make_ndarray would repeat it to fill the shape."""
+    response = _answer([[0.5, 0.5]], [[b"cat", b"dog"]])
+    scores = response.outputs["scores"]
+    scores.ClearField("tensor_content")
+    scores.float_val.append(0.5)
+    scores.tensor_shape.CopyFrom(tf.TensorShape(shape).as_proto())
+    return response
+
+
+@pytest.fixture
+def hostile():
+    backend = HostileBackend()
+    yield backend
+    backend.close()
+
+
+def front_of(backend: HostileBackend, timeout_s: float = 2, poll_seconds: float = 0.2):
+    """An in-process front over ``backend`` (the app python -m service --backend builds)."""
+    config = ServiceConfig(image_root=str(REPO / "sample_images"), backend=BackendOptions(
+        url=backend.url, models=("m",), timeout_s=timeout_s, poll_seconds=poll_seconds))
+    return create_app(config)
+
+
+@contextlib.contextmanager
+def running_front(backend: HostileBackend, **kw):
+    app = front_of(backend, **kw)
+    try:
+        yield app.test_client()
+    finally:
+        app.extensions["imageclf"]["registry"].stop()
+
+
+PICTURE = "/?file=circle/circle_000.jpg"
+
+GARBAGE = {
+    "NaN scores": lambda n: _answer(np.full((n, 2), np.nan), [[b"cat", b"dog"]] * n),
+    "a row too many": lambda n: _answer(np.full((n + 1, 2), 0.5), [[b"cat", b"dog"]] * (n + 1)),
+    "more labels than scores": lambda n: _answer(np.full((n, 2), 0.5), [[b"cat", b"dog", b"cow"]] * n),
+    "one label twice": lambda n: _answer(np.full((n, 2), 0.5), [[b"cat", b"cat"]] * n),
+    "no classes at all": lambda n: _answer(np.zeros((n, 0)), np.zeros((n, 0), object)),
+    # 10^10 scores declared, one sent: filling that in would take 40 GB.
+    "a huge declared shape": lambda n: _one_value_for([n, 10 ** 10]),
+    "labels over 4 MiB": lambda n: _answer(np.full((n, 2), 0.5), [[b"cat", b"x" * (5 << 20)]] * n),
+}
+
+
+@pytest.mark.parametrize("garbage", list(GARBAGE))
+def test_a_backend_answering_garbage_is_502_json(hostile, garbage):
+    with running_front(hostile) as client:
+        answer = client.get(PICTURE)
+        assert answer.status_code == 200 and answer.json["probabilities"] == {"cat": 0.5, "dog": 0.5}, answer.json
+        hostile.answer = GARBAGE[garbage]
+        answer = client.get(PICTURE)
+        assert answer.status_code == 502 and "backend" in answer.json["error"], (answer.status_code, answer.data)
+        assert client.get("/healthz").status_code == 200
+        hostile.answer = None
+        assert client.get(PICTURE).status_code == 200
+
+
+def test_absurd_input_size_in_the_metadata_is_refused_not_allocated(hostile):
+    hostile.input = 100_000  # a warm-up picture of 100000 x 100000 x 3 float32 would be 120 GB
+    with running_front(hostile) as client:
+        answer = client.get(PICTURE)
+        assert answer.status_code == 502 and "at most 2048 pixels a side" in answer.json["error"], answer.json
+        assert "Predict" not in hostile.calls
+        assert client.get("/readyz").status_code == 503
+
+
+def test_a_backend_that_refuses_what_its_metadata_asked_for_is_not_the_clients_fault(hostile):
+    with running_front(hostile, poll_seconds=60) as client:
+        assert client.get(PICTURE).status_code == 200
+        hostile.input = 16  # restarted with another model, same version: the front's metadata is stale
+        answer = client.get(PICTURE)
+        assert answer.status_code == 503 and answer.headers["Retry-After"] == "1", answer.json
+        assert "metadata is fetched again" in answer.json["error"]
+        assert client.get(PICTURE).status_code == 200  # the retry: fetched for 16 x 16
+
+        hostile.refuse = True  # refuses everything, the warm-up picture too: broken, not a bad request
+        assert client.get(PICTURE).status_code == 503
+        answer = client.get(PICTURE)
+        assert answer.status_code == 502 and "refuses a picture" in answer.json["error"], answer.json
+
+
+def test_requests_waiting_for_a_hung_metadata_fetch_share_its_failure(hostile):
+    """Requests that arrive while the model's first fetch hangs do not each ask the backend again in turn."""
+    hostile.hang["GetModelMetadata"] = 30  # beyond the 1 s deadline
+    app = front_of(hostile, timeout_s=1, poll_seconds=60)
+    try:
+        assert hostile.called["GetModelMetadata"].wait(10)  # the poller's fetch is in flight
+        with futures.ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda _: app.test_client().get(PICTURE), range(4)))
+        assert [a.status_code for a in answers] == [503] * 4
+        assert all("did not answer within 1 s" in a.json["error"] and a.headers["Retry-After"] == "1"
+                   for a in answers), [a.json for a in answers]
+        assert hostile.calls["GetModelMetadata"] == 1
+    finally:
+        app.extensions["imageclf"]["registry"].stop()
+
+
+def test_stop_does_not_wait_for_a_hung_status_call(hostile):
+    hostile.hang["GetModelStatus"] = 60
+    app = front_of(hostile, timeout_s=60)
+    registry = app.extensions["imageclf"]["registry"]
+    assert hostile.called["GetModelStatus"].wait(10)
+    stopping = threading.Thread(target=registry.stop)
+    stopping.start()
+    stopping.join(20)  # far below the 60 s deadline the call would otherwise run to
+    assert not stopping.is_alive()
+
+
+def test_a_backend_that_stays_away_does_not_flood_the_log(caplog):
+    closed = _free_port()
+    options = BackendOptions(url=f"grpc://127.0.0.1:{closed}", models=("m",), timeout_s=1, poll_seconds=0.01)
+    with caplog.at_level(logging.WARNING, logger="imageclf.serving.backend"):
+        app = create_app(ServiceConfig(image_root=str(REPO / "sample_images"), backend=options))
+        client = app.test_client()
+        try:
+            for _ in range(20):
+                assert client.get(PICTURE).status_code == 503
+            time.sleep(1)  # some 100 status polls
+        finally:
+            app.extensions["imageclf"]["registry"].stop()
+    lines = [r for r in caplog.records if "failed: UNAVAILABLE" in r.getMessage()]
+    assert 1 <= len(lines) <= 2, [r.getMessage() for r in caplog.records]
 
 
 def test_back_down_is_503_json_and_the_front_recovers(front, back, local):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -39,6 +39,14 @@ log = logging.getLogger(__name__)
 #: otherwise (4 MiB is gRPC's default receive limit), so a batch is split to stay under it.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 _MESSAGE_OVERHEAD = 64 * 1024
+#: Bounds on what a backend may declare, so that a broken or hostile one cannot make the front
+#: allocate without limit: the side of a model's input (a 100000x100000 input would take 120 GB
+#: for the warm-up picture alone) and the number of classes in an answer.
+MAX_INPUT_SIDE = 2048
+MAX_CLASSES = 100_000
+#: At most one warning a minute for each (method, status code): a backend that stays away would
+#: otherwise log one line for every status poll and every request.
+LOG_EVERY_S = 60.0
 Code = grpc.StatusCode
 
 
@@ -112,6 +120,7 @@ class BackendClient:
         self.timeout_s = timeout_s
         self._slots = threading.BoundedSemaphore(max_calls)
         self._on_call = on_call
+        self._log = _LogLimiter(LOG_EVERY_S)
         self.channel = grpc.insecure_channel(target, options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", -1),  # one image bigger than MAX_MESSAGE_BYTES still goes alone
@@ -160,6 +169,13 @@ class BackendClient:
         """The most images of this size that one Predict carries under MAX_MESSAGE_BYTES (at least one)."""
         return max(1, (MAX_MESSAGE_BYTES - _MESSAGE_OVERHEAD) // (4 * 3 * input_size[0] * input_size[1]))
 
+    @staticmethod
+    def rows_per_answer(labels: Sequence[str]) -> int:
+        """The most rows of scores and labels one answer carries under MAX_MESSAGE_BYTES (at least one):
+        each label is in every row, so many long labels would push a big batch's answer over the limit."""
+        row = sum(4 + 4 + len(label.encode("utf-8")) for label in labels)  # a float; a string, its tag and length
+        return max(1, (MAX_MESSAGE_BYTES - _MESSAGE_OVERHEAD) // max(1, row))
+
     def _call(self, method: str, stub_method, request):
         if not self._slots.acquire(timeout=self.timeout_s):
             raise BackendBusyError(f"the model backend is busy: no call slot for {self.timeout_s:g} s; retry shortly")
@@ -168,28 +184,56 @@ class BackendClient:
             return stub_method(request, timeout=self.timeout_s)
         except grpc.RpcError as e:
             code = e.code() if isinstance(e, grpc.Call) else Code.UNKNOWN
-            raise _mapped(method, code, e.details() if isinstance(e, grpc.Call) else str(e),
-                          request.model_spec.name, self.timeout_s) from None
+            details = (e.details() if isinstance(e, grpc.Call) else str(e)) or code.name
+            error = _mapped(method, code, details, request.model_spec.name, self.timeout_s)
+            if isinstance(error, BackendUnavailableError | BackendFailedError):
+                self._log.warning((method, code.name), "backend %s failed: %s: %s", method, code.name, details)
+            raise error from None
+        except ValueError:  # grpc's "Cannot invoke RPC on closed channel!": the service is stopping
+            code = Code.CANCELLED
+            raise BackendUnavailableError("the model backend connection is closed (stopping)") from None
         finally:
             self._slots.release()
             if self._on_call is not None:
                 self._on_call(method, code.name, time.perf_counter() - started)
 
 
-def _mapped(method: str, code: grpc.StatusCode, details: str | None, model: str, timeout_s: float) -> EngineError:
+class _LogLimiter:
+    """At most one line per ``every_s`` seconds for each key; the next line counts those left out."""
+
+    def __init__(self, every_s: float):
+        self.every_s = every_s
+        self._lock = threading.Lock()
+        self._seen: dict[tuple, tuple[float, int]] = {}  # key -> (when last logged, lines left out since)
+
+    def warning(self, key: tuple, message: str, *args) -> None:
+        now = time.monotonic()
+        with self._lock:
+            last, left_out = self._seen.get(key, (None, 0))
+            if last is not None and now - last < self.every_s:
+                self._seen[key] = (last, left_out + 1)
+                return
+            self._seen[key] = (now, 0)
+        if left_out:
+            message, args = message + " (and %d more like it since the last such line)", (*args, left_out)
+        log.warning(message, *args)
+
+
+def _mapped(method: str, code: grpc.StatusCode, details: str, model: str, timeout_s: float) -> EngineError:
     """A failed call as the engine's error. Unavailability is told without the backend's own words,
     which name internal addresses; refusals keep them, since they are about the request."""
-    details = details or code.name
     if code == Code.DEADLINE_EXCEEDED:
         return BackendTimeoutError(f"the model backend did not answer within {timeout_s:g} s; retry shortly")
+    if code == Code.RESOURCE_EXHAUSTED and "Received message larger than max" in details:
+        # gRPC's own receive limit, here: the same call would fail again, so it is not retryable.
+        return BackendFailedError(f"the model backend's answer on {method} for model '{model}' is over "
+                                  f"the {MAX_MESSAGE_BYTES >> 20} MiB message limit")
     if code in (Code.UNAVAILABLE, Code.CANCELLED, Code.ABORTED, Code.RESOURCE_EXHAUSTED):
-        log.warning("backend %s failed: %s: %s", method, code.name, details)
         return BackendUnavailableError(f"the model backend is unavailable ({code.name}); retry shortly")
     if code == Code.NOT_FOUND:
         return ModelNotFoundError(f"model '{model}' is not served by the backend: {details}")
     if code == Code.INVALID_ARGUMENT:
         return BackendRejectedError(f"the model backend refused the request: {details}")
-    log.warning("backend %s failed: %s: %s", method, code.name, details)
     return BackendFailedError(f"the model backend failed ({code.name}) on {method} for model '{model}'")
 
 
@@ -216,6 +260,9 @@ def _pixel_signature(model: str, version: int, definitions) -> ModelSignature:
     if (images is None or images.dtype != tf.float32.as_datatype_enum or len(dims) != 4 or dims[3] != 3
             or min(dims[1:3]) <= 0 or not {SCORES, CLASSES} <= set(signature.outputs)):
         raise BackendFailedError(wanted)
+    if max(dims[1:3]) > MAX_INPUT_SIDE:
+        raise BackendFailedError(f"model '{model}' on the backend declares an input of {dims[1]}x{dims[2]} pixels; "
+                                 f"the front takes at most {MAX_INPUT_SIDE} pixels a side")
     encoded = definitions[DEFAULT_SIGNATURE].inputs.get("image_bytes") if DEFAULT_SIGNATURE in definitions else None
     return ModelSignature(version=version, input_size=(dims[1], dims[2]), input_name=images.name,
                           output_name=signature.outputs[SCORES].name,
@@ -225,15 +272,29 @@ def _pixel_signature(model: str, version: int, definitions) -> ModelSignature:
 def _prediction(model: str, n: int, response: predict_pb2.PredictResponse) -> Prediction:
     if SCORES not in response.outputs or CLASSES not in response.outputs:
         raise BackendFailedError(f"the backend answered model '{model}' without '{SCORES}' and '{CLASSES}'")
-    try:
-        scores = tf.make_ndarray(response.outputs[SCORES]).astype(np.float32)
-        classes = tf.make_ndarray(response.outputs[CLASSES])
-    except (TypeError, ValueError) as e:
-        raise BackendFailedError(f"the backend's answer for model '{model}' cannot be read: {e}") from None
+    broken = (f"the backend's answer for model '{model}' is not one row of finite scores per image with the "
+              f"same labels (at most {MAX_CLASSES:,}, all different) in every row")
+    scores_proto, classes_proto = response.outputs[SCORES], response.outputs[CLASSES]
+    # Checked on the message before numpy sees it: tf.make_ndarray fills a declared shape from
+    # one value (or none), so a small answer could otherwise make a huge array.
+    if not (_dense(scores_proto, n, tf.float32) and _dense(classes_proto, n, tf.string)):
+        raise BackendFailedError(broken)
+    scores = tf.make_ndarray(scores_proto)
+    classes = tf.make_ndarray(classes_proto)
     # Our export's contract: every row of ``classes`` is the label list, in the order of the scores.
-    if (scores.ndim != 2 or scores.shape[0] != n or classes.shape != scores.shape
-            or not (classes == classes[:1]).all()):
-        raise BackendFailedError(f"the backend's answer for model '{model}' is not one row of scores per image "
-                                 "with the same labels in every row")
-    labels = tuple(c.decode("utf-8", "replace") if isinstance(c, bytes) else str(c) for c in classes[0])
+    if not (classes.shape == scores.shape and np.isfinite(scores).all() and (classes == classes[:1]).all()
+            and len(set(classes[0])) == len(classes[0])):
+        raise BackendFailedError(broken)
+    labels = tuple(c.decode("utf-8", "replace") for c in classes[0])
     return Prediction(version=response.model_spec.version.value, labels=labels, scores=scores)
+
+
+def _dense(tensor, rows: int, dtype: tf.DType) -> bool:
+    """Whether ``tensor`` is ``[rows, k]`` of ``dtype``, 1 <= k <= MAX_CLASSES, with every value in the message."""
+    dims = [d.size for d in tensor.tensor_shape.dim]
+    if tensor.dtype != dtype.as_datatype_enum or len(dims) != 2 or dims[0] != rows or not 0 < dims[1] <= MAX_CLASSES:
+        return False
+    if tensor.tensor_content:
+        return dtype != tf.string and len(tensor.tensor_content) == dtype.size * rows * dims[1]
+    values = tensor.string_val if dtype == tf.string else tensor.float_val
+    return len(values) == rows * dims[1]

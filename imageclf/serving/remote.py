@@ -26,7 +26,9 @@ import numpy as np
 
 from imageclf.preprocess import image_to_model_input
 from imageclf.serving.backend import (
+    BackendBusyError,
     BackendClient,
+    BackendFailedError,
     BackendRejectedError,
     BackendUnavailableError,
     ModelSignature,
@@ -117,6 +119,12 @@ class RemoteServable:
             rows: list[_Row] = self._served.batcher.submit_many(model_inputs)
         except BatchFailedError as e:
             cause = e.__cause__
+            if isinstance(cause, BackendRejectedError):
+                # The pixels were made to the backend's own metadata, so the refusal is not the
+                # client's fault: most likely the backend now serves a model of another input size.
+                self._registry.forget(self._served)
+                raise BackendUnavailableError("the model backend refused pixels of the input size its metadata "
+                                              "gave; that metadata is fetched again; retry shortly") from None
             if isinstance(cause, EngineError):  # each request gets its own error, as its own status
                 raise type(cause)(str(cause)) from None
             raise
@@ -157,6 +165,8 @@ class _Model:
     error: str | None = None
     checked_at: float | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)  # one metadata fetch at a time
+    fetches: int = 0                        # metadata fetches finished (under ``lock``)
+    fetch_error: EngineError | None = None  # why the last one failed, for those that waited for it
 
 
 class RemoteRegistry:
@@ -185,6 +195,14 @@ class RemoteRegistry:
             raise UnknownModelError(f"unknown model '{name}' (serving: {', '.join(self._models)})")
         served = model.served or self._fetch(model)
         return RemoteServable(served, self)
+
+    def forget(self, served: RemoteVersion) -> None:
+        """Drop ``served`` (the backend refused requests made to its metadata): fetch it again."""
+        model = self._models[served.name]
+        with self._lock:
+            if model.served is served:
+                model.served, model.state = None, "loading"
+        self._wake.set()
 
     def statuses(self) -> list[RemoteStatus]:
         with self._lock:
@@ -217,9 +235,9 @@ class RemoteRegistry:
         """Stop polling and close the channel (calls still running fail as CANCELLED)."""
         self._stop.set()
         self._wake.set()
+        self.client.close()  # first: a status call the poller waits on ends now, not at its deadline
         if self._thread:
             self._thread.join()
-        self.client.close()
 
     def _poll(self) -> None:
         while not self._stop.is_set():
@@ -257,30 +275,47 @@ class RemoteRegistry:
 
     def _fetch(self, model: _Model, expected_version: int | None = None) -> RemoteVersion:
         """Metadata and labels of the version the backend serves now, swapped in for new requests."""
-        with model.lock:
+        fetches = model.fetches
+        # One fetch takes at most two calls, each a slot wait and a deadline; more would mean a pile-up.
+        if not model.lock.acquire(timeout=4 * self.client.timeout_s + 1):
+            raise BackendBusyError(f"model '{model.name}' is still being fetched from the backend; retry shortly")
+        try:
             current = model.served
             if current is not None and (expected_version is None or current.version == expected_version):
                 return current  # another request or the poller fetched it meanwhile
+            if model.fetches != fetches and model.fetch_error is not None:
+                # A fetch failed while this one waited: its answer is this one's too, rather than
+                # each waiting request asking a slow backend again in turn.
+                raise type(model.fetch_error)(str(model.fetch_error))
             started = time.perf_counter()
             try:
                 served = self._load(model.name, self.client.signature(model.name), started)
             except EngineError as e:
+                model.fetches += 1
+                if isinstance(e, BackendRejectedError):  # a refusal of what the front made to the metadata
+                    e = BackendFailedError(f"model '{model.name}' on the backend refuses a picture of the input "
+                                           f"size its metadata declares: {e}")
+                model.fetch_error = e
                 self._set(model, _state_of(e), str(e))
                 self._notify(model.name, False)
-                raise
+                raise e from None
+            model.fetches, model.fetch_error = model.fetches + 1, None
             with self._lock:
                 model.served = served
             log.info("backend model %s version %s: input %dx%d, %d labels", model.name, served.version,
                      *served.model.input_size, len(served.model.labels))
             self._notify(model.name, True)
             return served
+        finally:
+            model.lock.release()
 
     def _load(self, name: str, signature: ModelSignature, started: float) -> RemoteVersion:
         # One call with a gray picture tells the labels (and proves the signature works end to end).
         warm = self.client.predict(name, np.full((1, *signature.input_size, 3), 0.5, np.float32))
         options = self._batching
-        batcher = MicroBatcher(self._caller(name), min(options.max_batch, self.client.images_per_call(
-            signature.input_size)), options.max_wait_ms / 1000, options.timeout_s)
+        per_call = min(options.max_batch, self.client.images_per_call(signature.input_size),
+                       self.client.rows_per_answer(warm.labels))
+        batcher = MicroBatcher(self._caller(name), per_call, options.max_wait_ms / 1000, options.timeout_s)
         model = RemoteModel(input_size=signature.input_size, labels=list(warm.labels),
                             input=TensorName(signature.input_name), output=TensorName(signature.output_name),
                             bytes_input=TensorName(signature.bytes_input_name) if signature.bytes_input_name else None,
@@ -291,11 +326,7 @@ class RemoteRegistry:
 
     def _caller(self, name: str) -> Callable[[list[np.ndarray]], list[_Row]]:
         def run(inputs: list[np.ndarray]) -> list[_Row]:
-            try:
-                answer: Prediction = self.client.predict(name, np.stack(inputs))
-            except BackendRejectedError:
-                self.recheck()  # a new version may take another input size
-                raise
+            answer: Prediction = self.client.predict(name, np.stack(inputs))
             return [_Row(row, answer.labels, answer.version) for row in answer.scores]
         return run
 

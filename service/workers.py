@@ -124,7 +124,7 @@ class Supervisor:
     def wait(self, grace_s: float) -> int:
         """Until a stop signal or a worker's exit, then until every worker has exited.
 
-        0 if the stop was asked for and every worker exited 0; 1 otherwise.
+        0 if the stop was asked for and every worker exited 0 (or of that SIGTERM); 1 otherwise.
         """
         failed = None
         while not self.requested and failed is None:
@@ -136,7 +136,9 @@ class Supervisor:
                   file=sys.stderr, flush=True)
             self.signal_all()
         self._reap(grace_s + KILL_MARGIN_S)
-        return 0 if failed is None and all(p.returncode == 0 for p in self.procs) else 1
+        # A worker stopped before it set up its handlers (still loading) dies of the SIGTERM itself: as asked.
+        clean = (0, -signal.SIGTERM)
+        return 0 if failed is None and all(p.returncode in clean for p in self.procs) else 1
 
     def _reap(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

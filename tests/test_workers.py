@@ -175,6 +175,20 @@ def test_a_killed_parent_leaves_no_worker_behind(graphs, photos, tmp_path):
         service.stop()
 
 
+def test_sigterm_while_the_workers_start_is_a_clean_stop(graphs, photos, tmp_path):
+    service = Workers(graphs, photos, tmp_path / "service.log")
+    try:
+        deadline = time.monotonic() + 30
+        while "workers (pids" not in service.output() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        pids = [int(p) for p in re.search(r"workers \(pids ([\d, ]+)\)", service.output())[1].split(", ")]
+        service.process.send_signal(signal.SIGTERM)  # the workers are still importing TensorFlow
+        assert service.process.wait(timeout=60) == 0, service.output()[-3000:]
+        assert _wait_gone(pids, timeout=10)
+    finally:
+        service.stop()
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--workers", "0"], "--workers must be positive"),
     (["--workers", "2", "--intra_op_threads", "-1"], "--intra_op_threads and --inter_op_threads not negative"),

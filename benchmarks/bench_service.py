@@ -335,7 +335,8 @@ def _tail(path: Path, chars: int = 3000) -> str:
 
 def service_cmd(graphs_dir: Path, image_root: Path, threads: int, batched: bool = True) -> list[str]:
     return [sys.executable, "-m", "service", "--graphs_dir", str(graphs_dir), "--image_root", str(image_root),
-            "--threads", str(threads), "--host", HOST, *([] if batched else ["--batch_size", "1"])]
+            "--threads", str(threads), "--host", HOST, "--grpc_port", "0",  # HTTP only: several run at once
+            *([] if batched else ["--batch_size", "1"])]
 
 
 def service_environment() -> dict[str, str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import resource
+import socket
 import threading
 import time
 
@@ -73,6 +74,16 @@ def _raise_open_files_limit(wanted: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
 
 
+def _unread_input(channel: HTTPChannel) -> bool:
+    """Whether the client's bytes wait in the socket unread: a request sent just before the stop that
+    the loop has not read yet (the stop was noticed first, or the channel was still writing its
+    previous answer, when waitress reads nothing). Closing such a channel would reset the client."""
+    try:
+        return bool(channel.socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except OSError:  # nothing to read (EAGAIN), or the connection is gone
+        return False
+
+
 def serve_until(server, stop: threading.Event, grace_s: float = 5.0) -> None:
     """Run ``server`` until ``stop`` is set, then shut it down gracefully, and return.
 
@@ -94,7 +105,8 @@ def serve_until(server, stop: threading.Event, grace_s: float = 5.0) -> None:
     deadline = time.monotonic() + grace_s
     while True:
         open_channels = [c for c in list(channels.values()) if isinstance(c, HTTPChannel)]
-        busy = [c for c in open_channels if c.requests or c.request is not None or c.total_outbufs_len]
+        busy = [c for c in open_channels
+                if c.requests or c.request is not None or c.total_outbufs_len or _unread_input(c)]
         for channel in open_channels:
             if channel not in busy:
                 channel.will_close = True  # closed by the loop; the client reconnects elsewhere

@@ -34,6 +34,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 from tensorflow_serving.apis import (
+    classification_pb2,
     get_model_metadata_pb2,
     get_model_status_pb2,
     model_service_pb2_grpc,
@@ -42,6 +43,7 @@ from tensorflow_serving.apis import (
 )
 
 from imageclf.demo_data import draw_shape, make_dataset
+from imageclf.preprocess import image_to_model_input
 from imageclf.retrain import retrain
 from imageclf.serving.backend_config import BackendOptions
 from imageclf.training import TrainConfig
@@ -259,6 +261,55 @@ def test_answers_through_the_front_equal_local_serving(front, back, local, graph
                                atol=1e-5)
 
 
+def test_every_method_of_the_fronts_own_grpc_api_forwards(front, back, local, graphs, photos, ports):
+    """Predict on predict_images (pixels), Classify, GetModelMetadata and GetModelStatus, asked of the front."""
+    front.wait_for("/readyz", timeout=30)
+    pixels = np.clip(image_to_model_input(np.asarray(Image.open(photos / "triangle.png").convert("RGB")),
+                                          (32, 32)), 0, 1)[None]
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name, request.model_spec.signature_name = MODEL, "predict_images"
+    request.inputs["images"].CopyFrom(tf.make_tensor_proto(pixels))
+    replies = {}
+    for side in ("front_grpc", "back_grpc"):  # the back, asked directly, gives what the front must forward
+        with grpc.insecure_channel(f"127.0.0.1:{ports[side]}") as channel:
+            replies[side] = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=30)
+    np.testing.assert_allclose(tf.make_ndarray(replies["front_grpc"].outputs["scores"]),
+                               tf.make_ndarray(replies["back_grpc"].outputs["scores"]), rtol=0, atol=1e-6)
+    assert replies["front_grpc"].model_spec.version.value == version(graphs)
+
+    with grpc.insecure_channel(f"127.0.0.1:{ports['front_grpc']}") as channel:
+        prediction = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        example = tf.train.Example()
+        example.features.feature["image/encoded"].bytes_list.value.append((photos / "turned.jpg").read_bytes())
+        classify = classification_pb2.ClassificationRequest()
+        classify.model_spec.name = MODEL
+        classify.input.example_list.examples.append(example)
+        (result,) = prediction.Classify(classify, timeout=30).result.classifications
+        expected = local.json("/?file=turned.jpg")[1]["probabilities"]
+        assert [c.label for c in result.classes] == list(expected)
+        np.testing.assert_allclose([c.score for c in result.classes], list(expected.values()), rtol=0, atol=1e-5)
+
+        metadata_request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+        metadata_request.model_spec.name = MODEL
+        metadata = prediction.GetModelMetadata(metadata_request, timeout=30)
+        definitions = get_model_metadata_pb2.SignatureDefMap()
+        assert metadata.metadata["signature_def"].Unpack(definitions)
+        images = definitions.signature_def["predict_images"].inputs["images"]
+        assert [d.size for d in images.tensor_shape.dim] == [-1, 32, 32, 3]
+        assert metadata.model_spec.version.value == version(graphs)
+
+        status_request = get_model_status_pb2.GetModelStatusRequest()
+        status_request.model_spec.name = MODEL
+        (status,) = model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(
+            status_request, timeout=30).model_version_status
+        assert status.state == get_model_status_pb2.ModelVersionStatus.AVAILABLE
+        assert status.version == version(graphs)
+        status_request.model_spec.name = "nope"
+        with pytest.raises(grpc.RpcError) as refused:
+            model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(status_request, timeout=30)
+        assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+
+
 def test_the_front_refuses_bad_requests_itself(front, back):
     front.wait_for("/readyz", timeout=30)
 
@@ -328,11 +379,14 @@ class HostileBackend(prediction_service_pb2_grpc.PredictionServiceServicer,
 
     By default it is well behaved: an ``input`` x ``input`` predict_images signature, version
     ``version``, two labels. ``answer`` (a function of the row count) replaces Predict's
-    answers; ``hang`` (seconds) delays the named methods; ``refuse`` makes Predict refuse any input.
+    answers, ``answer_version`` the version they name; ``hang`` (seconds) delays the named
+    methods (until ``close``); ``refuse`` makes Predict refuse any input.
     """
 
     def __init__(self):
         self.input, self.version, self.labels = 8, 1, [b"cat", b"dog"]
+        self.answer_version: int | None = None
+        self.closed = threading.Event()
         self.answer = None
         self.refuse = False
         self.hang: dict[str, float] = {}
@@ -348,7 +402,7 @@ class HostileBackend(prediction_service_pb2_grpc.PredictionServiceServicer,
     def _enter(self, method: str) -> None:
         self.calls[method] = self.calls.get(method, 0) + 1
         self.called[method].set()
-        time.sleep(self.hang.get(method, 0))
+        self.closed.wait(self.hang.get(method, 0))
 
     def GetModelStatus(self, request, context):
         self._enter("GetModelStatus")
@@ -377,10 +431,11 @@ class HostileBackend(prediction_service_pb2_grpc.PredictionServiceServicer,
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"images must be [n, {self.input}, {self.input}, 3]")
         n = len(images)
         response = self.answer(n) if self.answer else _answer(np.full((n, len(self.labels)), 0.5), [self.labels] * n)
-        response.model_spec.name, response.model_spec.version.value = "m", self.version
+        response.model_spec.name, response.model_spec.version.value = "m", self.answer_version or self.version
         return response
 
     def close(self) -> None:
+        self.closed.set()
         self.server.stop(0)
 
 
@@ -489,6 +544,41 @@ def test_requests_waiting_for_a_hung_metadata_fetch_share_its_failure(hostile):
         assert hostile.calls["GetModelMetadata"] == 1
     finally:
         app.extensions["imageclf"]["registry"].stop()
+
+
+def test_a_hung_backend_is_answered_at_once_while_the_poll_cannot_reach_it(hostile):
+    """Requests do not each hold a thread for the deadline to learn what the last status poll learned."""
+    with running_front(hostile, timeout_s=1, poll_seconds=0.1) as client:
+        assert client.get(PICTURE).status_code == 200
+        hostile.hang.update(GetModelStatus=30, Predict=30)
+        deadline = time.monotonic() + 20
+        while client.get("/readyz").status_code != 503 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        calls = hostile.calls["Predict"]
+        for _ in range(5):
+            answer = client.get(PICTURE)
+            assert answer.status_code == 503 and answer.headers["Retry-After"] == "1", answer.json
+            assert "did not answer within 1 s" in answer.json["error"]
+        assert hostile.calls["Predict"] == calls  # none of them waited on the backend
+        assert client.get("/healthz").status_code == 200
+
+        hostile.hang.clear()  # back: the poll notices, and requests are answered again
+        while client.get("/readyz").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.get(PICTURE).status_code == 200
+
+
+def test_status_and_answers_naming_other_versions_do_not_refetch_at_every_poll(hostile):
+    hostile.version, hostile.answer_version = 7, 6  # the status says 7, the answers 6
+    with running_front(hostile, poll_seconds=0.05) as client:
+        while client.get("/readyz").status_code != 200:
+            time.sleep(0.05)
+        answer = client.get(PICTURE)
+        assert answer.status_code == 200 and answer.json["model"]["version"] == 6
+        fetches, polls = hostile.calls["GetModelMetadata"], hostile.calls["GetModelStatus"]
+        while hostile.calls["GetModelStatus"] < polls + 10:
+            time.sleep(0.05)
+        assert hostile.calls["GetModelMetadata"] == fetches
 
 
 def test_stop_does_not_wait_for_a_hung_status_call(hostile):

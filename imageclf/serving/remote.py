@@ -11,7 +11,8 @@ Each model's input size and tensor names come from GetModelMetadata, and its lab
 warm-up call, when the model is first seen and again whenever the backend serves a new version.
 A poller asks GetModelStatus about every model about once a second: readiness is "every model is
 AVAILABLE on the backend". A request never waits for the poller: it calls the backend, and the
-backend's answer (or failure) is the answer.
+backend's answer (or failure) is the answer; only while the last poll could not reach the backend
+at all is a request answered 503 at once, without a call.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from imageclf.serving.backend import (
     BackendClient,
     BackendFailedError,
     BackendRejectedError,
+    BackendTimeoutError,
     BackendUnavailableError,
     ModelSignature,
     Prediction,
@@ -94,6 +96,12 @@ class RemoteVersion:
     batcher: MicroBatcher
     loaded_at: float = field(default_factory=time.time)
     load_seconds: float = 0.0
+    status_version: int | None = None   # the version GetModelStatus gave when it was fetched
+
+    def covers(self, version: int) -> bool:
+        """Whether this is the backend's ``version`` (as answers or as the status poll call it): a
+        backend whose status and answers disagree is then not fetched again at every poll."""
+        return version in (self.version, self.status_version)
 
 
 class RemoteServable:
@@ -167,6 +175,7 @@ class _Model:
     lock: threading.Lock = field(default_factory=threading.Lock)  # one metadata fetch at a time
     fetches: int = 0                        # metadata fetches finished (under ``lock``)
     fetch_error: EngineError | None = None  # why the last one failed, for those that waited for it
+    down: bool = False                      # the last status poll could not reach the backend
 
 
 class RemoteRegistry:
@@ -193,6 +202,11 @@ class RemoteRegistry:
         model = self._models.get(name or self.default)
         if model is None:
             raise UnknownModelError(f"unknown model '{name}' (serving: {', '.join(self._models)})")
+        if model.down:
+            # Known unreachable or hung: answered now, rather than every request thread waiting out
+            # the deadline to learn it again (which would leave none for /healthz). The poller
+            # clears this as soon as the backend answers it.
+            raise BackendUnavailableError(model.error or "the model backend is unavailable; retry shortly")
         served = model.served or self._fetch(model)
         return RemoteServable(served, self)
 
@@ -258,11 +272,13 @@ class RemoteRegistry:
             state = self.client.status(name)
         except EngineError as e:
             self._set(model, _state_of(e), str(e))
+            model.down = isinstance(e, BackendUnavailableError | BackendTimeoutError)
             return
+        model.down = False
         if not state.available:
             self._set(model, state.state, state.error)
             return
-        if model.served is None or model.served.version != state.version:
+        if model.served is None or not model.served.covers(state.version):
             try:
                 self._fetch(model, state.version)
             except EngineError:
@@ -281,7 +297,7 @@ class RemoteRegistry:
             raise BackendBusyError(f"model '{model.name}' is still being fetched from the backend; retry shortly")
         try:
             current = model.served
-            if current is not None and (expected_version is None or current.version == expected_version):
+            if current is not None and (expected_version is None or current.covers(expected_version)):
                 return current  # another request or the poller fetched it meanwhile
             if model.fetches != fetches and model.fetch_error is not None:
                 # A fetch failed while this one waited: its answer is this one's too, rather than
@@ -300,6 +316,7 @@ class RemoteRegistry:
                 self._notify(model.name, False)
                 raise e from None
             model.fetches, model.fetch_error = model.fetches + 1, None
+            served.status_version = expected_version
             with self._lock:
                 model.served = served
             log.info("backend model %s version %s: input %dx%d, %d labels", model.name, served.version,

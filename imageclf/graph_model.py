@@ -42,14 +42,19 @@ class GraphSettings:
 
 
 class GraphModel:
-    """A loaded classifier: one Graph and one Session, safe to share between threads."""
+    """A loaded classifier: one Graph and one Session, safe to share between threads.
 
-    def __init__(self, path: str | Path, settings: GraphSettings | None = None):
+    ``decode_in_graph=False`` is for callers that always feed decoded pixels (the service): the
+    graph's own decoder, the part below a ``Placeholder`` that defaults to ``image_bytes:0``, is
+    left out of the session. Its functions (EXIF parsing, per-image loops) cost TensorFlow's graph
+    optimizer about half a second at every load even though a fed input never runs them.
+    ``bytes_input`` is then None; ``bytes_input_name`` still names the graph's encoded input.
+    """
+
+    def __init__(self, path: str | Path, settings: GraphSettings | None = None, *, decode_in_graph: bool = True):
         self.path = Path(path)
         graph_def = _read_graph_def(self.path)
-        self.graph = tf.Graph()
-        with self.graph.as_default():
-            tf.import_graph_def(graph_def, name="")
+        self.graph = _imported(graph_def)
         metadata = self._embedded("metadata:0")
         self.metadata = json.loads(metadata.item()) if metadata is not None else None
         resolved = (settings or GraphSettings()).merged(self._described()).merged(_sidecar(self.path))
@@ -63,6 +68,11 @@ class GraphModel:
         self.input_mean, self.input_std = float(resolved.input_mean), float(resolved.input_std)
         self.labels = self._labels(resolved.labels_file)
         self.bytes_input = self._optional_tensor("image_bytes:0") if self.metadata else None
+        self.bytes_input_name = self.bytes_input.name if self.bytes_input is not None else None
+        if not decode_in_graph and self.input.op.type == "PlaceholderWithDefault":
+            self.graph = _imported(_fed_subgraph(graph_def, self.input.op.name, [self.output.op.name]))
+            self.input, self.output = self._tensor(self.input.name, "input"), self._tensor(self.output.name, "output")
+            self.bytes_input = None
         self.batchable = self.input.shape.rank is None or self.input.shape[0] != 1
         self.session = tf.compat.v1.Session(graph=self.graph)
 
@@ -178,6 +188,57 @@ def _read_graph_def(path: Path) -> tf.compat.v1.GraphDef:
     if not graph_def.node:
         raise UserError(f"--graph {path}: not a frozen TensorFlow GraphDef (it has no nodes)")
     return graph_def
+
+
+def _imported(graph_def: tf.compat.v1.GraphDef) -> tf.Graph:
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.import_graph_def(graph_def, name="")
+    return graph
+
+
+def _fed_subgraph(graph_def: tf.compat.v1.GraphDef, fed: str, fetches: list[str]) -> tf.compat.v1.GraphDef:
+    """What ``fetches`` need when the PlaceholderWithDefault ``fed`` is always fed: ``fed`` becomes
+    a plain Placeholder, and the nodes and library functions only its default needed are dropped."""
+    nodes = {node.name: node for node in graph_def.node}
+    placeholder = tf.compat.v1.NodeDef(name=fed, op="Placeholder")
+    for key in ("dtype", "shape"):
+        placeholder.attr[key].CopyFrom(nodes[fed].attr[key])
+    nodes[fed] = placeholder
+    kept, todo = [], list(fetches)
+    seen = set(todo)
+    while todo:
+        node = nodes[todo.pop()]
+        kept.append(node)
+        for name in node.input:
+            name = name.lstrip("^").split(":")[0]
+            if name not in seen:
+                seen.add(name)
+                todo.append(name)
+    functions = {f.signature.name: f for f in graph_def.library.function}
+    used, todo = set(), [name for node in kept for name in _called_functions(node)]
+    while todo:
+        name = todo.pop()
+        if name in functions and name not in used:
+            used.add(name)
+            todo.extend(called for node in functions[name].node_def for called in _called_functions(node))
+    sub = tf.compat.v1.GraphDef()
+    sub.versions.CopyFrom(graph_def.versions)
+    sub.node.extend(node for node in graph_def.node if node.name in seen and node.name != fed)
+    sub.node.append(placeholder)
+    sub.library.function.extend(functions[name] for name in sorted(used))
+    sub.library.gradient.extend(g for g in graph_def.library.gradient if g.function_name in used)
+    return sub
+
+
+def _called_functions(node) -> list[str]:
+    """Functions a node calls: as its op (a function call) or through function-valued attributes."""
+    names = [node.op]
+    for value in node.attr.values():
+        if value.HasField("func"):
+            names.append(value.func.name)
+        names.extend(f.name for f in value.list.func)
+    return names
 
 
 def _sidecar(graph_path: Path) -> GraphSettings:

@@ -147,7 +147,7 @@ def _install_tf_serving_routes(app: Flask, engine: Engine) -> None:
                             "metadata": {"signature_def": {"signature_def": {"serving_default": {
                                 "inputs": {"image_bytes": {
                                     "dtype": "DT_STRING", "tensor_shape": [-1],
-                                    "name": model.bytes_input.name if model.bytes_input is not None else None}},
+                                    "name": model.bytes_input_name}},
                                 "outputs": {"scores": {"dtype": "DT_FLOAT", "tensor_shape": [-1, len(model.labels)],
                                                        "name": model.output.name}},
                                 "method_name": "tensorflow/serving/predict",

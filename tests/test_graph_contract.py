@@ -163,3 +163,19 @@ def test_saved_model_serves_the_same_scores(trained):
     np.testing.assert_allclose(out["scores"].numpy()[0], model.predict_encoded([image])[0], atol=1e-6)
     assert [c.decode() for c in out["classes"].numpy()[0]] == ["circle", "square", "triangle"]
     assert trained.saved_model.parent.name == "saved_model" and trained.saved_model.name.isdigit()
+
+
+def test_without_the_in_graph_decoder_the_same_graph_gives_the_same_scores(model, trained, structured_images):
+    """What the service loads: the decoder below Placeholder:0 left out, the answers unchanged."""
+    served = GraphModel(trained.graph, decode_in_graph=False)
+    try:
+        ops = {op.type for op in served.graph.get_operations()}
+        assert not ops & {"DecodeJpeg", "DecodeImage", "DecodePng", "While", "StatelessWhile", "TensorListReserve"}
+        assert len(served.graph.as_graph_def().library.function) == 0
+        assert served.input.op.type == "Placeholder" and served.bytes_input is None
+        assert served.bytes_input_name == model.bytes_input_name == "image_bytes:0"
+        assert (served.labels, served.input_size) == (model.labels, model.input_size)
+        pixels = [decode_image(data, size=model.input_size) for data in structured_images.values()]
+        np.testing.assert_allclose(served.predict(pixels), model.predict(pixels), rtol=0, atol=1e-6)
+    finally:
+        served.close()

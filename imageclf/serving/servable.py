@@ -55,7 +55,7 @@ class Servable:
     def load(cls, name: str, path: Path, options: BatchOptions, version: int | None = None) -> Servable:
         """Load, check and warm up the graph at ``path``."""
         started = time.perf_counter()
-        model = GraphModel(path)
+        model = GraphModel(path, decode_in_graph=False)  # requests are decoded by Pillow, here
         try:
             model.predict([np.full((*model.input_size, 3), 128, np.uint8)])  # warm-up: the first run is slow
         except BaseException:

@@ -56,7 +56,7 @@ def signatures(model: GraphModel | None = None) -> dict[str, Signature]:
     classes = len(model.labels) if model else -1
     outputs = (TensorSpec(SCORES, "float32", (-1, classes), model.output.name if model else ""),
                TensorSpec(CLASSES, "string", (-1, classes)))
-    encoded = model.bytes_input.name if model and model.bytes_input is not None else ""
+    encoded = (model.bytes_input_name or "") if model else ""
     # Graphs from the older scripts take (p - mean) / std; the service scales [0, 1] pixels for them.
     pixels = model.input.name if model and (model.input_mean, model.input_std) == (0.0, 255.0) else ""
     return {

@@ -78,6 +78,10 @@ class RemoteModel:
         """
         return np.clip(image_to_model_input(pixels, self.input_size), 0.0, 1.0)
 
+    @property
+    def bytes_input_name(self) -> str | None:
+        return self.bytes_input.name if self.bytes_input is not None else None
+
 
 @dataclass(frozen=True)
 class _Row:

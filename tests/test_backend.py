@@ -389,6 +389,7 @@ class HostileBackend(prediction_service_pb2_grpc.PredictionServiceServicer,
         self.closed = threading.Event()
         self.answer = None
         self.refuse = False
+        self.status_refusal: grpc.StatusCode | None = None  # GetModelStatus aborts with it
         self.hang: dict[str, float] = {}
         self.calls: dict[str, int] = {}
         self.called = {name: threading.Event() for name in ("GetModelStatus", "GetModelMetadata", "Predict")}
@@ -406,6 +407,8 @@ class HostileBackend(prediction_service_pb2_grpc.PredictionServiceServicer,
 
     def GetModelStatus(self, request, context):
         self._enter("GetModelStatus")
+        if self.status_refusal is not None:
+            context.abort(self.status_refusal, "too many calls")
         state = get_model_status_pb2.ModelVersionStatus
         return get_model_status_pb2.GetModelStatusResponse(
             model_version_status=[state(version=self.version, state=state.AVAILABLE)])
@@ -566,6 +569,27 @@ def test_a_hung_backend_is_answered_at_once_while_the_poll_cannot_reach_it(hosti
         while client.get("/readyz").status_code != 200 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert client.get(PICTURE).status_code == 200
+
+
+def test_a_busy_status_poll_does_not_turn_requests_away(hostile):
+    """A backend that refuses the poll as busy (RESOURCE_EXHAUSTED) is not down: requests still call it."""
+    with running_front(hostile, poll_seconds=0.05) as client:
+        assert client.get(PICTURE).status_code == 200
+        hostile.status_refusal = grpc.StatusCode.RESOURCE_EXHAUSTED
+        polls = hostile.calls["GetModelStatus"]
+        while hostile.calls["GetModelStatus"] < polls + 3:
+            time.sleep(0.05)
+        calls = hostile.calls["Predict"]
+        answer = client.get(PICTURE)
+        assert answer.status_code == 200, answer.json
+        assert hostile.calls["Predict"] == calls + 1
+
+        hostile.status_refusal = grpc.StatusCode.UNAVAILABLE  # unreachable: answered at once
+        polls = hostile.calls["GetModelStatus"]
+        while hostile.calls["GetModelStatus"] < polls + 3:
+            time.sleep(0.05)
+        answer = client.get(PICTURE)
+        assert answer.status_code == 503 and hostile.calls["Predict"] == calls + 1, answer.json
 
 
 def test_status_and_answers_naming_other_versions_do_not_refetch_at_every_poll(hostile):

@@ -56,6 +56,10 @@ class BackendUnavailableError(UnavailableError):
     kind = "backend_unavailable"
 
 
+class BackendUnreachableError(BackendUnavailableError):
+    """The backend could not be reached at all (gRPC UNAVAILABLE), as opposed to busy or overloaded."""
+
+
 class BackendTimeoutError(UnavailableError):
     """The backend did not answer within the deadline."""
 
@@ -228,7 +232,9 @@ def _mapped(method: str, code: grpc.StatusCode, details: str, model: str, timeou
         # gRPC's own receive limit, here: the same call would fail again, so it is not retryable.
         return BackendFailedError(f"the model backend's answer on {method} for model '{model}' is over "
                                   f"the {MAX_MESSAGE_BYTES >> 20} MiB message limit")
-    if code in (Code.UNAVAILABLE, Code.CANCELLED, Code.ABORTED, Code.RESOURCE_EXHAUSTED):
+    if code == Code.UNAVAILABLE:
+        return BackendUnreachableError(f"the model backend is unavailable ({code.name}); retry shortly")
+    if code in (Code.CANCELLED, Code.ABORTED, Code.RESOURCE_EXHAUSTED):
         return BackendUnavailableError(f"the model backend is unavailable ({code.name}); retry shortly")
     if code == Code.NOT_FOUND:
         return ModelNotFoundError(f"model '{model}' is not served by the backend: {details}")

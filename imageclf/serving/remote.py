@@ -33,6 +33,7 @@ from imageclf.serving.backend import (
     BackendRejectedError,
     BackendTimeoutError,
     BackendUnavailableError,
+    BackendUnreachableError,
     ModelSignature,
     Prediction,
 )
@@ -276,7 +277,9 @@ class RemoteRegistry:
             state = self.client.status(name)
         except EngineError as e:
             self._set(model, _state_of(e), str(e))
-            model.down = isinstance(e, BackendUnavailableError | BackendTimeoutError)
+            # Only unreachable or hung: a backend that refuses a poll because it is busy
+            # (RESOURCE_EXHAUSTED) may still answer requests.
+            model.down = isinstance(e, BackendUnreachableError | BackendTimeoutError)
             return
         model.down = False
         if not state.available:

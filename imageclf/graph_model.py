@@ -11,6 +11,7 @@ a ``<graph stem>.json`` file beside the graph, e.g.::
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ from google.protobuf.message import DecodeError
 
 from imageclf.errors import UserError
 from imageclf.preprocess import image_to_model_input
+
+log = logging.getLogger(__name__)
 
 _SETTINGS = ("input_tensor", "output_tensor", "input_size", "input_mean", "input_std", "labels_file")
 
@@ -49,6 +52,7 @@ class GraphModel:
     left out of the session. Its functions (EXIF parsing, per-image loops) cost TensorFlow's graph
     optimizer about half a second at every load even though a fed input never runs them.
     ``bytes_input`` is then None; ``bytes_input_name`` still names the graph's encoded input.
+    A graph that cannot be cut that way is loaded whole.
     """
 
     def __init__(self, path: str | Path, settings: GraphSettings | None = None, *, decode_in_graph: bool = True):
@@ -70,11 +74,20 @@ class GraphModel:
         self.bytes_input = self._optional_tensor("image_bytes:0") if self.metadata else None
         self.bytes_input_name = self.bytes_input.name if self.bytes_input is not None else None
         if not decode_in_graph and self.input.op.type == "PlaceholderWithDefault":
-            self.graph = _imported(_fed_subgraph(graph_def, self.input.op.name, [self.output.op.name]))
-            self.input, self.output = self._tensor(self.input.name, "input"), self._tensor(self.output.name, "output")
-            self.bytes_input = None
+            self._leave_out_the_decoder(graph_def)
         self.batchable = self.input.shape.rank is None or self.input.shape[0] != 1
         self.session = tf.compat.v1.Session(graph=self.graph)
+
+    def _leave_out_the_decoder(self, graph_def: tf.compat.v1.GraphDef) -> None:
+        try:
+            graph = _imported(_fed_subgraph(graph_def, self.input.op.name, [self.output.op.name]))
+        except (KeyError, ValueError, tf.errors.OpError) as e:
+            # An unusual graph that cannot be cut cleanly is served whole: slower to load, same answers.
+            log.info("%s: serving the whole graph (its decoder could not be left out: %s)", self.path.name, e)
+            return
+        self.graph = graph
+        self.input, self.output = self._tensor(self.input.name, "input"), self._tensor(self.output.name, "output")
+        self.bytes_input = None
 
     @property
     def name(self) -> str:
@@ -226,19 +239,33 @@ def _fed_subgraph(graph_def: tf.compat.v1.GraphDef, fed: str, fetches: list[str]
     sub.versions.CopyFrom(graph_def.versions)
     sub.node.extend(node for node in graph_def.node if node.name in seen and node.name != fed)
     sub.node.append(placeholder)
-    sub.library.function.extend(functions[name] for name in sorted(used))
-    sub.library.gradient.extend(g for g in graph_def.library.gradient if g.function_name in used)
+    sub.library.function.extend(functions[name] for name in sorted(used))  # no gradients: nothing trains here
+    for node in sub.node:
+        _drop_colocation_with_dropped(node, seen)
     return sub
 
 
 def _called_functions(node) -> list[str]:
     """Functions a node calls: as its op (a function call) or through function-valued attributes."""
-    names = [node.op]
-    for value in node.attr.values():
-        if value.HasField("func"):
-            names.append(value.func.name)
-        names.extend(f.name for f in value.list.func)
+    names, values = [node.op], list(node.attr.values())
+    while values:
+        value = values.pop()
+        functions = ([value.func] if value.HasField("func") else []) + list(value.list.func)
+        names.extend(f.name for f in functions)
+        values.extend(v for f in functions for v in f.attr.values())  # a function's own attributes
     return names
+
+
+def _drop_colocation_with_dropped(node, kept: set[str]) -> None:
+    """Import refuses a node pinned next to a node that is not in the graph: such hints go."""
+    if "_class" not in node.attr:
+        return
+    hints = [h for h in node.attr["_class"].list.s if not h.startswith(b"loc:@") or h[5:].decode() in kept]
+    if hints:
+        del node.attr["_class"].list.s[:]
+        node.attr["_class"].list.s.extend(hints)
+    else:
+        del node.attr["_class"]
 
 
 def _sidecar(graph_path: Path) -> GraphSettings:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -63,6 +64,22 @@ def quick_options(image_dir: Path, out: Path, **overrides) -> RetrainOptions:
     training = overrides.pop("training", TrainConfig(steps=300, eval_step_interval=100, progress=False))
     return RetrainOptions(image_dir=str(image_dir), output_graph=str(out / "model.pb"),
                           bottleneck_dir=str(out / "bottlenecks"), training=training, **overrides)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_graphs_dir(image_dir: Path, tiny_module: Path, out: Path, name: str) -> Path:
+    """A graphs folder holding ``<name>.pb``, retrained quickly on ``image_dir`` with the tiny base."""
+    opts = quick_options(image_dir, out, tfhub_module=str(tiny_module),
+                         training=TrainConfig(steps=100, eval_step_interval=100, progress=False))
+    opts.output_graph = str(out / "graphs" / f"{name}.pb")
+    retrain(opts, log=lambda line: None)
+    return out / "graphs"
 
 
 @pytest.fixture(scope="session")

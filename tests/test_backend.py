@@ -44,12 +44,10 @@ from tensorflow_serving.apis import (
 
 from imageclf.demo_data import draw_shape, make_dataset
 from imageclf.preprocess import image_to_model_input
-from imageclf.retrain import retrain
 from imageclf.serving.backend_config import BackendOptions
-from imageclf.training import TrainConfig
 from service.app import ServiceConfig, create_app
 
-from .conftest import REPO, quick_options
+from .conftest import REPO, free_port, tiny_graphs_dir
 from .service_helpers import Server, multipart
 
 MODEL = "shapes"
@@ -60,18 +58,12 @@ FILES = ["circle/circle_001.jpg", "square/square_002.jpg", "triangle.png", "turn
          "photo.heic"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Process:
     """``python -m service`` with some flags, its output in a file."""
 
     def __init__(self, name: str, args: list[str], log: Path):
         self.name, self.args, self.log = name, args, log
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen | None = None
         self.start()
@@ -147,7 +139,7 @@ def photos(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def ports():
-    return {"back_grpc": _free_port(), "front_grpc": _free_port()}
+    return {"back_grpc": free_port(), "front_grpc": free_port()}
 
 
 @pytest.fixture(scope="module")
@@ -163,12 +155,7 @@ def front(photos, ports, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def graphs(photos, tiny_module, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("backend_model")
-    opts = quick_options(photos, out, tfhub_module=str(tiny_module),
-                         training=TrainConfig(steps=100, eval_step_interval=100, progress=False))
-    opts.output_graph = str(out / "graphs" / f"{MODEL}.pb")
-    retrain(opts, log=lambda line: None)
-    return out / "graphs"
+    return tiny_graphs_dir(photos, tiny_module, tmp_path_factory.mktemp("backend_model"), MODEL)
 
 
 @pytest.fixture(scope="module")
@@ -617,7 +604,7 @@ def test_stop_does_not_wait_for_a_hung_status_call(hostile):
 
 
 def test_a_backend_that_stays_away_does_not_flood_the_log(caplog):
-    closed = _free_port()
+    closed = free_port()
     options = BackendOptions(url=f"grpc://127.0.0.1:{closed}", models=("m",), timeout_s=1, poll_seconds=0.01)
     with caplog.at_level(logging.WARNING, logger="imageclf.serving.backend"):
         app = create_app(ServiceConfig(image_root=str(REPO / "sample_images"), backend=options))

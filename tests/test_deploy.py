@@ -18,7 +18,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -44,7 +43,7 @@ from imageclf.retrain_cli import build_parser as retrain_parser
 from imageclf.retrain_cli import main as retrain_main
 from service.__main__ import build_parser as service_parser
 
-from .conftest import REPO
+from .conftest import REPO, free_port
 
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
@@ -492,12 +491,6 @@ def test_tf_serving_image_is_at_least_the_exporting_tensorflow():
     assert tuple(map(int, tag.split(".")[:2])) >= tuple(map(int, tf.__version__.split(".")[:2]))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(port: int, path: str, host: str) -> tuple[int, dict]:
     request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers={"Host": host})
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -533,7 +526,7 @@ def test_probes_and_health_check_against_the_real_service(compose_retrain, tmp_p
     images.mkdir()
     mounts = {m["mountPath"]: m for m in _container()["volumeMounts"]}
     assert set(mounts) == {"/graphs", "/images", "/tmp"}
-    port, grpc_port = _free_port(), _free_port()
+    port, grpc_port = free_port(), free_port()
     env = {**os.environ, **_configmap(), "IMAGECLF_GRAPHS_DIR": str(graphs), "IMAGECLF_IMAGE_ROOT": str(images),
            "IMAGECLF_HOST": "127.0.0.1", "IMAGECLF_PORT": str(port), "IMAGECLF_GRPC_PORT": str(grpc_port)}
     log = tmp_path / "service.log"

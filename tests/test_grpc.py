@@ -50,7 +50,7 @@ from imageclf.serving.engine import Engine, Limits
 from imageclf.training import TrainConfig
 from service.grpc_api import GrpcServer
 
-from .conftest import REPO, quick_options
+from .conftest import REPO, free_port, quick_options
 from .service_helpers import Server
 
 MODEL = "shapes"
@@ -456,14 +456,8 @@ def test_pixels_count_against_the_decode_budget_calls_are_bounded_and_stop_leave
     assert not set(threading.enumerate()) - before
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(args: list[str], env: dict) -> tuple[subprocess.Popen, int]:
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port), *args], cwd=REPO,
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return process, port
@@ -493,7 +487,7 @@ def test_command_line_serves_grpc_and_grpc_port_0_turns_it_off(model, tmp_path):
     graphs.mkdir()
     shutil.copy(result.graph, graphs / f"{MODEL}.pb")
     common = ["--graphs_dir", str(graphs), "--image_root", str(images)]
-    grpc_on, grpc_off = _free_port(), _free_port()
+    grpc_on, grpc_off = free_port(), free_port()
     on, on_port = _start(common, {**os.environ, "IMAGECLF_GRPC_PORT": str(grpc_on)})
     # The flag wins over the environment: nothing may listen on grpc_off.
     off, off_port = _start([*common, "--grpc_port", "0"], {**os.environ, "IMAGECLF_GRPC_PORT": str(grpc_off)})

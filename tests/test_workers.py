@@ -23,19 +23,11 @@ import pytest
 from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
 
 from imageclf.demo_data import make_dataset
-from imageclf.retrain import retrain
-from imageclf.training import TrainConfig
 
-from .conftest import REPO, quick_options
+from .conftest import REPO, free_port, tiny_graphs_dir
 
 MODEL = "shapes"
 BUDGET_MB = 64
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -47,19 +39,14 @@ def photos(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def graphs(photos, tiny_module, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("workers_model")
-    opts = quick_options(photos, out, tfhub_module=str(tiny_module),
-                         training=TrainConfig(steps=100, eval_step_interval=100, progress=False))
-    opts.output_graph = str(out / "graphs" / f"{MODEL}.pb")
-    retrain(opts, log=lambda line: None)
-    return out / "graphs"
+    return tiny_graphs_dir(photos, tiny_module, tmp_path_factory.mktemp("workers_model"), MODEL)
 
 
 class Workers:
     """``python -m service --workers 2``, its output in a file."""
 
     def __init__(self, graphs: Path, photos: Path, log: Path, grpc_port: int = 0):
-        self.port, self.grpc_port, self.log = _free_port(), grpc_port, log
+        self.port, self.grpc_port, self.log = free_port(), grpc_port, log
         self.url = f"http://127.0.0.1:{self.port}"
         with open(log, "wb") as out:
             self.process = subprocess.Popen(
@@ -120,7 +107,7 @@ def _wait_gone(pids, timeout: float = 60) -> bool:
 
 
 def test_both_workers_answer_http_and_grpc_and_sigterm_stops_all(graphs, photos, tmp_path):
-    service = Workers(graphs, photos, tmp_path / "service.log", grpc_port=_free_port())
+    service = Workers(graphs, photos, tmp_path / "service.log", grpc_port=free_port())
     try:
         workers = service.workers()
         pids = [w["pid"] for w in workers.values()]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -40,3 +41,10 @@ def run(prog: str, main: Callable[[Sequence[str] | None], int], argv: Sequence[s
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse whose errors are one line: a tool with thirty flags would print them all before the message."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

@@ -11,7 +11,7 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from imageclf.cli_common import quiet_tensorflow, run
+from imageclf.cli_common import OneLineErrorParser, quiet_tensorflow, run
 from imageclf.images import DEFAULT_MAX_PIXELS
 
 SHUTDOWN_GRACE_S = 5.0
@@ -23,7 +23,9 @@ IMAGECLF_MAX_PIXELS, IMAGECLF_MAX_INSTANCES, IMAGECLF_MEMORY_BUDGET_MB, IMAGECLF
 IMAGECLF_BATCH_WAIT_MS, IMAGECLF_BATCH_TIMEOUT_S, IMAGECLF_CONNECTION_LIMIT, IMAGECLF_CHANNEL_TIMEOUT,
 IMAGECLF_ALLOWED_HOSTS, IMAGECLF_GRPC_PORT, IMAGECLF_GRPC_MAX_CONCURRENT_RPCS, IMAGECLF_BACKEND,
 IMAGECLF_BACKEND_MODELS, IMAGECLF_BACKEND_TIMEOUT_S, IMAGECLF_BACKEND_MAX_CALLS, IMAGECLF_WORKERS,
-IMAGECLF_INTRA_OP_THREADS, IMAGECLF_INTER_OP_THREADS. Flags win over the environment.
+IMAGECLF_INTRA_OP_THREADS, IMAGECLF_INTER_OP_THREADS, IMAGECLF_MAX_QUEUED_REQUESTS,
+IMAGECLF_MAX_CONNECTIONS_PER_CLIENT, IMAGECLF_TRUSTED_PROXIES, IMAGECLF_HEADER_TIMEOUT_S,
+IMAGECLF_BODY_TIMEOUT_S, IMAGECLF_MAX_BUFFERED_MB. Flags win over the environment.
 
 Try:
   curl 'localhost:8000/?file=sample_images/circle/circle_000.jpg'
@@ -41,13 +43,28 @@ SIGTERM or Ctrl-C: new connections are refused, requests in progress get up to 5
 """
 
 
-def _env(name: str, default):
-    value = os.environ.get(f"IMAGECLF_{name.upper()}")
-    return type(default)(value) if value is not None else default
+class _Environment:
+    """Flag defaults from IMAGECLF_* variables; a value that does not parse is kept as an error to report."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    def __call__(self, name: str, default):
+        variable = f"IMAGECLF_{name.upper()}"
+        value = os.environ.get(variable)
+        if value is None:
+            return default
+        try:
+            return type(default)(value)
+        except ValueError:
+            kind = {int: "a whole number", float: "a number"}.get(type(default), type(default).__name__)
+            self.errors.append(f"{variable}={value[:40]!r} is not {kind}")
+            return default
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m service", epilog=EPILOG,
+    _env = _Environment()
+    p = OneLineErrorParser(prog="python -m service", epilog=EPILOG,
                                 description="Serve the frozen graphs in a folder over HTTP (JSON, "
                                             "a browser page, and the TensorFlow Serving REST API) and "
                                             "TensorFlow Serving's gRPC API.",
@@ -87,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "GetModelStatus) on --host; 0 turns it off (default: %(default)s)")
     p.add_argument("--grpc_max_concurrent_rpcs", type=int, default=_env("grpc_max_concurrent_rpcs", 0),
                    help="gRPC calls in progress or waiting for a thread at once; more are refused with "
-                        "RESOURCE_EXHAUSTED (default: 4 x --threads)")
+                        "RESOURCE_EXHAUSTED at once (default: --threads + --max_queued_requests)")
     p.add_argument("--backend", default=_env("backend", ""),
                    help="grpc://HOST:PORT of a TensorFlow Serving (or another python -m service) serving the "
                         "models' exported SavedModels: inference is forwarded there (predict_images, pixels "
@@ -110,6 +127,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inter_op_threads", type=int, default=_env("inter_op_threads", 0),
                    help="TensorFlow threads running independent operations at once, per process; 0: TensorFlow's "
                         "choice, or 1-2 with --workers (default: %(default)s)")
+    # Under load (README, "Under load").
+    p.add_argument("--max_queued_requests", type=int, default=_env("max_queued_requests", 0),
+                   help="requests that run the model (uploads, ?file=, :predict...) waiting for a free thread; "
+                        "more are answered 503 with Retry-After at once, and /healthz, /readyz never wait "
+                        "(default: 2 x --threads)")
+    p.add_argument("--max_connections_per_client", type=int, default=_env("max_connections_per_client", 64),
+                   help="open connections from one client address; more are closed at once, so one client "
+                        "cannot take every slot of --connection_limit; 0: no cap (default: %(default)s)")
+    p.add_argument("--trusted_proxies", default=_env("trusted_proxies", ""),
+                   help="comma-separated addresses or networks (10.0.0.0/8) of proxies, ingress controllers or "
+                        "load balancers in front of the service: their connections carry many clients and are "
+                        "held only to --connection_limit (default: none)")
+    p.add_argument("--header_timeout_s", type=float, default=_env("header_timeout_s", 10.0),
+                   help="a request head must arrive whole within this time of its first byte, else 408 "
+                        "(default: %(default)s)")
+    p.add_argument("--body_timeout_s", type=float, default=_env("body_timeout_s", 60.0),
+                   help="a request body must arrive whole within this time of its head, else 408 "
+                        "(default: %(default)s)")
+    p.add_argument("--max_buffered_mb", type=int, default=_env("max_buffered_mb", 256),
+                   help="request bodies received and not yet answered, all connections together; a request "
+                        "whose body does not fit is answered 503 with Retry-After (default: %(default)s)")
     # Internal: how the --workers parent starts each worker (see service/workers.py).
     p.add_argument("--listen_fd", type=int, default=-1, help=argparse.SUPPRESS)
     p.add_argument("--worker_index", type=int, default=-1, help=argparse.SUPPRESS)
@@ -117,76 +155,142 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated Host names the service answers to (others get 400, which stops "
                         "DNS rebinding); default: localhost names when --host is a loopback address, "
                         "any name otherwise")
+    p.env_errors = _env.errors
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for flag in ("threads", "max_upload_bytes", "max_pixels", "max_instances", "memory_budget_mb",
-                 "batch_timeout_s", "connection_limit", "channel_timeout"):
-        if getattr(args, flag) <= 0:
-            parser.error(f"--{flag} must be positive")
-    if args.batch_size < 0 or args.batch_wait_ms < 0:
-        parser.error("--batch_size and --batch_wait_ms must not be negative")
-    if not 0 <= args.grpc_port <= 65535 or args.grpc_max_concurrent_rpcs < 0:
-        parser.error("--grpc_port must be 0 (off) to 65535 and --grpc_max_concurrent_rpcs not negative")
-    if args.workers <= 0 or args.intra_op_threads < 0 or args.inter_op_threads < 0:
-        parser.error("--workers must be positive, --intra_op_threads and --inter_op_threads not negative")
+    from imageclf.errors import UserError
+
+    if parser.env_errors:
+        raise UserError(parser.env_errors[0])
+    _check_flags(parser, args)
     backend = _backend(parser, args)
     if args.workers > 1:
         return _run_workers(parser, args, sys.argv[1:] if argv is None else list(argv))
-    quiet_tensorflow()
-    _tensorflow_threads(args.intra_op_threads, args.inter_op_threads)
-    from imageclf.errors import UserError
-    from service.app import ServiceConfig, create_app
-    from service.security import default_allowed_hosts
-    from service.server import create_server, serve_until
-
     if backend is None and not os.path.isdir(args.graphs_dir):
         raise UserError(f"--graphs_dir {args.graphs_dir}: no such folder (run retrain.py first)")
     if not os.path.isdir(args.image_root):
         raise UserError(f"--image_root {args.image_root}: no such folder")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    allowed = tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip()) or \
-        default_allowed_hosts(args.host)
-    if allowed and "*" in allowed:
-        allowed = None
-    config = ServiceConfig(graphs_dir=args.graphs_dir, image_root=args.image_root,
-                           max_upload_bytes=args.max_upload_bytes, max_pixels=args.max_pixels,
-                           max_instances=args.max_instances, memory_budget_mb=args.memory_budget_mb,
-                           batch_size=args.batch_size or args.threads, batch_wait_ms=args.batch_wait_ms,
-                           batch_timeout_s=args.batch_timeout_s, allowed_hosts=allowed, backend=backend)
-    app = create_app(config)
     worker = args.listen_fd >= 0
+    # Ports first: a port in use is one line before a single model is loaded.
+    listener = socket.socket(fileno=args.listen_fd) if worker else _bind_http(args.host, args.port)
+    if args.grpc_port and not worker:
+        _check_grpc_port(args.host, args.grpc_port)
+    quiet_tensorflow()
+    _tensorflow_threads(args.intra_op_threads, args.inter_op_threads)
+    from service.app import create_app
+    from service.server import create_server, serve_until
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(_service_config(args, backend), start_registry=False)
+    shared = app.extensions["imageclf"]
     if worker:
-        app.extensions["imageclf"]["metrics"].set_worker(args.worker_index)
-    server = create_server(app, host=args.host, port=args.port, threads=args.threads,
-                           listen_socket=socket.socket(fileno=args.listen_fd) if worker else None,
+        shared["metrics"].set_worker(args.worker_index)
+    server = create_server(app, host=args.host, port=args.port, threads=args.threads, listen_socket=listener,
                            max_request_body_size=args.max_upload_bytes + 65536,
-                           connection_limit=args.connection_limit, channel_timeout=args.channel_timeout)
+                           connection_limit=args.connection_limit, channel_timeout=args.channel_timeout,
+                           max_queued_requests=_max_queued(args),
+                           max_connections_per_client=args.max_connections_per_client,
+                           trusted_proxies=_split(args.trusted_proxies), header_timeout_s=args.header_timeout_s,
+                           body_timeout_s=args.body_timeout_s, max_buffered_bytes=args.max_buffered_mb << 20,
+                           on_refused=shared["metrics"].refused)
+    shared["metrics"].watch_server(server)
     grpc_server = _grpc_server(args, app) if args.grpc_port else None
+    shared["registry"].start()
     also = f" and gRPC on {args.host}:{grpc_server.port}" if grpc_server else ""
     what = f"models {', '.join(backend.models)} of {backend.url}" if backend else f"{args.graphs_dir}/"
     who = f"Worker {args.worker_index} (pid {os.getpid()}) serving" if worker else "Serving"
-    print(f"{who} {what} on http://{args.host}:{args.port}/{also}  (Ctrl-C to stop)", flush=True)
+    print(f"{who} {what} on http://{args.host}:{server.effective_port}/{also}  (Ctrl-C to stop)", flush=True)
     stop = threading.Event()
     _stop_on_signals(stop, server)
-    stopping = []
+    grpc_stopper = None
     try:
         if grpc_server:
             grpc_server.start()
+            # gRPC refuses new calls from the moment the stop is asked for, as HTTP does, and drains beside it.
+            grpc_stopper = threading.Thread(target=lambda: stop.wait() and grpc_server.stop(SHUTDOWN_GRACE_S),
+                                            name="grpc-stopper", daemon=True)
+            grpc_stopper.start()
         serve_until(server, stop, SHUTDOWN_GRACE_S)
     finally:
-        # gRPC drains while HTTP does (each for up to the grace period); the backend channel closes last.
-        if grpc_server:
-            stopping.append(threading.Thread(target=grpc_server.stop, args=(SHUTDOWN_GRACE_S,)))
-            stopping[-1].start()
-        for thread in stopping:
-            thread.join()
-        app.extensions["imageclf"]["registry"].stop()
+        stop.set()
+        if grpc_stopper is not None:
+            grpc_stopper.join()
+        shared["registry"].stop()
     print("Stopped.", flush=True)
     return 0
+
+
+def _check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for flag in ("threads", "max_upload_bytes", "max_pixels", "max_instances", "memory_budget_mb",
+                 "batch_timeout_s", "connection_limit", "channel_timeout", "header_timeout_s", "body_timeout_s",
+                 "max_buffered_mb"):
+        if getattr(args, flag) <= 0:
+            parser.error(f"--{flag} must be positive")
+    for flag in ("batch_size", "batch_wait_ms", "max_queued_requests", "max_connections_per_client"):
+        if getattr(args, flag) < 0:
+            parser.error(f"--{flag} must not be negative")
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port {args.port}: a port is 0 to 65535")
+    if not 0 <= args.grpc_port <= 65535 or args.grpc_max_concurrent_rpcs < 0:
+        parser.error("--grpc_port must be 0 (off) to 65535 and --grpc_max_concurrent_rpcs not negative")
+    if args.workers <= 0 or args.intra_op_threads < 0 or args.inter_op_threads < 0:
+        parser.error("--workers must be positive, --intra_op_threads and --inter_op_threads not negative")
+    from service.connections import parse_networks
+
+    try:
+        parse_networks(_split(args.trusted_proxies))
+    except ValueError as e:
+        parser.error(f"--trusted_proxies: {e}")
+
+
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def _max_queued(args: argparse.Namespace) -> int:
+    return args.max_queued_requests or 2 * args.threads
+
+
+def _bind_http(host: str, port: int) -> socket.socket:
+    from imageclf.errors import UserError
+    from service.server import bind_listener
+
+    try:
+        return bind_listener(host, port)
+    except OSError as e:
+        raise UserError(f"--port {port}: cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def _check_grpc_port(host: str, port: int) -> None:
+    """Fail now, in one line, if gRPC could not listen on ``port`` later (after the models load)."""
+    from imageclf.errors import UserError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((host.strip("[]"), port))
+            probe.listen(1)  # what gRPC will do: a port another program only bound would fail here too
+    except OSError as e:
+        raise UserError(f"--grpc_port {port}: cannot listen on {host}:{port}: {e.strerror or e}; "
+                        "pick another port, or 0 to turn gRPC off") from None
+
+
+def _service_config(args: argparse.Namespace, backend):
+    from service.app import ServiceConfig
+    from service.security import default_allowed_hosts
+
+    allowed = _split(args.allowed_hosts) or default_allowed_hosts(args.host)
+    if allowed and "*" in allowed:
+        allowed = None
+    return ServiceConfig(graphs_dir=args.graphs_dir, image_root=args.image_root,
+                         max_upload_bytes=args.max_upload_bytes, max_pixels=args.max_pixels,
+                         max_instances=args.max_instances, memory_budget_mb=args.memory_budget_mb,
+                         batch_size=args.batch_size or args.threads, batch_wait_ms=args.batch_wait_ms,
+                         batch_timeout_s=args.batch_timeout_s, allowed_hosts=allowed, backend=backend)
 
 
 def _run_workers(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> int:
@@ -260,7 +364,7 @@ def _grpc_server(args: argparse.Namespace, app):
         return GrpcServer(shared["engine"], shared["metrics"], host=args.host, port=args.grpc_port,
                           threads=args.threads, max_message_bytes=args.max_upload_bytes + 65536,
                           reuse_port=args.listen_fd >= 0,
-                          max_concurrent_rpcs=args.grpc_max_concurrent_rpcs or 4 * args.threads)
+                          max_concurrent_rpcs=args.grpc_max_concurrent_rpcs or args.threads + _max_queued(args))
     except OSError as e:
         raise UserError(f"--grpc_port {args.grpc_port}: {e}; pick another port, or 0 to turn gRPC off") from None
 

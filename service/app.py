@@ -64,11 +64,13 @@ class ApiError(Exception):
         self.status, self.message, self.kind = status, message, kind
 
 
-def create_app(config: ServiceConfig, registry: ModelRegistry | RemoteRegistry | None = None) -> Flask:
+def create_app(config: ServiceConfig, registry: ModelRegistry | RemoteRegistry | None = None,
+               start_registry: bool = True) -> Flask:
     """A Flask app over ``config.graphs_dir``, or over the models of ``config.backend``.
 
-    Without ``registry`` it makes one and starts its poller; a registry passed in is started
-    by the caller (after this call, so that its first loads are counted in the metrics).
+    Without ``registry`` it makes one and, unless ``start_registry`` is False, starts it (loads
+    the models, polls the folder); a registry passed in, or one not started here, is started by
+    the caller (``app.extensions["imageclf"]["registry"].start()``), e.g. once its ports are bound.
     """
     metrics = ServiceMetrics()
     own_registry = registry is None
@@ -77,7 +79,7 @@ def create_app(config: ServiceConfig, registry: ModelRegistry | RemoteRegistry |
     elif own_registry:
         registry = ModelRegistry(config.graphs_dir, config.poll_seconds, batching=config.batching())
     registry.add_listener(metrics.reloaded)
-    if own_registry:
+    if own_registry and start_registry:
         registry.start()
     engine = Engine(registry, config.limits())
     metrics.watch_budget(engine.budget)

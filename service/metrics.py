@@ -29,6 +29,26 @@ class ServiceMetrics:
                                          ["method"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
                                          registry=self.registry)
 
+        self.http_refused = Counter("imageclf_http_refused_total",
+                                    "Requests or connections the HTTP server refused before the app saw them, by "
+                                    "reason (queue_full, client_connections, body_buffers_full, head_deadline, "
+                                    "body_deadline)", ["reason"], registry=self.registry)
+
+    def refused(self, reason: str) -> None:
+        self.http_refused.labels(reason).inc()
+
+    def watch_server(self, server) -> None:
+        """Export the HTTP server's queue and buffers (a service.server.GuardedServer)."""
+        for name, doc, read in (
+                ("imageclf_http_queued_requests", "Requests waiting for a request thread",
+                 lambda: server.task_dispatcher.queued),
+                ("imageclf_http_max_queued_requests", "Model requests that may wait before more are refused",
+                 lambda: server.admission.max_queued),
+                ("imageclf_http_open_connections", "Open HTTP connections", lambda: len(server.active_channels)),
+                ("imageclf_http_buffered_body_bytes", "Request body bytes received and not yet answered",
+                 lambda: server.buffers.used)):
+            Gauge(name, doc, registry=self.registry).set_function(read)
+
     def set_worker(self, index: int) -> None:
         """Under --workers, /metrics answers for one worker process: say which (and its pid)."""
         Gauge("imageclf_worker", "This worker of a --workers service (1): its index and pid", ["worker", "pid"],

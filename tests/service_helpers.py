@@ -15,7 +15,8 @@ from service.server import create_server
 
 class Server:
     def __init__(self, graphs: Path, root: Path, threads: int = 8, channel_timeout: int = 30,
-                 connection_limit: int = 1000, **config):
+                 connection_limit: int = 1000, http: dict | None = None, **config):
+        """``http``: more settings of the HTTP server (service.server.create_server's keywords)."""
         config.setdefault("batch_size", threads)
         self.config = ServiceConfig(graphs_dir=str(graphs), image_root=str(root), **config)
         self.registry = ModelRegistry(graphs, poll_seconds=0.2, batching=self.config.batching())
@@ -23,7 +24,8 @@ class Server:
         self.registry.start()
         self.server = create_server(self.app, host="127.0.0.1", port=0, threads=threads,
                                     max_request_body_size=self.config.max_upload_bytes + 65536,
-                                    channel_timeout=channel_timeout, connection_limit=connection_limit)
+                                    channel_timeout=channel_timeout, connection_limit=connection_limit,
+                                    **(http or {}))
         self.port = self.server.effective_port
         self.url = f"http://127.0.0.1:{self.port}"
         self.thread = threading.Thread(target=self.server.run, daemon=True)

@@ -44,8 +44,8 @@ class Admission:
         self.max_queued = max_queued
         self.shed = 0
 
-    def route(self, request, queued: int) -> Route:
-        """Where ``request`` goes while ``queued`` requests wait for a thread."""
+    def route(self, request, waiting: int) -> Route:
+        """Where ``request`` goes if, with it, ``waiting`` requests would wait for a thread."""
         if request.error is not None:
             return Route.INLINE
         method = request.command
@@ -53,7 +53,7 @@ class Admission:
             return Route.INLINE
         if not is_model_work(method, request.path, request.query):
             return Route.FRONT
-        if queued >= self.max_queued:
+        if waiting > self.max_queued:
             self.shed += 1
             return Route.SHED
         return Route.QUEUE

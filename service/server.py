@@ -75,6 +75,11 @@ class GuardedDispatcher(ThreadedTaskDispatcher):
     def queued(self) -> int:
         return len(self.queue)
 
+    def waiting_with_one_more(self) -> int:
+        """How many requests would wait for a thread if one more were queued now (idle threads take some)."""
+        idle = len(self.threads) - self.stop_count - self.active_count
+        return max(0, len(self.queue) + 1 - idle)
+
 
 class GuardedChannel(HTTPChannel):
     """A connection whose probes, errors and refusals are answered in the event loop (see run_inline)."""
@@ -173,7 +178,7 @@ class GuardedServer(TcpWSGIServer):
 
     def add_task(self, channel) -> None:
         request = channel.requests[0]
-        route = self.admission.route(request, self.task_dispatcher.queued)
+        route = self.admission.route(request, self.task_dispatcher.waiting_with_one_more())
         if route is Route.SHED:
             request.error = ServiceBusy(f"more requests are waiting than the service may queue "
                                         f"({self.admission.max_queued}); retry after {RETRY_AFTER_S} s")

@@ -298,8 +298,12 @@ def _run_workers(parser: argparse.ArgumentParser, args: argparse.Namespace, argv
 
     if args.listen_fd >= 0:
         parser.error("--workers cannot be combined with --listen_fd (that is how workers are started)")
-    if not os.path.isdir(args.image_root):  # checked once here rather than N times
-        from imageclf.errors import UserError
+    from imageclf.errors import UserError
+
+    # Checked once here, before any worker starts, rather than failing in each of them.
+    if not args.backend and not os.path.isdir(args.graphs_dir):
+        raise UserError(f"--graphs_dir {args.graphs_dir}: no such folder (run retrain.py first)")
+    if not os.path.isdir(args.image_root):
         raise UserError(f"--image_root {args.image_root}: no such folder")
     plan = plan_workers(args.workers, args.memory_budget_mb, args.intra_op_threads, args.inter_op_threads)
     return run_workers(argv, host=args.host, port=args.port, grpc_port=args.grpc_port, plan=plan,
@@ -320,15 +324,20 @@ def _tensorflow_threads(intra_op: int, inter_op: int) -> None:
 
 
 def _stop_on_signals(stop: threading.Event, server) -> None:
-    """SIGTERM (containers, Kubernetes) and SIGINT (Ctrl-C) start a graceful stop; a second one stops at once."""
+    """SIGTERM (containers, Kubernetes, systemd) and SIGINT (Ctrl-C) start a graceful stop; SIGQUIT, or a
+    second SIGINT, stops at once. A repeated SIGTERM does not: under systemd's KillMode=control-group a
+    --workers child gets SIGTERM from systemd and once more from its parent, for the same stop."""
     def handler(signum, frame):
-        if stop.is_set():
+        name = signal.Signals(signum).name
+        if signum == signal.SIGQUIT or (stop.is_set() and signum == signal.SIGINT):
             raise KeyboardInterrupt
-        print(f"{signal.Signals(signum).name}: stopping (requests in progress get up to {SHUTDOWN_GRACE_S:g} s)",
-              flush=True)
+        if stop.is_set():
+            print(f"{name} again: already stopping (SIGQUIT or a second Ctrl-C stops at once)", flush=True)
+            return
+        print(f"{name}: stopping (requests in progress get up to {SHUTDOWN_GRACE_S:g} s)", flush=True)
         stop.set()
         server.pull_trigger()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
         signal.signal(signum, handler)
 
 

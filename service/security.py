@@ -3,6 +3,11 @@
 A service on 127.0.0.1 can be reached by any web page the user visits through DNS rebinding
 (a hostile name that resolves to 127.0.0.1): the browser sends that name as ``Host``. Answering
 only the names the service is known by closes that door.
+
+The Host check is done here, not with Flask's ``TRUSTED_HOSTS``: Flask before 3.1 ignores that
+setting without a word (the check would silently be off), and the read-only health and metrics
+paths must answer any Host: Kubernetes probes and Prometheus ask for them by pod IP, and what a
+rebinding page could read there is no more than a scrape shows.
 """
 
 from __future__ import annotations
@@ -12,9 +17,11 @@ import hashlib
 import ipaddress
 import re
 
-from flask import Flask, request
+from flask import Flask, abort, request
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
+# Answered whatever the Host: read-only, asked for by probes and scrapers that know the pod's IP only.
+ANY_HOST_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 def default_allowed_hosts(bind_host: str) -> tuple[str, ...] | None:
@@ -28,10 +35,39 @@ def default_allowed_hosts(bind_host: str) -> tuple[str, ...] | None:
     return (*LOOPBACK_NAMES, bind_host) if loopback else None
 
 
+def host_name(host: str) -> str:
+    """A Host header's name: lower case, without the port, IPv6 brackets or an FQDN's final dot."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        host = host[1:host.find("]")] if "]" in host else ""
+    elif host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    return host.rstrip(".")
+
+
+def host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
+    """Whether ``host`` is one of ``allowed``: a name, ``.example.com`` (it and its subdomains) or ``*``."""
+    name = host_name(host)
+    if not name:
+        return False
+    for entry in allowed:
+        entry = host_name(entry) if not entry.startswith(".") else "." + host_name(entry[1:])
+        if entry == "*" or name == entry or (entry.startswith(".") and (name == entry[1:] or name.endswith(entry))):
+            return True
+    return False
+
+
 def install_security(app: Flask, allowed_hosts: tuple[str, ...] | None) -> None:
-    """Refuse unknown Host names (400) and send safe headers with every answer."""
+    """Refuse unknown Host names (400, except on ANY_HOST_PATHS) and send safe headers with every answer."""
     if allowed_hosts:
-        app.config["TRUSTED_HOSTS"] = list(allowed_hosts)
+        allowed = tuple(allowed_hosts)
+
+        @app.before_request
+        def check_host():
+            host = request.headers.get("Host", "")
+            if request.path not in ANY_HOST_PATHS and not host_allowed(host, allowed):
+                abort(400, description=f"Host {host[:200]!r} is not a name this service answers to "
+                                       "(--allowed_hosts)")
     page_policy = _page_policy(app.root_path + "/page.html")
 
     @app.after_request

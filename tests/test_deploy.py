@@ -541,7 +541,22 @@ def test_probes_and_health_check_against_the_real_service(compose_retrain, tmp_p
         assert _wait_for(lambda: probe("startupProbe") == 200, 120), log.read_text()[-2000:]
         assert probe("livenessProbe") == 200
         assert probe("readinessProbe") == 503  # no graph yet: no traffic for this pod
-        assert _get(port, "/healthz", "attacker.example")[0] == 400  # the allowed names are in force
+        assert _get(port, "/models", "attacker.example")[0] == 400  # the allowed names are in force
+        # In-cluster clients, by the Service's names (short, with the namespace, FQDN with and without its
+        # final dot); Prometheus scraping the pod by IP (and the kubelet probing it by IP) on the read-only paths.
+        for host in ("imageclf", "imageclf:8000", "imageclf.default", "imageclf.default.svc:8000",
+                     "imageclf.default.svc.cluster.local", "imageclf.default.svc.cluster.local.:8000"):
+            assert _get(port, "/models", host)[0] == 200, host
+        service_port = _k8s_documents()["Service/imageclf"]["spec"]["ports"][0]["port"]
+        pod_ip = f"10.244.3.17:{service_port}"
+        assert _get(port, "/models", pod_ip)[0] == 400
+        for path in ("/healthz", "/readyz", "/metrics"):
+            request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers={"Host": pod_ip})
+            try:
+                status = urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=10).status
+            except urllib.error.HTTPError as error:
+                status = error.code
+            assert status == (503 if path == "/readyz" else 200), (path, status)  # /readyz: no graph yet
         assert _healthcheck(port) == 0
         # A graph arrives on the volume (as a retrain writes it): ready, by the name TF Serving uses.
         name = compose_retrain["model_name"]

@@ -54,7 +54,7 @@ class ModelStatus:
             "loaded_at": s.loaded_at if s else None, "load_seconds": s.load_seconds if s else None,
             "labels": model.labels if model else None,
             "input_size": list(model.input_size) if model else None,
-            "metadata": _without_paths(model.metadata) if model else None,
+            "metadata": _public_metadata(model.metadata) if model else None,
         }
 
 
@@ -205,11 +205,26 @@ class ModelRegistry:
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s/\"']+/)*([^\s/\"']+)")
 
 
-def _without_paths(metadata: dict | None):
-    """Metadata as clients may see it: absolute paths (a base model's folder...) cut to their last part."""
+def _public_metadata(metadata: dict | None):
+    """Metadata as clients may see it: absolute paths (a base model's folder...) cut to their last part,
+    and the duplicate report as counts, without the names of the training files (those stay in the
+    graph and in ``<name>.json``, for whoever retrains)."""
     if metadata is None:
         return None
-    return json.loads(_ABSOLUTE_PATH.sub(r"\1", json.dumps(metadata)))
+    public = json.loads(_ABSOLUTE_PATH.sub(r"\1", json.dumps(metadata)))
+    if isinstance(public.get("duplicates"), dict):
+        public["duplicates"] = _counts_only(public["duplicates"])
+    return public
+
+
+def _counts_only(report: dict) -> dict:
+    """``{"identical_groups": [[names...]], "identical_groups_total": 3, ...}`` -> the numbers alone; a list
+    without its ``_total`` is counted (the metadata keeps at most 50 of each list)."""
+    counts = {key: value for key, value in report.items() if not isinstance(value, list | dict)}
+    for key, value in report.items():
+        if isinstance(value, list | dict):
+            counts.setdefault(f"{key}_total", len(value))
+    return counts
 
 
 def _signature(graph: Path) -> tuple:

@@ -369,6 +369,8 @@ def remote_registry(options: BackendOptions, batching: BatchOptions,
     """A RemoteRegistry over one channel to ``options.url`` (not started; call ``start()``)."""
     client = BackendClient(options.target, timeout_s=options.timeout_s,
                            max_calls=options.max_calls, on_call=on_call)
-    # A request that joins a batch led by another waits for that call: a slot, then the deadline.
-    batching = replace(batching, timeout_s=2 * options.timeout_s + 1)
+    # A request that joins a batch led by another waits for that call: a slot, then the deadline, so
+    # no longer than that; and never longer than --batch_timeout_s, which bounds the wait as it does
+    # for a local model (before, it was replaced by this bound, and silently ignored).
+    batching = replace(batching, timeout_s=min(batching.timeout_s, 2 * options.timeout_s + 1))
     return RemoteRegistry(client, options.models, batching, options.poll_seconds)

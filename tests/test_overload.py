@@ -354,3 +354,55 @@ def test_grpc_refuses_new_calls_while_http_drains(graphs):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# -- memory goes back down after a burst ------------------------------------------------------------
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def _big_png(side: int, shade: int) -> bytes:
+    import io
+
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (side, side), (shade, 120, 200))
+    ImageDraw.Draw(img).ellipse((side // 4, side // 4, side // 2, side // 2), fill=(250, 200, shade))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_rss_returns_near_its_level_after_a_burst_of_big_decodes(graphs, tmp_path):
+    port = free_port()
+    log = tmp_path / "service.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "service", "--graphs_dir", str(graphs), "--port", str(port),
+                                 "--grpc_port", "0", "--max_pixels", "20000000"], cwd=REPO, stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while b"Serving" not in log.read_bytes() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        for _ in range(10):
+            assert _status(_exchange(port, _upload_request())) == 200
+        time.sleep(1)
+        before = _rss_mib(proc.pid)
+        pngs = [_big_png(3000, 30 * i) for i in range(8)]  # 9 MP: ~160 MB each to decode and resize
+        with ThreadPoolExecutor(8) as pool:
+            statuses = list(pool.map(lambda body: _status(_exchange(port, _upload_request(body), timeout=120)), pngs))
+        assert statuses.count(200) >= 3, statuses
+        peak = _rss_mib(proc.pid)
+        deadline = time.monotonic() + 10
+        while _rss_mib(proc.pid) > before + 150 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        after = _rss_mib(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert after <= before + 150, (before, peak, after)

@@ -23,6 +23,7 @@ from imageclf.serving.batching import BatchFailedError, BatchTimeoutError
 from imageclf.serving.budget import BudgetBusyError, BudgetExceededError, MemoryBudget
 from imageclf.serving.registry import ModelRegistry, NoModelError, UnknownModelError
 from imageclf.serving.servable import RetiredError, Servable
+from imageclf.serving.trim import BIG_BYTES, BurstTrimmer
 
 
 class EngineError(Exception):
@@ -108,6 +109,7 @@ class Engine:
         self.registry = registry
         self.limits = limits or Limits()
         self.budget = MemoryBudget(self.limits.memory_budget_bytes, self.limits.budget_wait_s)
+        self.trimmer = BurstTrimmer(busy=lambda: self.budget.used >= BIG_BYTES)
 
     def classify(self, images: Sequence[bytes], model: str | None = None,
                  names: Sequence[str] | None = None, version: int | None = None) -> Answer:
@@ -143,7 +145,7 @@ class Engine:
             started = time.perf_counter()
             # The array, and the scaled copy that graphs fed (p - mean) / std need.
             try:
-                with self.budget.reserve(2 * 4 * math.prod(shape)):
+                with self._reserved(2 * 4 * math.prod(shape)):
                     inputs = _scaled_inputs(servable, _checked_pixels(pixels(), shape))
             except BudgetExceededError as e:
                 raise TooManyPixelsError(str(e)) from None
@@ -199,7 +201,7 @@ class Engine:
     def _model_input(self, servable: Servable, img, name: str) -> np.ndarray:
         """Decode within the budget; only the small model input outlives the reservation."""
         try:
-            with self.budget.reserve(decoded_nbytes(img) + _model_input_overhead(img)):
+            with self._reserved(decoded_nbytes(img) + _model_input_overhead(img)):
                 return servable.model.model_input(decode_opened(img, name=name))
         except BadImageError as e:
             raise _image_error(e) from None
@@ -207,6 +209,15 @@ class Engine:
             raise TooManyPixelsError(f"{name}: {e}") from None
         except BudgetBusyError as e:
             raise BusyError(str(e)) from None
+
+    @contextmanager
+    def _reserved(self, nbytes: int) -> Iterator[None]:
+        """Decode memory from the budget; once a big reservation ends its pages go back to the OS."""
+        try:
+            with self.budget.reserve(nbytes):
+                yield
+        finally:
+            self.trimmer.released(nbytes)
 
     def _predict(self, servable: Servable, inputs: list[np.ndarray]) -> list[np.ndarray]:
         try:

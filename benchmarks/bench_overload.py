@@ -122,6 +122,7 @@ class Level:
         self.probes: list[float] = []
         self.probe_timeouts = 0
         self.rss: list[float] = []
+        self.cpu: dict = {}
 
 
 async def client(index: int, port: int, payloads: list[bytes], window: tuple[float, float], level: Level) -> None:
@@ -177,12 +178,23 @@ async def prober(port: int, pid: int, window: tuple[float, float], level: Level)
         await asyncio.sleep(max(0.0, PROBE_EVERY_S - (time.monotonic() - started)))
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def run_level(port: int, pid: int, clients: int, payloads: list[bytes], seconds: float) -> Level:
     level = Level()
     start = time.monotonic()
     window = (start + WARM_UP_S, start + WARM_UP_S + seconds)
     tasks = [asyncio.create_task(client(i, port, payloads, window, level)) for i in range(clients)]
     tasks.append(asyncio.create_task(prober(port, pid, window, level)))
+    await asyncio.sleep(WARM_UP_S)
+    cpu = cpu_seconds(pid), time.process_time()
+    await asyncio.sleep(seconds)
+    level.cpu = {"service_cores": round((cpu_seconds(pid) - cpu[0]) / seconds, 2),
+                 "clients_cores": round((time.process_time() - cpu[1]) / seconds, 2)}
     await asyncio.gather(*tasks)
     return level
 
@@ -200,14 +212,15 @@ def summary(level: Level, clients: int, seconds: float) -> dict:
             "refused_p99_ms": pct(level.refused, 0.99), "probes": len(level.probes),
             "probe_p50_ms": pct(level.probes, 0.5), "probe_max_ms": pct(level.probes, 1.0),
             "probe_timeouts": level.probe_timeouts, "other": dict(level.other),
-            "peak_rss_mib": max(level.rss, default=None)}
+            "peak_rss_mib": max(level.rss, default=None), **level.cpu}
 
 
 def line(workload: str, shedding: str, s: dict) -> str:
     return (f"{workload:6} shedding {shedding:3} {s['clients']:4} clients: {s['goodput_per_s']:7.1f}/s ok, "
             f"p50 {s['accepted_p50_ms']} p99 {s['accepted_p99_ms']} ms; refused {s['refused']} "
             f"(p99 {s['refused_p99_ms']} ms); probes max {s['probe_max_ms']} ms, {s['probe_timeouts']} timeouts; "
-            f"other {s['other']}; RSS {s['peak_rss_mib']} MiB")
+            f"other {s['other']}; RSS {s['peak_rss_mib']} MiB; cores: service {s['service_cores']}, "
+            f"clients {s['clients_cores']}")
 
 
 # ---------------------------------------------------------------- parts

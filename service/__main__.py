@@ -196,7 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                            max_connections_per_client=args.max_connections_per_client,
                            trusted_proxies=_split(args.trusted_proxies), header_timeout_s=args.header_timeout_s,
                            body_timeout_s=args.body_timeout_s, max_buffered_bytes=args.max_buffered_mb << 20,
-                           on_refused=shared["metrics"].refused)
+                           on_refused=shared["metrics"].refused,
+                           # Longer than any wait the service itself bounds (a batch, the decode budget).
+                           stall_after_s=max(60.0, 4 * args.batch_timeout_s))
     shared["metrics"].watch_server(server)
     grpc_server = _grpc_server(args, app) if args.grpc_port else None
     shared["registry"].start()

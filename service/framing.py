@@ -31,6 +31,13 @@ class ServiceBusy(Error):
     reason = "Service Unavailable"
 
 
+class Stalled(Error):
+    """``/healthz`` when the request threads are hung: the process should be restarted."""
+
+    code = 503
+    reason = "Service Unavailable"
+
+
 class RequestTimeout(Error):
     code = 408
     reason = "Request Timeout"

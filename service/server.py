@@ -32,7 +32,7 @@ from waitress.task import ErrorTask, ThreadedTaskDispatcher
 
 from service.admission import Admission, Route
 from service.connections import BufferBudget, ClientConnections, Deadlines
-from service.framing import RequestTimeout, ServiceBusy, StrictRequestParser
+from service.framing import RequestTimeout, ServiceBusy, Stalled, StrictRequestParser
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,7 @@ class GuardedChannel(HTTPChannel):
 
     def service(self):
         super().service()
+        self.server.task_finished()
         self.run_inline()
 
     def run_inline(self) -> None:
@@ -137,10 +138,12 @@ class GuardedServer(TcpWSGIServer):
 
     def __init__(self, app, sock: socket.socket, adj: Adjustments, *, admission: Admission,
                  clients: ClientConnections, buffers: BufferBudget, deadlines: Deadlines,
-                 on_refused: Callable[[str], None] | None = None):
+                 on_refused: Callable[[str], None] | None = None, stall_after_s: float = 120.0):
         self.admission, self.clients, self.buffers, self.deadlines = admission, clients, buffers, deadlines
         self.refused: Counter[str] = Counter()
         self._on_refused = on_refused
+        self.stall_after_s = stall_after_s
+        self.last_finished = time.monotonic()
         parser = type("Parser", (StrictRequestParser,), {"reserve_body": staticmethod(self._reserve_body)})
         self.channel_class = type("Channel", (GuardedChannel,), {"parser_class": parser})
         dispatcher = GuardedDispatcher()
@@ -176,9 +179,23 @@ class GuardedServer(TcpWSGIServer):
             self.clients.release(addr[0])
             conn.close()
 
+    def task_finished(self) -> None:
+        self.last_finished = time.monotonic()
+
+    def stalled_for(self) -> float:
+        """Seconds since a request thread last finished a request while others wait for one (0: not stalled)."""
+        if not self.task_dispatcher.queued:
+            return 0.0
+        idle = time.monotonic() - self.last_finished
+        return idle if idle > self.stall_after_s else 0.0
+
     def add_task(self, channel) -> None:
         request = channel.requests[0]
         route = self.admission.route(request, self.task_dispatcher.waiting_with_one_more())
+        if route is Route.INLINE and request.error is None and request.path == "/healthz" and self.stalled_for():
+            # Answered by the event loop, /healthz would stay "alive" with every request thread hung.
+            request.error = Stalled(f"no request thread has finished a request for {self.stalled_for():.0f} s "
+                                    f"while {self.task_dispatcher.queued} wait")
         if route is Route.SHED:
             request.error = ServiceBusy(f"more requests are waiting than the service may queue "
                                         f"({self.admission.max_queued}); retry after {RETRY_AFTER_S} s")
@@ -226,12 +243,15 @@ def create_server(app, *, host: str, port: int, threads: int, max_request_body_s
                   max_queued_requests: int | None = None, max_connections_per_client: int = 64,
                   trusted_proxies: Iterable[str] = (), header_timeout_s: float = 10.0,
                   body_timeout_s: float = 60.0, max_buffered_bytes: int = DEFAULT_MAX_BUFFERED_BYTES,
-                  on_refused: Callable[[str], None] | None = None, **adjustments) -> GuardedServer:
+                  on_refused: Callable[[str], None] | None = None, stall_after_s: float = 120.0,
+                  **adjustments) -> GuardedServer:
     """A server for ``app``, not yet running (call ``.run()``, or ``serve_until``).
 
     ``listen_socket``: accept on this already listening socket (``bind_listener``, or a
     ``--workers`` parent's) instead of binding ``host:port`` here. ``max_queued_requests``
     (default 2 x threads): model work waiting for a thread before more is refused.
+    ``stall_after_s``: ``/healthz`` answers 503 once requests have waited this long with no
+    request thread finishing one (hung threads), so a liveness probe can still restart the process.
     """
     sock = listen_socket if listen_socket is not None else bind_listener(host, port)
     _raise_open_files_limit(connection_limit + threads + 64)
@@ -248,7 +268,8 @@ def create_server(app, *, host: str, port: int, threads: int, max_request_body_s
     return GuardedServer(app, sock, adj, admission=Admission(queued),
                          clients=ClientConnections(max_connections_per_client, trusted_proxies),
                          buffers=BufferBudget(max_buffered_bytes),
-                         deadlines=Deadlines(header_timeout_s, body_timeout_s), on_refused=on_refused)
+                         deadlines=Deadlines(header_timeout_s, body_timeout_s), on_refused=on_refused,
+                         stall_after_s=stall_after_s)
 
 
 def _raise_open_files_limit(wanted: int) -> None:

@@ -427,13 +427,17 @@ def test_compose_runs_as_the_image_user_with_read_only_inputs():
 
 
 def test_memory_request_and_limit_cover_the_measured_service():
-    soaks = [json.loads(p.read_text()) for p in (REPO / "benchmarks" / "results").glob("soak_service-*.json")
-             if "prehardening" not in p.name]
+    """The request covers the steady state of the newest soak (RSS at its reload checkpoints once the
+    first is past, not the lower state just after warm-up); the limit covers the highest peak of any."""
+    soaks = sorted((p for p in (REPO / "benchmarks" / "results").glob("soak_service-*.json")
+                    if "prehardening" not in p.name), key=lambda p: json.loads(p.read_text())["machine"]["date"])
     assert soaks
-    warm = max(s["rss_after_warmup"]["rss_mib"] for s in soaks)
-    peak = max(max(s["rss_end"]["peak_rss_mib"], s["rss_peak_sampled_mib"]) for s in soaks)
+    newest = json.loads(soaks[-1].read_text())
+    steady = max(c["rss_mib"] for c in newest["rss_checkpoints"][1:])
+    peak = max(max(s["rss_end"]["peak_rss_mib"], s["rss_peak_sampled_mib"])
+               for s in (json.loads(p.read_text()) for p in soaks))
     resources = _container()["resources"]
-    assert _mib(resources["requests"]["memory"]) >= 1.2 * warm
+    assert _mib(resources["requests"]["memory"]) >= 1.2 * steady
     assert _mib(resources["limits"]["memory"]) >= 1.3 * peak
     assert int(_configmap()["IMAGECLF_MEMORY_BUDGET_MB"]) <= service_parser().get_default("memory_budget_mb")
 

@@ -165,6 +165,26 @@ def test_a_refused_connection_is_kept_alive_for_the_next_request(graphs, tmp_pat
         server.close()
 
 
+def test_healthz_says_so_when_the_request_threads_are_hung(graphs, tmp_path):
+    server = Server(graphs, tmp_path, threads=1, http={"stall_after_s": 1.0, "max_connections_per_client": 0})
+    probe = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    try:
+        with ThreadPoolExecutor(2) as pool, HeldBudget(server):
+            # One upload holds the only thread, one waits for it: nothing finishes while the budget is held.
+            pool.submit(_exchange, server.port, _upload_request(), "127.0.0.2", 60)
+            pool.submit(_exchange, server.port, _upload_request(), "127.0.0.3", 60)
+            deadline = time.monotonic() + 30
+            answer = b""
+            while _status(answer) != 503 and time.monotonic() < deadline:
+                time.sleep(0.2)
+                answer = _exchange(server.port, probe)
+            assert _status(answer) == 503 and b"no request thread has finished a request" in answer
+            assert _status(_exchange(server.port, probe)) == 503  # probes do not count as progress
+        assert _status(_exchange(server.port, probe)) == 200  # the threads finished once the budget was free
+    finally:
+        server.close()
+
+
 # -- one client cannot lock others out ------------------------------------------------------------
 
 

@@ -37,6 +37,7 @@ from service.framing import RequestTimeout, ServiceBusy, Stalled, StrictRequestP
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1
+LINGER_S = 2.0  # how long input is drained after an answer that closes the connection
 DEFAULT_MAX_BUFFERED_BYTES = 256 << 20
 
 
@@ -87,6 +88,7 @@ class GuardedChannel(HTTPChannel):
     error_task_class = JsonErrorTask
     parser_class = StrictRequestParser
     inline_pending = False
+    lingering_until: float | None = None
 
     def __init__(self, server, sock, addr, adj, map=None):
         self._inline_lock = threading.Lock()
@@ -119,6 +121,43 @@ class GuardedChannel(HTTPChannel):
                     HTTPChannel.service(self)
             finally:
                 self._inline_lock.release()
+
+    # -- lingering close: an answer sent before the whole request was read must reach the client.
+    # Closing a socket with unread input makes the kernel send a reset, and a client still sending
+    # (a trickling head, a body the service refused) may then lose the answer it had not read yet.
+    # So after such an answer the write side is shut (the client reads the answer, then EOF) and
+    # whatever still comes is read and dropped, for at most LINGER_S, before the socket is closed.
+
+    def handle_write(self):
+        if self.close_when_flushed and not self.total_outbufs_len and self.lingering_until is None:
+            if self._start_lingering():
+                return
+        super().handle_write()
+
+    def _start_lingering(self) -> bool:
+        try:
+            self.socket.shutdown(socket.SHUT_WR)
+        except OSError:
+            return False
+        self.close_when_flushed = False
+        self.lingering_until = time.monotonic() + LINGER_S
+        return True
+
+    def readable(self):
+        return True if self.lingering_until is not None else super().readable()
+
+    def writable(self):
+        return False if self.lingering_until is not None else super().writable()
+
+    def handle_read(self):
+        if self.lingering_until is None:
+            return super().handle_read()
+        try:
+            data = self.socket.recv(self.adj.recv_bytes)
+        except OSError:
+            data = b""
+        if not data or time.monotonic() > self.lingering_until:
+            self.handle_close()
 
     def handle_close(self):
         partial, self.request = self.request, None
@@ -210,6 +249,10 @@ class GuardedServer(TcpWSGIServer):
         super().maintenance(now)
         mono = time.monotonic()
         for channel in list(self.active_channels.values()):
+            if channel.lingering_until is not None:
+                if mono > channel.lingering_until:
+                    channel.handle_close()
+                continue
             request = channel.request
             if request is None or channel.requests or channel.will_close or channel.close_when_flushed:
                 continue

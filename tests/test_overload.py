@@ -233,6 +233,24 @@ def test_a_head_that_trickles_in_is_cut_at_its_deadline(graphs, tmp_path):
     assert server.server.refused["head_deadline"] == 1 and server.server.refused["body_deadline"] == 1
 
 
+def test_after_an_early_answer_the_service_reads_what_the_client_still_sends(graphs, tmp_path):
+    """A 408 (or 413, 503) comes before the request was read whole. The service then shuts its side and
+    drains the client's input for a while instead of closing at once: a close with unread input sends a
+    reset, and a client still sending could lose the answer. So the client gets the answer and an EOF,
+    and may go on sending without a reset for a moment."""
+    server = Server(graphs, tmp_path, http={"header_timeout_s": 1.0})
+    try:
+        with _connect(server.port) as s:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nX-Slow: ")
+            answer = _read_answer(s)
+            assert _status(answer) == 408 and answer.endswith(b'within 1 s"}')
+            for _ in range(5):  # without the drain the first of these draws a reset, the next fails
+                s.sendall(b"x" * 1000)
+                time.sleep(0.05)
+    finally:
+        server.close()
+
+
 def test_buffered_bodies_are_bounded_across_connections(graphs, tmp_path):
     server = Server(graphs, tmp_path, http={"max_buffered_bytes": 1_000_000, "max_connections_per_client": 0})
     try:

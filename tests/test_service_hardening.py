@@ -43,6 +43,18 @@ def _rss_mib() -> float:
     raise RuntimeError("no VmRSS")
 
 
+def _reset_peak_rss() -> float:
+    """Restart the kernel's peak-RSS count (VmHWM) from the current RSS; returns that RSS in MiB."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _rss_mib()
+
+
+def _peak_rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
+
+
 def _png(img: Image.Image, **kw) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG", **kw)
@@ -172,13 +184,32 @@ TINY_PNG = _png(Image.new("RGB", (1, 1), (10, 20, 30)))
 JSON = {"Content-Type": "application/json"}
 
 
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc to measure peak RSS")
 def test_too_many_instances_is_refused_before_any_work(served):
+    """3,000 one-pixel PNGs (a 400 KB body): refused on the count, before base64 or image decoding.
+
+    What each skipped step would cost decides what is asserted: base64 decoding would cost only
+    about 200 KB (too little to see in RSS), so the last instance is not base64 at all and the
+    answer must still be about the count; decoding the images would hold 3,000 model inputs
+    (3,000 x 160 x 160 x 3 float32 = 879 MiB), so the peak RSS must stay far below that.
+    """
     server, _ = served
-    before = _rss_mib()
+    with server.registry.serve("shapes") as servable:
+        height, width = servable.model.input_size
+    decoded_cost_mib = 3000 * height * width * 3 * 4 / 2**20
+    body = _predict_body([TINY_PNG] * 3000)
+    assert len(body) < 500_000
+    gc.collect()
+    before = _reset_peak_rss()
     started = time.perf_counter()
-    status, answer = server.json("/v1/models/shapes:predict", data=_predict_body([TINY_PNG] * 3000), headers=JSON)
+    status, answer = server.json("/v1/models/shapes:predict", data=body, headers=JSON)
     assert status == 413 and "3,000 images in one request; the limit is 64" in answer["error"]
-    assert time.perf_counter() - started < 5 and _rss_mib() - before < 200
+    assert time.perf_counter() - started < 5
+    rise = _peak_rss_mib() - before
+    assert rise < decoded_cost_mib / 4, f"peak RSS +{rise:.0f} MiB; decoding every image costs {decoded_cost_mib:.0f}"
+    not_base64 = body.replace(b'}]}', b'}, {"b64": "***"}]}')
+    status, answer = server.json("/v1/models/shapes:predict", data=not_base64, headers=JSON)
+    assert status == 413 and "3,001 images in one request" in answer["error"], answer
 
 
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded",
@@ -211,18 +242,6 @@ def test_json_nested_deep_is_a_clear_400(served):
     server, _ = served
     status, answer = server.json("/v1/models/shapes:predict", data=b"[" * 100_000 + b"]" * 100_000, headers=JSON)
     assert status == 400 and "JSON" in answer["error"]
-
-
-def _reset_peak_rss() -> float:
-    """Restart the kernel's peak-RSS count (VmHWM) from the current RSS; returns that RSS in MiB."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _rss_mib()
-
-
-def _peak_rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
 
 
 @pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc to measure peak RSS")

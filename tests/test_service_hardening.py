@@ -476,16 +476,19 @@ def test_health_answers_while_hundreds_of_half_requests_hang(tiny_graphs, tmp_pa
 def test_a_failed_load_changes_neither_default_nor_version(tiny_graphs, tmp_path):
     graphs = tmp_path / "graphs"
     graphs.mkdir()
+    # Modification times set, not waited for: the default model is the newest file, whatever the clock's grain.
+    now = time.time()
     _swap_in(tiny_graphs[0], graphs / "older.pb")
-    time.sleep(0.02)
+    os.utime(graphs / "older.pb", (now - 20, now - 20))
     _swap_in(tiny_graphs[1], graphs / "newer.pb")
+    os.utime(graphs / "newer.pb", (now - 10, now - 10))
     registry = ModelRegistry(graphs, poll_seconds=3600)
     registry.scan()
     engine = Engine(registry)
     assert engine.classify([CIRCLE]).name == "newer"
     versions = {s.name: s.served.version for s in registry.statuses()}
-    time.sleep(0.02)
     (graphs / "older.pb").write_bytes(b"broken: not a graph")  # now the newest file on disk
+    os.utime(graphs / "older.pb", (now, now))
     registry.scan()
     assert engine.classify([CIRCLE]).name == "newer"
     assert {s.name: s.served.version for s in registry.statuses()} == versions

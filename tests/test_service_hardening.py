@@ -8,7 +8,7 @@ import io
 import json
 import os
 import random
-import select
+import re
 import shutil
 import socket
 import subprocess
@@ -550,23 +550,38 @@ def test_security_headers_on_json_and_page(served):
 
 
 def _raw(server, payload: bytes) -> tuple[int, dict, bytes]:
-    """Send ``payload`` a piece at a time, stop as soon as the server answers, return its answer.
+    """Send ``payload`` whole, then read the server's whole answer.
 
-    Sending slowly lets the server read what it was sent before it answers and closes, so the
-    kernel does not reset the connection and throw the answer away.
+    The server may answer and close before it has read all of ``payload`` (a head over its
+    limit); its kernel then resets the connection, and sending fails. Linux keeps what was
+    received before a reset, so a reset is tolerated while sending, and while reading only once
+    the whole answer (head and Content-Length body) is in: a reset before that fails the test.
     """
     data = b""
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
-        for i in range(0, len(payload), 8192):
-            if select.select([s], [], [], 0.005)[0]:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+        try:
+            s.sendall(payload)
+        except (ConnectionResetError, BrokenPipeError):
+            pass  # answered early: the answer is read below
+        while not _whole_answer(data):
+            try:
+                chunk = s.recv(65536)
+            except ConnectionResetError:
                 break
-            s.sendall(payload[i:i + 8192])
-        while chunk := s.recv(65536):
+            if not chunk:
+                break
             data += chunk
+    assert _whole_answer(data), f"no whole answer before the connection ended: {data[:300]!r}"
     head, _, body = data.partition(b"\r\n\r\n")
     lines = head.decode().split("\r\n")
     headers = dict(line.split(": ", 1) for line in lines[1:])
     return int(lines[0].split()[1]), headers, body
+
+
+def _whole_answer(data: bytes) -> bool:
+    head, found, body = data.partition(b"\r\n\r\n")
+    length = re.search(rb"^content-length: *(\d+)", head, re.I | re.M)
+    return bool(found and length and len(body) >= int(length.group(1)))
 
 
 @pytest.mark.parametrize("payload, status", [

@@ -16,6 +16,7 @@ from flask import Flask, Response, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException
 
+from imageclf.errors import echo
 from imageclf.images import DEFAULT_MAX_PIXELS
 from imageclf.paths import PathError, read_confined
 from imageclf.serving.backend_config import BackendOptions
@@ -203,7 +204,7 @@ def _top_k(config: ServiceConfig) -> int:
     except ValueError:
         value = 0
     if value <= 0:
-        raise ApiError(400, f"top_k must be a positive integer, not '{raw}'", "bad_parameter")
+        raise ApiError(400, f"top_k must be a positive integer, not '{echo(raw)}'", "bad_parameter")
     return value
 
 
@@ -268,8 +269,8 @@ def _install_error_handlers(app: Flask, metrics: ServiceMetrics) -> None:
         kind = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(e.code, "http_error")
         metrics.errors.labels(kind).inc()
         message = {413: f"upload is over the {app.config['MAX_CONTENT_LENGTH']:,} byte limit",
-                   405: f"method {request.method} is not allowed on {request.path}",
-                   404: f"no such endpoint: {request.path}"}.get(e.code, e.description)
+                   405: f"method {echo(request.method)} is not allowed on {echo(request.path)}",
+                   404: f"no such endpoint: {echo(request.path)}"}.get(e.code, e.description)
         return jsonify({"error": message}), e.code
 
     @app.errorhandler(Exception)

@@ -30,7 +30,7 @@ from imageclf.serving.engine import Engine, Limits, UnavailableError, _model_inp
 from imageclf.serving.registry import ModelRegistry
 
 from .conftest import REPO, quick_options
-from .service_helpers import Server
+from .service_helpers import Server, multipart
 
 CIRCLE = (REPO / "sample_images" / "circle" / "circle_000.jpg").read_bytes()
 
@@ -537,6 +537,30 @@ def test_unknown_host_names_are_refused(demo_model, tmp_path):
         assert server.json("/healthz")[0] == 200  # 127.0.0.1:port
     finally:
         server.close()
+
+
+LONG = "m" * 100_000  # a client value far over what an error message may quote back
+
+
+@pytest.mark.parametrize("path, upload, status", [
+    (f"/?file=pictures/circle/circle_000.jpg&model={LONG}", None, 404),   # unknown model
+    (f"/?file=pictures/circle/circle_000.jpg&top_k={LONG}", None, 400),
+    (f"/{LONG}", None, 404),                                             # no such endpoint
+    ("/?file=" + "a/" * 50_000 + "x.jpg", None, 404),                    # no such file
+    (f"/v1/models/{LONG}:predict", "json", 404),
+    ("/classify", "multipart", 415),                                     # a long file name, not an image
+])
+def test_errors_quote_client_values_cut_short(served, path, upload, status):
+    """A 100 KB model name, path or file name comes back as its first 100 characters and its length."""
+    server, _ = served
+    data, headers = None, {}
+    if upload == "json":
+        data, headers = _predict_body([CIRCLE]), JSON
+    elif upload == "multipart":
+        data, headers = multipart("image", LONG + ".jpg", b"%PDF-1.4 not an image")
+    got, answer = server.json(path, data=data, headers=headers)
+    assert got == status and len(answer["error"]) < 400, (got, answer["error"][:300], len(answer["error"]))
+    assert "... (100,00" in answer["error"] and "characters)" in answer["error"], answer["error"][:300]
 
 
 def test_security_headers_on_json_and_page(served):

@@ -12,9 +12,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, current_app, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from imageclf.errors import echo
 from imageclf.images import DEFAULT_MAX_PIXELS
@@ -59,6 +59,10 @@ class ServiceConfig:
                             timeout_s=self.batch_timeout_s)
 
 
+#: Parts a multipart upload may have (Flask's default): parsing stops at the next one.
+MAX_FORM_PARTS = 1000
+
+
 class ApiError(Exception):
     def __init__(self, status: int, message: str, kind: str):
         super().__init__(message)
@@ -84,6 +88,10 @@ def create_app(config: ServiceConfig, registry: ModelRegistry | RemoteRegistry |
     metrics.watch_budget(engine.budget)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.max_upload_bytes
+    app.config["MAX_FORM_PARTS"] = MAX_FORM_PARTS
+    # A text field may be as large as the upload (no field is kept): a 413 from parsing a form
+    # that is within the byte limit then always means too many parts, and can say so.
+    app.config["MAX_FORM_MEMORY_SIZE"] = config.max_upload_bytes
     app.extensions["imageclf"] = {"registry": registry, "metrics": metrics, "config": config, "engine": engine}
     install_security(app, config.allowed_hosts)
     _install_error_handlers(app, metrics)
@@ -210,7 +218,7 @@ def _top_k(config: ServiceConfig) -> int:
 
 def _upload() -> tuple[bytes, str]:
     if request.mimetype == "multipart/form-data":
-        upload = request.files.get("image")
+        upload = _form_file("image")
         if upload is None:
             raise ApiError(400, "multipart upload has no 'image' file field", "missing_parameter")
         return upload.read(), upload.filename or "upload"
@@ -219,6 +227,18 @@ def _upload() -> tuple[bytes, str]:
         raise ApiError(400, "empty upload: send the image as the body or as a multipart 'image' field",
                        "bad_image")
     return data, "upload"
+
+
+def _form_file(name: str):
+    """The file field ``name`` of a multipart upload, or None; 413 naming the limit a form is over."""
+    try:
+        return request.files.get(name)
+    except RequestEntityTooLarge:
+        length, limit = request.content_length, current_app.config["MAX_CONTENT_LENGTH"]
+        if length is not None and length <= limit:
+            raise ApiError(413, f"multipart upload has more than {MAX_FORM_PARTS:,} parts: send the image as "
+                                f"one '{name}' file field", "too_many_parts") from None
+        raise
 
 
 def _instances(engine: Engine) -> list[bytes]:

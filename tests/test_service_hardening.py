@@ -221,6 +221,35 @@ def test_json_endpoints_refuse_other_content_types(served, content_type):
     assert status == 415 and "application/json" in answer["error"]
 
 
+def _form(fields: dict[str, bytes], image: bytes | None = None) -> tuple[bytes, dict]:
+    """A multipart/form-data body: text fields, then the 'image' file field."""
+    boundary = "----imageclf-form"
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode() + value + b"\r\n"
+             for name, value in fields.items()]
+    if image is not None:
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n'
+                     "Content-Type: image/jpeg\r\n\r\n".encode() + image + b"\r\n")
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def test_a_form_of_too_many_parts_names_the_parts_limit(served):
+    """5,000 tiny parts (300 KB, well under the 2 MB upload limit): 413 for the number of parts, not the bytes."""
+    server, _ = served
+    body, headers = _form({f"f{i}": b"x" for i in range(5000)}, CIRCLE)
+    assert len(body) < server.config.max_upload_bytes
+    status, answer = server.json("/classify", data=body, headers=headers)
+    assert status == 413 and "more than 1,000 parts" in answer["error"], answer
+    assert "byte limit" not in answer["error"], answer
+    body, headers = _form({"note": b"n" * server.config.max_upload_bytes}, CIRCLE)  # over the byte limit
+    status, answer = server.json("/classify", data=body, headers=headers)
+    assert status == 413 and "over the 2,000,000 byte limit" in answer["error"], answer
+    # A text field beside the image (600 KB, over Flask's own 500 KB for one field) is only ignored.
+    body, headers = _form({"note": b"n" * 600_000}, CIRCLE)
+    status, answer = server.json("/classify", data=body, headers=headers)
+    assert status == 200 and answer["predictions"][0]["label"] == "circle", answer
+
+
 def test_many_instances_are_split_into_batches_no_larger_than_batch_size(served, demo_model):
     server, _ = served
     images = [(REPO / "sample_images" / k / f"{k}_{i:03d}.jpg").read_bytes()

@@ -278,7 +278,7 @@ def test_decode_budget_bounds_memory_of_concurrent_pixel_bombs(demo_model, tmp_p
     """Eight 5 KB PNGs of 6324x6324 pixels at once: the budget lets one decode at a time, none fails badly.
 
     Measured from the outside (the kernel's peak RSS, not the budget's own count): eight at once
-    must cost about what one alone costs. A budget that let them all in would cost several times that.
+    must cost far less than eight times one alone, which is what a budget that let them all in costs.
     """
     graphs = tmp_path / "graphs"
     graphs.mkdir()
@@ -312,7 +312,9 @@ def test_decode_budget_bounds_memory_of_concurrent_pixel_bombs(demo_model, tmp_p
     assert set(statuses) <= {200, 503} and 200 in statuses, statuses
     assert all(headers["Retry-After"] for status, headers, _ in answers if status == 503)
     assert alone > 20, f"one bomb raised the peak RSS by only {alone:.0f} MiB: the measurement sees nothing"
-    assert together < 1.5 * alone, f"8 bombs at once: peak RSS +{together:.0f} MiB, one alone +{alone:.0f} MiB"
+    # One at a time, plus what each request thread's malloc arena keeps: measured 1.2-1.5x one
+    # alone. With the engine reserving nothing, all eight at once: 4.6x.
+    assert together < 2.5 * alone, f"8 bombs at once: peak RSS +{together:.0f} MiB, one alone +{alone:.0f} MiB"
 
 
 # -- 3. inputs that used to give 500 -------------------------------------------------------------

@@ -1,5 +1,32 @@
 """Errors that carry a message meant for the user, not a traceback."""
 
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+#: The most characters of one client value (a model name, a path...) that an error message quotes.
+ECHO_CHARS = 100
+#: The most values of a client's list (input keys, output names...) that an error message quotes.
+ECHO_ITEMS = 5
+
+
+def echo(value: object, limit: int = ECHO_CHARS) -> str:
+    """A client's value as an error message may quote it: cut to ``limit`` characters.
+
+    Errors go back in JSON and in gRPC trailers, which clients refuse past 8-16 KB of metadata:
+    a 100 KB model name must not come back whole. The cut says how long the value was.
+    """
+    text = str(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
+def echo_list(values: Iterable[object]) -> str:
+    """A client's list of values for an error message: at most ECHO_ITEMS of them, each cut by ``echo``."""
+    values = list(values)
+    shown = [echo(v) for v in values[:ECHO_ITEMS]]
+    more = f" and {len(values) - ECHO_ITEMS:,} more" if len(values) > ECHO_ITEMS else ""
+    return f"[{', '.join(repr(v) for v in shown)}]{more}"
+
 
 class UserError(Exception):
     """A problem with the user's input or flags; command-line tools exit with status 2."""

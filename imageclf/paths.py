@@ -15,6 +15,8 @@ import stat
 from collections import deque
 from pathlib import Path
 
+from imageclf.errors import echo
+
 #: Symlinks followed in one lookup before giving up, as Linux does (ELOOP).
 MAX_SYMLINKS = 40
 
@@ -51,16 +53,16 @@ def read_confined(root: str | Path, user_path: str, max_bytes: int) -> bytes:
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise PathNotFoundError(f"'{user_path}' is not a file")
+            raise PathNotFoundError(f"'{echo(user_path)}' is not a file")
         if info.st_size > max_bytes:
-            raise FileTooLargeError(f"'{user_path}' is over the {max_bytes:,} byte limit")
+            raise FileTooLargeError(f"'{echo(user_path)}' is over the {max_bytes:,} byte limit")
     except BaseException:
         os.close(fd)
         raise
     with os.fdopen(fd, "rb") as f:
         data = f.read(max_bytes + 1)
     if len(data) > max_bytes:  # it grew after the fstat
-        raise FileTooLargeError(f"'{user_path}' is over the {max_bytes:,} byte limit")
+        raise FileTooLargeError(f"'{echo(user_path)}' is over the {max_bytes:,} byte limit")
     return data
 
 
@@ -68,8 +70,9 @@ def open_confined(root: str | Path, user_path: str) -> int:
     """A read-only descriptor of ``user_path`` resolved under ``root``; the caller closes it."""
     if "\x00" in user_path:
         raise PathError("the path contains a NUL byte")
+    shown = echo(user_path)  # how messages quote it: a client's path may be very long
     base = os.path.realpath(root)
-    pending = deque(_parts_under(base, user_path))
+    pending = deque(_parts_under(base, user_path, shown))
     dirs = [os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)]  # root first, then each subfolder
     links = 0
     try:
@@ -79,20 +82,20 @@ def open_confined(root: str | Path, user_path: str) -> int:
                 continue
             if part == "..":
                 if len(dirs) == 1:
-                    raise PathEscapeError(f"'{user_path}' is outside the image root")
+                    raise PathEscapeError(f"'{shown}' is outside the image root")
                 os.close(dirs.pop())
                 continue
-            target = _readlink(part, dirs[-1], user_path)
+            target = _readlink(part, dirs[-1], shown)
             if target is not None:
                 links += 1
                 if links > MAX_SYMLINKS:
-                    raise PathError(f"'{user_path}': too many levels of symbolic links")
+                    raise PathError(f"'{shown}': too many levels of symbolic links")
                 if os.path.isabs(target):
                     while len(dirs) > 1:
                         os.close(dirs.pop())
-                pending.extendleft(reversed(_parts_under(base, target, user_path)))
+                pending.extendleft(reversed(_parts_under(base, target, shown)))
                 continue
-            fd = _open_at(part, dirs[-1], user_path, directory=bool(pending))
+            fd = _open_at(part, dirs[-1], shown, directory=bool(pending))
             if pending:
                 dirs.append(fd)
             else:
@@ -108,7 +111,7 @@ def _parts_under(base: str, path: str, user_path: str | None = None) -> list[str
     if os.path.isabs(path):
         inside = os.path.normpath(path)
         if inside != base and not inside.startswith(base.rstrip("/") + "/"):
-            raise PathEscapeError(f"'{user_path or path}' is outside the image root")
+            raise PathEscapeError(f"'{user_path or echo(path)}' is outside the image root")
         path = inside[len(base):]
     return path.split("/")
 

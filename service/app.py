@@ -12,10 +12,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, current_app, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from imageclf.errors import echo
 from imageclf.images import DEFAULT_MAX_PIXELS
 from imageclf.paths import PathError, read_confined
 from imageclf.serving.backend_config import BackendOptions
@@ -58,6 +59,10 @@ class ServiceConfig:
                             timeout_s=self.batch_timeout_s)
 
 
+#: Parts a multipart upload may have (Flask's default): parsing stops at the next one.
+MAX_FORM_PARTS = 1000
+
+
 class ApiError(Exception):
     def __init__(self, status: int, message: str, kind: str):
         super().__init__(message)
@@ -85,6 +90,10 @@ def create_app(config: ServiceConfig, registry: ModelRegistry | RemoteRegistry |
     metrics.watch_budget(engine.budget)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.max_upload_bytes
+    app.config["MAX_FORM_PARTS"] = MAX_FORM_PARTS
+    # A text field may be as large as the upload (no field is kept): a 413 from parsing a form
+    # that is within the byte limit then always means too many parts, and can say so.
+    app.config["MAX_FORM_MEMORY_SIZE"] = config.max_upload_bytes
     app.extensions["imageclf"] = {"registry": registry, "metrics": metrics, "config": config, "engine": engine}
     install_security(app, config.allowed_hosts)
     _install_error_handlers(app, metrics)
@@ -205,13 +214,13 @@ def _top_k(config: ServiceConfig) -> int:
     except ValueError:
         value = 0
     if value <= 0:
-        raise ApiError(400, f"top_k must be a positive integer, not '{raw}'", "bad_parameter")
+        raise ApiError(400, f"top_k must be a positive integer, not '{echo(raw)}'", "bad_parameter")
     return value
 
 
 def _upload() -> tuple[bytes, str]:
     if request.mimetype == "multipart/form-data":
-        upload = request.files.get("image")
+        upload = _form_file("image")
         if upload is None:
             raise ApiError(400, "multipart upload has no 'image' file field", "missing_parameter")
         return upload.read(), upload.filename or "upload"
@@ -220,6 +229,18 @@ def _upload() -> tuple[bytes, str]:
         raise ApiError(400, "empty upload: send the image as the body or as a multipart 'image' field",
                        "bad_image")
     return data, "upload"
+
+
+def _form_file(name: str):
+    """The file field ``name`` of a multipart upload, or None; 413 naming the limit a form is over."""
+    try:
+        return request.files.get(name)
+    except RequestEntityTooLarge:
+        length, limit = request.content_length, current_app.config["MAX_CONTENT_LENGTH"]
+        if length is not None and length <= limit:
+            raise ApiError(413, f"multipart upload has more than {MAX_FORM_PARTS:,} parts: send the image as "
+                                f"one '{name}' file field", "too_many_parts") from None
+        raise
 
 
 def _instances(engine: Engine) -> list[bytes]:
@@ -270,8 +291,8 @@ def _install_error_handlers(app: Flask, metrics: ServiceMetrics) -> None:
         kind = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(e.code, "http_error")
         metrics.errors.labels(kind).inc()
         message = {413: f"upload is over the {app.config['MAX_CONTENT_LENGTH']:,} byte limit",
-                   405: f"method {request.method} is not allowed on {request.path}",
-                   404: f"no such endpoint: {request.path}"}.get(e.code, e.description)
+                   405: f"method {echo(request.method)} is not allowed on {echo(request.path)}",
+                   404: f"no such endpoint: {echo(request.path)}"}.get(e.code, e.description)
         return jsonify({"error": message}), e.code
 
     @app.errorhandler(Exception)

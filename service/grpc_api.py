@@ -30,6 +30,7 @@ from tensorflow_serving.apis import (
     status_pb2,
 )
 
+from imageclf.errors import echo, echo_list
 from imageclf.serving.engine import Engine, EngineError, ModelNotFoundError, VersionNotFoundError
 from imageclf.serving.signatures import DEFAULT_SIGNATURE, UnknownSignatureError, signature_named, signatures
 from service import tfs_protos as protos
@@ -47,6 +48,9 @@ UNSUPPORTED = {
 }
 
 Code = grpc.StatusCode
+#: The longest error text sent back: it travels in the trailers, and clients refuse more than
+#: 8-16 KB of metadata (they would see a transport error instead of the real one).
+MAX_DETAILS_CHARS = 2000
 #: Engine error kinds -> status codes. Limits that retrying the same request can never pass
 #: (too many instances, too many pixels) are INVALID_ARGUMENT, as TF Serving answers a batch
 #: over its maximum; a busy service is UNAVAILABLE, the code gRPC clients retry.
@@ -79,7 +83,7 @@ class _Calls:
             code, kind, message = _failure(e)
             self.metrics.errors.labels(kind).inc()
             self._record(method, code, started)
-            context.abort(code, message)
+            context.abort(code, echo(message, MAX_DETAILS_CHARS))
         self._record(method, Code.OK, started)
         return response
 
@@ -152,7 +156,7 @@ class PredictionHandlers:
         fields = set(request.metadata_field)
         if fields != {"signature_def"}:
             raise protos.RequestError("metadata_field must be ['signature_def'], the metadata served here; "
-                                      f"got {sorted(fields) or 'none'}")
+                                      f"got {echo_list(sorted(fields)) if fields else 'none'}")
         with self.engine.hold(name, version) as servable:
             definitions, version = protos.signature_def_map(signatures(servable.model)), servable.version
         response = get_model_metadata_pb2.GetModelMetadataResponse(model_spec=protos.reply_spec(name, version))
@@ -173,7 +177,7 @@ class ModelHandlers:
         name, version = protos.requested_model(request.model_spec)
         statuses = {s.name: s for s in self.engine.registry.statuses()}
         if name not in statuses:
-            raise ModelNotFoundError(f"unknown model '{name}' (known: {', '.join(sorted(statuses)) or 'none'})")
+            raise ModelNotFoundError(f"unknown model '{echo(name)}' (known: {', '.join(sorted(statuses)) or 'none'})")
         status = statuses[name]
         served = status.served
         if served is not None and version is not None and version != served.version:

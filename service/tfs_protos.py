@@ -15,6 +15,7 @@ from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow_serving.apis import classification_pb2, get_model_metadata_pb2, input_pb2, model_pb2
 
+from imageclf.errors import echo_list
 from imageclf.serving.engine import Answer
 from imageclf.serving.signatures import CLASSES, SCORES, Signature
 
@@ -51,7 +52,7 @@ def input_tensor(inputs, signature: Signature) -> tensor_pb2.TensorProto:
     spec = signature.input
     if set(inputs) != {spec.key}:
         raise RequestError(f"signature '{signature.name}' takes one input, '{spec.key}' ({_type_name(spec)}); "
-                           f"the request has {sorted(inputs) or 'none'}")
+                           f"the request has {echo_list(sorted(inputs)) if inputs else 'none'}")
     tensor = inputs[spec.key]
     if tensor.dtype != DTYPES[spec.dtype]:
         hint = " (cast with np.float32 before tf.make_tensor_proto)" if spec.dtype == "float32" else ""
@@ -95,8 +96,8 @@ def wanted_outputs(output_filter, signature: Signature) -> list[str]:
     wanted = list(dict.fromkeys(output_filter)) or [o.key for o in signature.outputs]
     unknown = [key for key in wanted if signature.output(key) is None]
     if unknown:
-        raise RequestError(f"output_filter names {unknown}, which signature '{signature.name}' does not have "
-                           f"(it has {[o.key for o in signature.outputs]})")
+        raise RequestError(f"output_filter names {echo_list(unknown)}, which signature '{signature.name}' does not "
+                           f"have (it has {[o.key for o in signature.outputs]})")
     return wanted
 
 

@@ -7,6 +7,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +73,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], object], what: str, timeout: float = 60.0, interval: float = 0.05) -> None:
+    """Poll ``predicate`` until it is true; fail naming ``what`` at the deadline.
+
+    Every wait in the tests has a deadline: a poller or server thread that died must fail its
+    test with a message, not hang the suite.
+    """
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:g} s: {what}")
+        time.sleep(interval)
 
 
 def tiny_graphs_dir(image_dir: Path, tiny_module: Path, out: Path, name: str) -> Path:

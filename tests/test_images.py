@@ -57,6 +57,42 @@ def test_grayscale_becomes_three_equal_channels():
     assert pixels.shape == (8, 8, 3) and (pixels == 77).all()
 
 
+def _gray_image(mode: str, orientation: int = 1) -> bytes:
+    """A 37x23 gray picture in ``mode`` with every value used (two of them in mode 1), saved as TIFF."""
+    values = np.random.default_rng(3).integers(0, 256, (23, 37), dtype=np.uint8)
+    img = Image.fromarray(values)
+    if mode in ("I;16", "I"):
+        img = Image.fromarray(values.astype(np.uint16) * 257).convert(mode)
+    elif mode == "F":
+        img = Image.fromarray(values.astype(np.float32) * 1.5 - 40)  # values outside 0..255 too
+    elif mode != "L":
+        img = img.convert(mode)
+    exif = Image.Exif()
+    exif[ORIENTATION] = orientation
+    return encode(img, "TIFF", exif=exif)
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+@pytest.mark.parametrize("mode", ["1", "L", "LA", "I;16", "I", "F"])
+def test_gray_kept_as_one_channel_is_the_rgb_decode_bit_for_bit(mode, orientation):
+    """keep_gray: the gray channel alone, equal to each RGB channel, and the same model input to the bit."""
+    from imageclf.preprocess import image_to_model_input
+
+    data = _gray_image(mode, orientation)
+    rgb = decode_opened(open_image(data))
+    gray = decode_opened(open_image(data), keep_gray=True)
+    assert gray.shape == (*rgb.shape[:2], 1) and rgb.shape[:2] == ((37, 23) if orientation == 6 else (23, 37))
+    np.testing.assert_array_equal(np.repeat(gray, 3, axis=2), rgb)
+    assert len(np.unique(gray)) >= 2
+    for size in ((16, 16), (160, 160)):
+        np.testing.assert_array_equal(image_to_model_input(gray, size), image_to_model_input(rgb, size))
+
+
+def test_colour_images_stay_rgb_with_keep_gray():
+    for img in (red_image(), red_image("P"), red_image("RGBA"), red_image("CMYK")):
+        assert decode_opened(open_image(encode(img, "TIFF")), keep_gray=True).shape == (30, 40, 3), img.mode
+
+
 def test_rgba_drops_alpha():
     rgba = Image.new("RGBA", (8, 8), (10, 20, 30, 0))
     assert (decode_image(encode(rgba, "PNG")) == (10, 20, 30)).all()

@@ -215,10 +215,12 @@ def test_graph_replacement_is_atomic_for_readers(tmp_path, tiny_module):
             seen.add(len(path.read_bytes()))
     thread = threading.Thread(target=reader)
     thread.start()
-    for i in range(200):
-        write_bytes_atomic(path, small if i % 2 else large)
-    stop.set()
-    thread.join()
+    try:
+        for i in range(200):
+            write_bytes_atomic(path, small if i % 2 else large)
+    finally:  # a failed write must not leave the reader spinning (the run would never end)
+        stop.set()
+        thread.join()
     assert seen <= {len(small), len(large)}
     assert [p.name for p in tmp_path.iterdir()] == ["model.pb"]
 

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from imageclf.errors import UserError
+from imageclf.errors import UserError, echo
 from imageclf.serving.servable import BatchOptions, Servable
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ class ModelRegistry:
             elif name in served:
                 servable = served[name]
             else:
-                raise UnknownModelError(f"unknown model '{name}' (serving: {', '.join(sorted(served))})")
+                raise UnknownModelError(f"unknown model '{echo(name)}' (serving: {', '.join(sorted(served))})")
             # Under the registry's lock the registry's own reference is still held, so this succeeds.
             if not servable.acquire():
                 raise NoModelError(f"model {servable.name} was just retired")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from imageclf.errors import echo
 from imageclf.graph_model import GraphModel
 
 DEFAULT_SIGNATURE = "serving_default"
@@ -70,7 +71,7 @@ def signature_named(name: str) -> Signature:
     """The signature a request names (with sizes -1); an empty name is ``serving_default``, as in TF Serving."""
     found = signatures().get(name or DEFAULT_SIGNATURE)
     if found is None:
-        raise UnknownSignatureError(f"unknown signature '{name}': the models here have '{DEFAULT_SIGNATURE}' "
+        raise UnknownSignatureError(f"unknown signature '{echo(name)}': the models here have '{DEFAULT_SIGNATURE}' "
                                     f"(input image_bytes: encoded images) and '{PIXELS_SIGNATURE}' "
                                     "(input images: float32 [n, height, width, 3] in [0, 1])")
     return found

@@ -135,6 +135,10 @@ async def client(index: int, port: int, payloads: list[bytes], window: tuple[flo
                 conn = await asyncio.open_connection(HOST, port, local_addr=(source, 0))
             started = time.monotonic()
             status, headers = await asyncio.wait_for(exchange(*conn, rng.choice(payloads)), REQUEST_TIMEOUT_S)
+        except asyncio.CancelledError:
+            if conn is not None:
+                conn[1].close()
+            raise
         except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, asyncio.LimitOverrunError) as e:
             level.other[type(e).__name__] += 1
             if conn is not None:
@@ -195,7 +199,12 @@ async def run_level(port: int, pid: int, clients: int, payloads: list[bytes], se
     await asyncio.sleep(seconds)
     level.cpu = {"service_cores": round((cpu_seconds(pid) - cpu[0]) / seconds, 2),
                  "clients_cores": round((time.process_time() - cpu[1]) / seconds, 2)}
-    await asyncio.gather(*tasks)
+    # Requests still queued when the window ends are abandoned (their connections closed), as clients
+    # past their deadline do: waiting for them could take minutes without a bound on the queue.
+    await asyncio.wait(tasks, timeout=1.0)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
     return level
 
 
@@ -238,7 +247,7 @@ def bench_load(args: argparse.Namespace, servers: Servers, graphs: Path, root: P
                        "load_average": load_average()}
                 print(line(workload, shedding, row), flush=True)
                 rows.append(row)
-                time.sleep(3)  # let the queue drain between levels
+                time.sleep(3 if shedding == "on" else 20)  # let the queue drain between levels
         servers.stop(server)
     return rows
 

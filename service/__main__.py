@@ -274,6 +274,8 @@ def _check_grpc_port(host: str, port: int) -> None:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         with socket.socket(family, socket.SOCK_STREAM) as probe:
+            # As gRPC binds: connections of a previous run still in TIME_WAIT do not make the port busy.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind((host.strip("[]"), port))
             probe.listen(1)  # what gRPC will do: a port another program only bound would fail here too
     except OSError as e:

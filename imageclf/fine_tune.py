@@ -28,7 +28,8 @@ from tqdm import tqdm
 from imageclf.bases import BaseModel, builtin_keras_model, is_builtin, keras_feature_base, mobilenet_input
 from imageclf.early_stopping import EarlyStopping
 from imageclf.errors import UserError
-from imageclf.images import DEFAULT_MAX_PIXELS, read_image
+from imageclf.image_files import FileRules, read_image_bytes
+from imageclf.images import DEFAULT_MAX_PIXELS, decode_image
 from imageclf.preprocess import distort, pack_images, packed_to_model_input
 from imageclf.training import FinalLayer
 
@@ -109,13 +110,16 @@ def check_fine_tunable(handle: str) -> None:
 
 
 def decoded_images(files: Sequence[Path], size: Sequence[int], max_pixels: int = DEFAULT_MAX_PIXELS,
-                   batch_size: int = 32, progress: bool = True, desc: str = "Decoding images") -> Images:
+                   batch_size: int = 32, progress: bool = True, desc: str = "Decoding images",
+                   rules: FileRules | None = None) -> Images:
     """Decode and resize ``files`` for the model: uint8 ``[n, H, W, 3]``, in the order given.
 
     The pixels are what the model is fed, before scaling to [0, 1]: uint8 keeps a few thousand
-    images in memory at a quarter of the float size. A file that cannot be decoded raises
-    BadImageError; callers pass files that already went through the bottleneck pass.
+    images in memory at a quarter of the float size. Files are read under ``rules``
+    (image_files.FileRules). A file that cannot be decoded raises BadImageError; callers pass
+    files that already went through the bottleneck pass.
     """
+    rules = rules or FileRules()
     height, width = int(size[0]), int(size[1])
     out = np.empty((len(files), height, width, 3), np.uint8)
     resize = tf.function(lambda flat, shapes: tf.cast(tf.round(
@@ -127,7 +131,7 @@ def decoded_images(files: Sequence[Path], size: Sequence[int], max_pixels: int =
     # resize, one batch ahead at most, so full-size decodes never pile up in memory.
     with ThreadPoolExecutor(max(2, os.cpu_count() or 2)) as pool:
         def submit(chunk: Sequence[Path]) -> list:
-            return [pool.submit(read_image, path, max_pixels, size=(height, width)) for path in chunk]
+            return [pool.submit(_read_and_decode, path, rules, max_pixels, (height, width)) for path in chunk]
         ahead = submit(chunks[0]) if chunks else []
         for n in range(len(chunks)):
             current, ahead = ahead, submit(chunks[n + 1]) if n + 1 < len(chunks) else []
@@ -136,6 +140,11 @@ def decoded_images(files: Sequence[Path], size: Sequence[int], max_pixels: int =
             bar.update(len(current))
     bar.close()
     return out
+
+
+def _read_and_decode(path: Path, rules: FileRules, max_pixels: int, size: Sequence[int]) -> np.ndarray:
+    _, data = read_image_bytes(path, rules)
+    return decode_image(data, max_pixels=max_pixels, name=str(path), size=size)
 
 
 @dataclass

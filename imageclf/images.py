@@ -208,6 +208,28 @@ def _exif_orientation(img: Image.Image) -> int:
     return 1
 
 
+#: How many leading bytes Pillow looks at to pick a format (Image.open reads this many).
+HEADER_BYTES = 16
+
+
+def looks_like_image(header: bytes) -> bool:
+    """Whether a file starting with ``header`` (its first HEADER_BYTES) is in a format we decode.
+
+    Pillow's own checks, the ones Image.open uses to pick a plugin among ALLOWED_FORMATS, so a
+    file refused here is one open_image would refuse too, and can be refused before the rest of
+    it is read.
+    """
+    Image.init()
+    for name in _OPENERS:
+        factory, accept = Image.OPEN.get(name, (None, None))
+        if factory is None:
+            continue
+        verdict = accept(header) if accept else True
+        if verdict and not isinstance(verdict, (str, bytes)):  # a str is Pillow's "no, and here is why"
+            return True
+    return False
+
+
 def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS,
                size: Sequence[int] | None = None) -> np.ndarray:
     """Read and decode one image file; see decode_image."""

@@ -58,6 +58,7 @@ class FineTuneConfig:
     batch_size: int = 32
     flip_left_right: bool = True
     random_crop: float = 10
+    random_scale: float = 0
     random_brightness: float = 10
     seed: int = 0
     progress: bool = True
@@ -78,14 +79,27 @@ class FineTuneConfig:
             value = getattr(self, name)
             if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
                 raise UserError(f"fine-tune {name} must be a number >= 0, not {value!r}")
-        for name in ("random_crop", "random_brightness"):
+        for name in ("random_crop", "random_scale", "random_brightness"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or not 0 <= value < 100:
                 raise UserError(f"fine-tune {name} must be a percentage from 0 to below 100, not {value!r}")
 
     def augmentation(self) -> dict:
         return {"flip_left_right": bool(self.flip_left_right), "random_crop": float(self.random_crop),
-                "random_brightness": float(self.random_brightness)}
+                "random_scale": float(self.random_scale), "random_brightness": float(self.random_brightness)}
+
+    @property
+    def distorts(self) -> bool:
+        return bool(self.flip_left_right or self.random_crop or self.random_scale or self.random_brightness)
+
+
+def augment(images: tf.Tensor, config: FineTuneConfig, generator: tf.random.Generator) -> tf.Tensor:
+    """A training batch (float32 [n, H, W, 3] in [0, 1]) with ``config``'s random distortions."""
+    if not config.distorts:
+        return images
+    return distort(images, flip_left_right=config.flip_left_right, random_crop=config.random_crop,
+                   random_scale=config.random_scale, random_brightness=config.random_brightness,
+                   generator=generator)
 
 
 def _is_int(value) -> bool:
@@ -218,14 +232,10 @@ def _train_step(net: _Network, config: FineTuneConfig) -> Callable:
     for optimizer, variables in optimizers:
         optimizer.build(variables)
     generator = tf.random.Generator.from_seed(config.seed)
-    distorted = config.flip_left_right or config.random_crop or config.random_brightness
 
     @tf.function(input_signature=[_IMAGES_SPEC, _LABELS_SPEC])
     def step(images, labels):
-        x = tf.image.convert_image_dtype(images, tf.float32)
-        if distorted:
-            x = distort(x, flip_left_right=config.flip_left_right, random_crop=config.random_crop,
-                        random_scale=0, random_brightness=config.random_brightness, generator=generator)
+        x = augment(tf.image.convert_image_dtype(images, tf.float32), config, generator)
         cut = net.lower(mobilenet_input(x), training=False)  # no tape: the frozen part needs no gradients
         with tf.GradientTape() as tape:
             losses, hits = _losses_and_hits(net.logits(cut), labels)

@@ -156,14 +156,19 @@ def retrain(opts: RetrainOptions, log: Callable[[str], None] = tqdm.write) -> Re
                          duplicates=duplicates)
 
 
+def fine_tune_config(opts: RetrainOptions) -> FineTuneConfig:
+    """Fine-tuning's settings: the distortion flags, when any is given, replace its own
+    augmentation (all four of them: one given alone turns the others off)."""
+    if not opts.distortions:
+        return opts.fine_tune
+    return replace(opts.fine_tune, flip_left_right=opts.flip_left_right, random_crop=opts.random_crop,
+                   random_scale=opts.random_scale, random_brightness=opts.random_brightness)
+
+
 def _fine_tune(opts: RetrainOptions, base: BaseModel, layer: FinalLayer, files: list[ImageFile],
                splits: dict, log) -> tuple[BaseModel, FinalLayer, dict]:
-    """The base's top blocks and the new layer trained together; the distortion flags, when
-    given, replace fine-tuning's own augmentation."""
-    config = opts.fine_tune
-    if opts.distortions:
-        config = replace(config, flip_left_right=opts.flip_left_right, random_crop=opts.random_crop,
-                         random_brightness=opts.random_brightness)
+    """The base's top blocks and the new layer trained together."""
+    config = fine_tune_config(opts)
     images = {name: decoded_images([f.path for f in files if f.split == name], base.input_size, opts.max_pixels,
                                    opts.batch_size, opts.training.progress, desc=f"Decoding {name} images",
                                    rules=opts.file_rules())

@@ -1,8 +1,9 @@
 """Bottleneck vectors: computed in batches with parallel decoding, cached on disk by content.
 
 The cache folder is keyed by everything that decides a vector besides the picture: the base
-model's fingerprint (its weights and how it is fed), its input size and the preprocessing
-version. Within it, entries are keyed by the SHA-256 of each image file's bytes, so renaming or
+model's fingerprint (its weights and how it is fed), its input size, the preprocessing
+version and the versions of the decoders (Pillow, its codecs, TensorFlow, which resizes).
+Within it, entries are keyed by the SHA-256 of each image file's bytes, so renaming or
 moving a picture costs nothing, and editing one recomputes just that one. Entries are written
 atomically; an unreadable or malformed entry is recomputed.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
@@ -32,7 +34,7 @@ from imageclf.atomic import write_bytes_atomic
 from imageclf.bases import BaseModel
 from imageclf.errors import BadImageError
 from imageclf.image_files import FileRules, content_key, read_image_bytes
-from imageclf.images import DEFAULT_MAX_PIXELS, decode_image
+from imageclf.images import DEFAULT_MAX_PIXELS, decode_image, decoder_versions
 from imageclf.preprocess import pack_images, packed_to_model_input
 
 # Built functions by (kind, base fingerprint, input size): loading a base graph and tracing it
@@ -73,10 +75,13 @@ def cache_key(base: BaseModel) -> str:
     """The cache folder name for ``base``: what besides the image decides its vectors.
 
     A frozen graph or size-agnostic module loaded at another ``--base_input_size`` keeps its
-    fingerprint but sees other pixels; so does any base after a preprocessing change.
+    fingerprint but sees other pixels; so does any base after a preprocessing change, or after
+    an upgrade of a decoder (Pillow, libjpeg, libwebp...) or of TensorFlow (it resizes).
     """
     height, width = base.input_size
-    key = f"{base.fingerprint}|input {height}x{width}|preprocess {preprocess.PREPROCESS_VERSION}"
+    decoders = json.dumps({**decoder_versions(), "tensorflow": tf.__version__}, sort_keys=True)
+    key = (f"{base.fingerprint}|input {height}x{width}|preprocess {preprocess.PREPROCESS_VERSION}"
+           f"|decoders {decoders}")
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 

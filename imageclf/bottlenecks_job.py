@@ -275,9 +275,9 @@ def shared_base(spec: BaseSpec) -> BaseModel:
             _BASES[spec.handle, spec.frozen] = load_base(spec.handle, spec.frozen)
         base = _BASES[spec.handle, spec.frozen]
     if cache_key(base) != spec.folder:
-        raise RuntimeError(f"the base {spec.handle} on this worker is not the one the job started with "
-                           f"(cache folder {cache_key(base)}, expected {spec.folder}): give every worker the same "
-                           "files")
+        raise RuntimeError(f"the base {spec.handle} on this worker is not the one the job started with, or its "
+                           f"decoders are other versions (cache folder {cache_key(base)}, expected {spec.folder}): "
+                           "give every worker the same base files, Pillow and TensorFlow")
     return base
 
 

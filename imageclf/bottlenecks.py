@@ -44,6 +44,10 @@ _FUNCTIONS: dict[tuple[str, str, tuple[int, int]], Callable] = {}
 
 
 def _memoized(kind: str, base: BaseModel, build: Callable[[], Callable]) -> Callable:
+    if not base.reusable:
+        # A fine-tuned base is made once and used once: kept here, every retrain of a long
+        # --watch --fine_tune run would keep its own traced copy of MobileNetV2 alive.
+        return build()
     key = (kind, base.fingerprint, tuple(base.input_size))
     if key not in _FUNCTIONS:
         _FUNCTIONS[key] = build()

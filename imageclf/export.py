@@ -74,16 +74,19 @@ def build_graph(base: BaseModel, layer: FinalLayer, labels: list[str], metadata:
 
 def write_outputs(graph_def: tf.compat.v1.GraphDef, metadata: dict, evaluation: dict | None,
                   output_graph: str | Path, output_labels: str | Path) -> Path:
-    """Labels, sidecar JSON, then the graph itself last, each replaced atomically.
+    """The graph first, then its labels and sidecar JSON, each replaced atomically.
 
-    The graph carries its own labels and metadata, so a reader that sees a new graph never
-    depends on the other files being in step with it.
+    The graph carries its own labels and metadata, and readers of our graphs (GraphModel, so
+    label_image and the service) take nothing from the files beside it, so a reader that sees
+    the new graph is consistent whatever state the others are in. Written before it, a new
+    sidecar made a polling service reload the old graph beside it: a wasted load, and a failed
+    one when the old graph was another script's, whose settings that sidecar had held.
     """
     output_graph = Path(output_graph)
+    write_bytes_atomic(output_graph, graph_def.SerializeToString())
     write_text_atomic(output_labels, "".join(f"{label}\n" for label in metadata["labels"]))
     sidecar = output_graph.with_suffix(".json")
     write_text_atomic(sidecar, json.dumps({**metadata, "evaluation": evaluation}, indent=2) + "\n")
-    write_bytes_atomic(output_graph, graph_def.SerializeToString())
     return sidecar
 
 

@@ -143,7 +143,7 @@ def retrain(opts: RetrainOptions, log: Callable[[str], None] = tqdm.write) -> Re
         metadata["duplicates"] = duplicates.metadata()
         if fine_tuned is not None:
             metadata["fine_tune"] = fine_tuned
-        graph_def = export.build_graph(base, layer, labels, metadata, opts.final_tensor_name)
+        graph_def = export.build_graph(base, layer, labels, metadata, opts.final_tensor_name, opts.max_pixels)
         saved_model = (export.write_saved_model(graph_def, metadata, opts.saved_model_dir, reservation)
                        if opts.saved_model_dir else None)
     finally:
@@ -233,6 +233,7 @@ def _metadata(opts: RetrainOptions, base: BaseModel, labels: list[str], files: l
         "accuracy": accuracies,
         "accuracy_ci95": _intervals(accuracies, files),
         "skipped_files": len(report.skipped),
+        "image_bytes_max_pixels": opts.max_pixels,
         "training": {"steps": opts.training.steps, "learning_rate": opts.training.learning_rate,
                      "train_batch_size": opts.training.train_batch_size,
                      "class_balance": opts.training.class_balance,

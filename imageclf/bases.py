@@ -15,6 +15,7 @@ Kinds of ``--tfhub_module``:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 from collections.abc import Callable, Sequence
@@ -45,6 +46,9 @@ class BaseModel:
     output_name: str
     input_size: tuple[int, int]
     bottleneck_size: int
+    #: False for a base made for one retrain (a fine-tuned one): functions traced for it are not
+    #: kept for later calls (bottlenecks._memoized), so it is freed when the retrain ends.
+    reusable: bool = True
 
     def info(self) -> dict:
         return {"description": self.description, "fingerprint": self.fingerprint,
@@ -127,14 +131,16 @@ def mobilenet_input(images: tf.Tensor) -> tf.Tensor:
     return images * 2.0 - 1.0
 
 
-def keras_feature_base(model: tf_keras.Model, fingerprint: str, description: str) -> BaseModel:
+def keras_feature_base(model: tf_keras.Model, fingerprint: str, description: str,
+                       reusable: bool = True) -> BaseModel:
     """Freeze a Keras feature model taking [-1, 1] pixels (as MobileNetV2) into a BaseModel.
 
     The BaseModel takes [0, 1] pixels like every other base; the scaling is inside its graph.
     BatchNormalization runs in inference mode, with the moving statistics frozen in.
     """
     size = tuple(int(v) for v in model.input_shape[1:3])
-    return _freeze(lambda images: model(mobilenet_input(images), training=False), size, fingerprint, description)
+    base = _freeze(lambda images: model(mobilenet_input(images), training=False), size, fingerprint, description)
+    return base if reusable else dataclasses.replace(base, reusable=False)
 
 
 def _load_builtin(size_override: Sequence[int] | None) -> BaseModel:

@@ -1,18 +1,25 @@
 """Bottleneck vectors: computed in batches with parallel decoding, cached on disk by content.
 
 The cache folder is keyed by everything that decides a vector besides the picture: the base
-model's fingerprint (its weights and how it is fed), its input size and the preprocessing
-version. Within it, entries are keyed by the SHA-256 of each image file's bytes, so renaming or
+model's fingerprint (its weights and how it is fed), its input size, the preprocessing
+version and the versions of the decoders (Pillow, its codecs, TensorFlow, which resizes).
+Within it, entries are keyed by the SHA-256 of each image file's bytes, so renaming or
 moving a picture costs nothing, and editing one recomputes just that one. Entries are written
 atomically; an unreadable or malformed entry is recomputed.
+
+Files are read under image_files.FileRules (no symlinks out of the image folder, a size cap,
+the header checked first). A vector is cached under the hash of the very bytes it was decoded
+from, hashed again at decoding: a file edited after the first look never files its new
+content's vector under its old content's hash.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,7 +33,8 @@ from imageclf import preprocess
 from imageclf.atomic import write_bytes_atomic
 from imageclf.bases import BaseModel
 from imageclf.errors import BadImageError
-from imageclf.images import DEFAULT_MAX_PIXELS, read_image
+from imageclf.image_files import FileRules, content_key, read_image_bytes
+from imageclf.images import DEFAULT_MAX_PIXELS, decode_image, decoder_versions
 from imageclf.preprocess import pack_images, packed_to_model_input
 
 # Built functions by (kind, base fingerprint, input size): loading a base graph and tracing it
@@ -36,6 +44,10 @@ _FUNCTIONS: dict[tuple[str, str, tuple[int, int]], Callable] = {}
 
 
 def _memoized(kind: str, base: BaseModel, build: Callable[[], Callable]) -> Callable:
+    if not base.reusable:
+        # A fine-tuned base is made once and used once: kept here, every retrain of a long
+        # --watch --fine_tune run would keep its own traced copy of MobileNetV2 alive.
+        return build()
     key = (kind, base.fingerprint, tuple(base.input_size))
     if key not in _FUNCTIONS:
         _FUNCTIONS[key] = build()
@@ -67,10 +79,13 @@ def cache_key(base: BaseModel) -> str:
     """The cache folder name for ``base``: what besides the image decides its vectors.
 
     A frozen graph or size-agnostic module loaded at another ``--base_input_size`` keeps its
-    fingerprint but sees other pixels; so does any base after a preprocessing change.
+    fingerprint but sees other pixels; so does any base after a preprocessing change, or after
+    an upgrade of a decoder (Pillow, libjpeg, libwebp...) or of TensorFlow (it resizes).
     """
     height, width = base.input_size
-    key = f"{base.fingerprint}|input {height}x{width}|preprocess {preprocess.PREPROCESS_VERSION}"
+    decoders = json.dumps({**decoder_versions(), "tensorflow": tf.__version__}, sort_keys=True)
+    key = (f"{base.fingerprint}|input {height}x{width}|preprocess {preprocess.PREPROCESS_VERSION}"
+           f"|decoders {decoders}")
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -126,35 +141,40 @@ class BottleneckReport:
     computed: int = 0
     reused: int = 0
     skipped: list[str] = field(default_factory=list)  # one message per unusable file
+    reasons: Counter = field(default_factory=Counter)  # skipped files by kind of problem
     keys: dict[Path, str] = field(default_factory=dict, repr=False)  # SHA-256 of each readable file's bytes
+
+    def skip(self, error: BadImageError) -> None:
+        self.skipped.append(str(error))
+        self.reasons[error.reason] += 1
 
     def summary(self) -> str:
         return f"computed {self.computed:,}, reused {self.reused:,}, skipped {len(self.skipped):,}"
 
-
-def content_key(path: Path | str, opener: Callable = open) -> str:
-    """SHA-256 of the file's bytes; ``opener`` is ``open`` or one like it (tf.io.gfile.GFile for gs://)."""
-    digest = hashlib.sha256()
-    with opener(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    def reasons_line(self) -> str:
+        """How many files were skipped for what, most common first: "2 not an image, 1 ..."."""
+        return ", ".join(f"{n:,} {reason}" for reason, n in self.reasons.most_common())
 
 
 def get_bottlenecks(paths: Sequence[Path], base: BaseModel, cache: BottleneckCache | None, *,
                     batch_size: int = 32, workers: int | None = None,
-                    max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True
-                    ) -> tuple[dict[Path, np.ndarray], BottleneckReport]:
-    """Bottleneck vectors for ``paths``; files that are not usable images are reported, not fatal."""
+                    max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True,
+                    rules: FileRules | None = None) -> tuple[dict[Path, np.ndarray], BottleneckReport]:
+    """Bottleneck vectors for ``paths``; files that are not usable images are reported, not fatal.
+
+    ``rules`` say how files may be read (image_files.FileRules; by default no confinement to a
+    folder, the default size cap).
+    """
+    rules = rules or FileRules()
     report = BottleneckReport()
     # The forward pass already keeps every core busy; more decode threads only contend with it.
     workers = workers or max(2, os.cpu_count() or 2)
     vectors: dict[Path, np.ndarray] = {}
     keys = report.keys
     with ThreadPoolExecutor(workers) as pool:
-        for path, key in zip(paths, pool.map(_safe_key, paths), strict=False):
+        for path, key in zip(paths, pool.map(lambda p: _safe_key(p, rules), paths), strict=False):
             if isinstance(key, BadImageError):
-                report.skipped.append(str(key))
+                report.skip(key)
             else:
                 keys[path] = key
         todo = []
@@ -165,54 +185,61 @@ def get_bottlenecks(paths: Sequence[Path], base: BaseModel, cache: BottleneckCac
             else:
                 vectors[path] = cached
                 report.reused += 1
+        for path in todo:
+            del keys[path]  # set again from the bytes that are decoded
         if todo:
             features = pixels_feature_function(base)
             bar = tqdm(total=len(todo), desc="Bottlenecks", unit="img", disable=not progress, leave=False)
-            for attempted, batch_paths, batch in _decoded_batches(todo, pool, batch_size,
-                                                                  max_pixels, report, base.input_size):
-                out = features(*pack_images(batch)).numpy() if batch else []
-                for path, vector in zip(batch_paths, out, strict=False):
+            for attempted, batch, arrays in _decoded_batches(todo, pool, batch_size, max_pixels, report,
+                                                              base.input_size, rules):
+                out = features(*pack_images(arrays)).numpy() if arrays else []
+                for (path, key), vector in zip(batch, out, strict=False):
                     vectors[path] = vector
+                    keys[path] = key
                     if cache:
-                        cache.put(keys[path], vector)
-                report.computed += len(batch_paths)
+                        cache.put(key, vector)
+                report.computed += len(batch)
                 bar.update(attempted)
             bar.close()
     return vectors, report
 
 
-def _safe_key(path: Path):
+def _safe_key(path: Path, rules: FileRules) -> str | BadImageError:
     try:
-        return content_key(path)
-    except OSError as e:
-        return BadImageError(f"{path}: cannot read file ({e.strerror})")
-
-
-def _decode_one(path: Path, max_pixels: int, size: Sequence[int]):
-    try:
-        return read_image(path, max_pixels, size=size)
+        return content_key(path, rules)
     except BadImageError as e:
         return e
 
 
-def _decoded_batches(paths: list[Path], pool: ThreadPoolExecutor, batch_size: int,
-                     max_pixels: int, report: BottleneckReport, size: Sequence[int]
-                     ) -> Iterable[tuple[int, list[Path], list[np.ndarray]]]:
-    """Yield decoded batches while the pool already decodes the next ones."""
+def _decode_one(path: Path, max_pixels: int, size: Sequence[int], rules: FileRules
+                ) -> tuple[str, np.ndarray] | BadImageError:
+    """(hash of the bytes decoded, pixels): one read serves both."""
+    try:
+        key, data = read_image_bytes(path, rules)
+        return key, decode_image(data, max_pixels=max_pixels, name=str(path), size=size)
+    except BadImageError as e:
+        return e
+
+
+def _decoded_batches(paths: list[Path], pool: ThreadPoolExecutor, batch_size: int, max_pixels: int,
+                     report: BottleneckReport, size: Sequence[int], rules: FileRules
+                     ) -> Iterable[tuple[int, list[tuple[Path, str]], list[np.ndarray]]]:
+    """Yield decoded batches, (path, key) and pixels of each usable image, while the pool already
+    decodes the next ones."""
     chunks = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
     pending: deque = deque()
     ahead = 2  # batches decoded ahead of the forward pass; bounds memory
     for i, chunk in enumerate(chunks):
         while len(pending) <= ahead and i + len(pending) < len(chunks):
             nxt = chunks[i + len(pending)]
-            pending.append((nxt, [pool.submit(_decode_one, p, max_pixels, size) for p in nxt]))
+            pending.append((nxt, [pool.submit(_decode_one, p, max_pixels, size, rules) for p in nxt]))
         chunk, futures = pending.popleft()
         good, arrays = [], []
         for path, future in zip(chunk, futures, strict=False):
             result = future.result()
             if isinstance(result, BadImageError):
-                report.skipped.append(str(result))
+                report.skip(result)
             else:
-                good.append(path)
-                arrays.append(result)
+                good.append((path, result[0]))
+                arrays.append(result[1])
         yield len(chunk), good, arrays

@@ -2,11 +2,13 @@
 
     python -m imageclf.bottlenecks_job --image_dir DIR --bottleneck_dir DIR [base flags] [Beam options]
 
-It finds the images by retrain.py's rules (dataset.scan_image_dir: every non-hidden file below
-each non-hidden class folder, recognised later by content), reads them through tf.io.gfile
-(local paths, gs://; s3:// once a plugin such as tensorflow-io registers it), decodes them with
-the one preprocessing (images.decode_image) and writes bottlenecks.BottleneckCache's folders,
-entry names and file format, so ``retrain.py --bottleneck_dir DIR`` afterwards computes nothing.
+It finds the images by retrain.py's rules and code (dataset.class_folders and files_below: every
+non-hidden file below each non-hidden class folder, symlinks leading outside --image_dir left
+out unless --follow_symlinks), reads them by its rules and code too (image_files: confined to
+--image_dir, --max_file_mb, the header checked first; local paths directly, gs:// through
+tf.io.gfile, s3:// once a plugin such as tensorflow-io registers it), decodes them with the one
+preprocessing (images.decode_image) and writes bottlenecks.BottleneckCache's folders, entry
+names and file format, so ``retrain.py --bottleneck_dir DIR`` afterwards computes nothing.
 
 The stages:
 1. list each class folder's files (one element per class folder);
@@ -55,24 +57,26 @@ except ModuleNotFoundError:
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from imageclf import dataset  # noqa: E402
 from imageclf.bases import BaseModel, FrozenGraphSpec, load_base  # noqa: E402
 from imageclf.bottlenecks import (  # noqa: E402
     cache_key,
-    content_key,
     entry_name,
     pixels_feature_function,
     vector_bytes,
     vector_from_bytes,
 )
 from imageclf.errors import BadImageError, UserError  # noqa: E402
+from imageclf.image_files import FileRules, content_key, read_image_bytes  # noqa: E402
 from imageclf.images import decode_image  # noqa: E402
 from imageclf.preprocess import pack_images  # noqa: E402
-from imageclf.retrain_cli import add_base_arguments, frozen_spec  # noqa: E402
+from imageclf.retrain_cli import add_base_arguments, add_file_arguments, check_file_arguments, file_rules, frozen_spec  # noqa: E402  # noqa: E402
 from imageclf.retrain_cli import build_parser as retrain_parser  # noqa: E402
 
 PROG = "python -m imageclf.bottlenecks_job"
 NAMESPACE = "imageclf.bottlenecks"
 SKIPPED = "skipped"
+REASON_PREFIX = "skipped: "  # then a BadImageError.reason: one counter per reason
 DEFAULT_LOCAL_WORKERS = 2
 _DIRECT_RUNNERS = {"directrunner", "direct"}
 
@@ -109,8 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the cache to fill: what you give retrain.py as --bottleneck_dir (or gs://... to copy down)")
     p.add_argument("--batch_size", type=int, default=retrain_defaults.get_default("batch_size"),
                    help="images per forward pass; keep retrain.py's for bit-identical vectors (default: %(default)s)")
-    p.add_argument("--max_pixels", type=int, default=retrain_defaults.get_default("max_pixels"),
-                   help="skip images with more pixels than this, as retrain.py does (default: %(default)s)")
+    add_file_arguments(p.add_argument_group("reading files (the same flags as retrain.py)"))
     p.add_argument("--skipped_list", help="also write the skipped files, one reason a line, to this file")
     add_base_arguments(p.add_argument_group("base model (the same flags as retrain.py)"))
     runner = p.add_argument_group("Beam runner")
@@ -127,10 +130,11 @@ def parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     """Our flags, and the rest for Beam."""
     parser = build_parser()
     args, beam_argv = parser.parse_known_args(argv)
-    for flag in ("batch_size", "max_pixels", "num_workers"):
+    for flag in ("batch_size", "num_workers"):
         value = getattr(args, flag)
         if value is not None and value <= 0:
             parser.error(f"--{flag} must be positive")
+    check_file_arguments(parser, args)
     return args, beam_argv
 
 
@@ -171,52 +175,51 @@ def join(root: str, *parts: str) -> str:
     return str(Path(root, *parts))
 
 
-def class_folders(image_dir: str) -> list[str]:
-    """The class folder names in retrain.py's order: immediate subfolders, hidden ones left out."""
+def class_folders(image_dir: str, follow_symlinks: bool = False) -> tuple[list[str], list[BadImageError]]:
+    """The class folder names in retrain.py's order, and the symlinked ones left out (local
+    folders: dataset.class_folders itself; URLs: immediate subfolders, hidden ones left out)."""
     if not tf.io.gfile.isdir(image_dir):
         raise UserError(f"--image_dir {image_dir}: no such folder")
-    names = sorted({name.rstrip("/") for name in tf.io.gfile.listdir(image_dir)})
-    folders = [name for name in names if not name.startswith(".") and tf.io.gfile.isdir(join(image_dir, name))]
+    if is_url(image_dir):
+        names = sorted({name.rstrip("/") for name in tf.io.gfile.listdir(image_dir)})
+        folders = [name for name in names if not name.startswith(".") and tf.io.gfile.isdir(join(image_dir, name))]
+        skipped = []
+    else:
+        paths, skipped = dataset.class_folders(Path(image_dir), follow_symlinks)
+        folders = [path.name for path in paths]
     if not folders:
         raise UserError(f"--image_dir {image_dir}: no class folders found; put each class's "
                         "images in its own subfolder (e.g. dogs/poodle/*.jpg, dogs/pug/*.jpg)")
-    return folders
+    return folders, skipped
 
 
-def files_below(folder: str) -> list[tuple[tuple[str, ...], str]]:
+def files_below(folder: str, rules: FileRules) -> tuple[list[tuple[tuple[str, ...], str]], list[BadImageError]]:
     """(path parts below ``folder``, path) of each file below it, in retrain.py's order (that of
-    sorted Paths: part by part), files in hidden folders and hidden files left out."""
+    sorted Paths: part by part), files in hidden folders and hidden files left out; and the
+    symlinks left out (local folders: dataset.files_below itself)."""
+    if not is_url(folder):
+        found, skipped = dataset.files_below(Path(folder), Path(rules.root or folder), rules.follow_symlinks)
+        return [(parts, str(path)) for parts, path in found], skipped
     found = []
-    for directory, _, names in tf.io.gfile.walk(folder):
+    for directory, _, names in tf.io.gfile.walk(folder):  # object stores have no symlinks
         below = tuple(part for part in directory[len(folder):].split("/") if part)
         for name in names:
             parts = (*below, name)
             if not any(part.startswith(".") for part in parts):
                 found.append((parts, join(folder, *parts)))
-    return sorted(found)
+    return sorted(found), []
 
 
-def list_class_folder(element: tuple[int, str], image_dir: str) -> Iterator[tuple[tuple, str]]:
-    """(class folder index, name) -> ((index, parts), path) for each of its files; the first part
-    of each is the file's place in retrain.py's order."""
+def list_class_folder(element: tuple[int, str], image_dir: str, rules: FileRules) -> Iterator:
+    """(class folder index, name) -> ((index, parts), path) for each of its files, the first part
+    of each being the file's place in retrain.py's order; symlinks left out go to SKIPPED."""
     index, name = element
-    for parts, path in files_below(join(image_dir, name)):
+    found, skipped = files_below(join(image_dir, name), rules)
+    for error in skipped:
+        yield beam.pvalue.TaggedOutput(SKIPPED, skip(error))
+    for parts, path in found:
         _COUNTERS["listed"].inc()
         yield (index, parts), path
-
-
-def read_bytes(path: str) -> bytes:
-    """A file's bytes; a failure is a BadImageError worded as retrain.py words it."""
-    try:
-        with tf.io.gfile.GFile(path, "rb") as f:
-            return f.read()
-    except tf.errors.OpError as e:
-        raise BadImageError(f"{path}: cannot read file ({_reason(e)})") from None
-
-
-def _reason(error: tf.errors.OpError) -> str:
-    # TensorFlow words it "PATH; No such file or directory": the part after the path is strerror's.
-    return error.message.rpartition("; ")[2] or type(error).__name__
 
 
 @dataclass(frozen=True)
@@ -272,9 +275,9 @@ def shared_base(spec: BaseSpec) -> BaseModel:
             _BASES[spec.handle, spec.frozen] = load_base(spec.handle, spec.frozen)
         base = _BASES[spec.handle, spec.frozen]
     if cache_key(base) != spec.folder:
-        raise RuntimeError(f"the base {spec.handle} on this worker is not the one the job started with "
-                           f"(cache folder {cache_key(base)}, expected {spec.folder}): give every worker the same "
-                           "files")
+        raise RuntimeError(f"the base {spec.handle} on this worker is not the one the job started with, or its "
+                           f"decoders are other versions (cache folder {cache_key(base)}, expected {spec.folder}): "
+                           "give every worker the same base files, Pillow and TensorFlow")
     return base
 
 
@@ -290,26 +293,27 @@ def timed(stage: str) -> Iterator[None]:
     ended.update(int(time.time() * 1000))
 
 
-def skip(reason: str) -> str:
-    """Count and log one unusable file (as retrain.py lists it); returns the reason."""
+def skip(error: BadImageError) -> str:
+    """Count (in all and by reason) and log one unusable file, as retrain.py lists it; returns its message."""
     _COUNTERS[SKIPPED].inc()
-    log.warning("skipped %s", reason)
-    return reason
+    Metrics.counter(NAMESPACE, REASON_PREFIX + error.reason).inc()
+    log.warning("skipped %s", error)
+    return str(error)
 
 
 class LookUp(beam.DoFn):
     """(order, path) -> (order, path, key) for files not in the cache yet; cached ones are counted."""
 
-    def __init__(self, cache: CacheFolder):
-        self.cache = cache
+    def __init__(self, cache: CacheFolder, rules: FileRules):
+        self.cache, self.rules = cache, rules
 
     def process(self, element: tuple[tuple, str]) -> Iterator:
         order, path = element
         with timed("look_up"):
             try:
-                key = content_key(path, opener=tf.io.gfile.GFile)
-            except tf.errors.OpError as e:
-                yield beam.pvalue.TaggedOutput(SKIPPED, skip(f"{path}: cannot read file ({_reason(e)})"))
+                key = content_key(path, self.rules)
+            except BadImageError as e:
+                yield beam.pvalue.TaggedOutput(SKIPPED, skip(e))
                 return
             cached = self.cache.get(key) is not None
         if cached:
@@ -334,8 +338,8 @@ def plan_batches(todo: Iterable[tuple[tuple, str, str]], batch_size: int) -> Ite
 class ComputeBatch(beam.DoFn):
     """One batch: read and decode its images (threads), one forward pass, write the cache entries."""
 
-    def __init__(self, base: BaseSpec, cache: CacheFolder, max_pixels: int):
-        self.base_spec, self.cache, self.max_pixels = base, cache, max_pixels
+    def __init__(self, base: BaseSpec, cache: CacheFolder, max_pixels: int, rules: FileRules):
+        self.base_spec, self.cache, self.max_pixels, self.rules = base, cache, max_pixels, rules
 
     def setup(self) -> None:
         self.base = shared_base(self.base_spec)
@@ -353,41 +357,48 @@ class ComputeBatch(beam.DoFn):
     def compute(self, batch: list[tuple[str, str, bool]]) -> Iterator:
         decoded = list(self.pool.map(self.decode, [path for path, _, _ in batch]))
         good = []
-        for item, pixels in zip(batch, decoded, strict=True):
-            if isinstance(pixels, BadImageError):
-                yield beam.pvalue.TaggedOutput(SKIPPED, skip(str(pixels)))
+        for (_, _, write), result in zip(batch, decoded, strict=True):
+            if isinstance(result, BadImageError):
+                yield beam.pvalue.TaggedOutput(SKIPPED, skip(result))
             else:
-                good.append((item, pixels))
+                good.append((write, *result))
         if not good:
             return
-        vectors = self.features(*pack_images([pixels for _, pixels in good])).numpy()
-        for ((_, key, write), _), vector in zip(good, vectors, strict=True):
+        vectors = self.features(*pack_images([pixels for _, _, pixels in good])).numpy()
+        for (write, key, _), vector in zip(good, vectors, strict=True):
             if write:
-                self.cache.put(key, vector)
+                self.cache.put(key, vector)  # the hash of the bytes just decoded, as retrain.py files it
         _COUNTERS["computed"].inc(len(good))
 
-    def decode(self, path: str) -> np.ndarray | BadImageError:
+    def decode(self, path: str) -> tuple[str, np.ndarray] | BadImageError:
+        """(hash of the bytes decoded, pixels): one read serves both."""
         try:
-            return decode_image(read_bytes(path), self.max_pixels, name=path, size=self.base.input_size)
+            key, data = read_image_bytes(path, self.rules)
+            return key, decode_image(data, self.max_pixels, name=path, size=self.base.input_size)
         except BadImageError as e:
             return e
 
 
 def build_pipeline(pipeline: beam.Pipeline, args: argparse.Namespace, folders: list[str],
-                   base: BaseSpec, cache: CacheFolder) -> None:
-    files = (pipeline
-             | "Class folders" >> beam.Create(list(enumerate(folders)))
-             | "List files" >> beam.FlatMap(list_class_folder, args.image_dir)
-             | "Spread files" >> beam.Reshuffle())
-    looked_up = files | "Hash and look up" >> beam.ParDo(LookUp(cache)).with_outputs(SKIPPED, main="todo")
+                   base: BaseSpec, cache: CacheFolder, skipped_folders: Sequence[BadImageError] = ()) -> None:
+    rules = file_rules(args)
+    listed = (pipeline
+              | "Class folders" >> beam.Create(list(enumerate(folders)))
+              | "List files" >> beam.FlatMap(list_class_folder, args.image_dir, rules).with_outputs(SKIPPED,
+                                                                                                   main="files"))
+    files = listed.files | "Spread files" >> beam.Reshuffle()
+    looked_up = files | "Hash and look up" >> beam.ParDo(LookUp(cache, rules)).with_outputs(SKIPPED, main="todo")
     computed = (looked_up.todo
                 | "Gather" >> beam.combiners.ToList()
                 | "Cut into batches" >> beam.FlatMap(plan_batches, args.batch_size)
                 | "Spread batches" >> beam.Reshuffle()
-                | "Decode and run the base" >> beam.ParDo(ComputeBatch(base, cache, args.max_pixels))
+                | "Decode and run the base" >> beam.ParDo(ComputeBatch(base, cache, args.max_pixels, rules))
                 .with_outputs(SKIPPED, main="done"))
+    # Class folders the driver left out are counted in the pipeline too, so every skip has one tally.
+    folders_left_out = (pipeline | "Skipped class folders" >> beam.Create(list(skipped_folders))
+                        | "Count skipped folders" >> beam.Map(skip))
     if args.skipped_list:
-        _ = ((looked_up[SKIPPED], computed[SKIPPED])
+        _ = ((folders_left_out, listed[SKIPPED], looked_up[SKIPPED], computed[SKIPPED])
              | "All skipped" >> beam.Flatten()
              | "Write skipped" >> beam.io.WriteToText(args.skipped_list, num_shards=1, shard_name_template=""))
 
@@ -405,7 +416,7 @@ def job_metrics(result: beam.runners.runner.PipelineResult) -> JobMetrics:
     found = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))
     counts = {name: 0 for name in _COUNTERS}
     for counter in found["counters"]:
-        counts[counter.key.metric.name] += int(_value(counter))
+        counts[counter.key.metric.name] = counts.get(counter.key.metric.name, 0) + int(_value(counter))
     edges = {d.key.metric.name: _value(d) for d in found["distributions"]}
     spans = {}
     for stage in STAGES:
@@ -436,7 +447,10 @@ def summary(metrics: JobMetrics, seconds: float, cache: CacheFolder, skipped_lis
         lines.append("  stages, first to last piece of work: " + ", ".join(stages))
     if found[SKIPPED]:
         where = f"listed in {skipped_list}" if skipped_list else "named in the log above"
-        lines.append(f"The {found[SKIPPED]:,} skipped file(s) are not usable images: {where}.")
+        reasons = sorted(((n, name[len(REASON_PREFIX):]) for name, n in found.items()
+                          if name.startswith(REASON_PREFIX) and n), key=lambda item: (-item[0], item[1]))
+        lines.append(f"Skipped {found[SKIPPED]:,} file(s): {', '.join(f'{n:,} {why}' for n, why in reasons)}; "
+                     f"{where}.")
     return "\n".join(lines)
 
 
@@ -451,7 +465,7 @@ def _importable_by_local_workers() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args, beam_argv = parse(argv)
     options = pipeline_options(args, beam_argv)
-    folders = class_folders(args.image_dir)
+    folders, skipped_folders = class_folders(args.image_dir, args.follow_symlinks)
     spec = frozen_spec(args)
     base = load_base(args.tfhub_module, spec)  # here first: bad flags fail before any worker starts
     _BASES[args.tfhub_module, spec] = base  # an in-process runner uses it as it is
@@ -465,7 +479,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("apache_beam.runners.portability.local_job_service").setLevel(logging.ERROR)
     started = time.monotonic()
     pipeline = beam.Pipeline(options=options)
-    build_pipeline(pipeline, args, folders, BaseSpec(args.tfhub_module, spec, cache_key(base)), cache)
+    build_pipeline(pipeline, args, folders, BaseSpec(args.tfhub_module, spec, cache_key(base)), cache,
+                   skipped_folders)
     result = pipeline.run()
     state = result.wait_until_finish()
     print(summary(job_metrics(result), time.monotonic() - started, cache, args.skipped_list), flush=True)

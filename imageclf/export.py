@@ -3,7 +3,8 @@
 The graph contract (what label_image, the service and TF Serving rely on):
 - ``Placeholder:0``  float32 [None, H, W, 3], RGB in [0, 1] (as TF Hub's retrain.py graphs);
 - ``image_bytes:0``  string [None], encoded images decoded and resized inside the graph
-  (it feeds ``Placeholder`` by default, so feed one or the other);
+  (it feeds ``Placeholder`` by default, so feed one or the other); an image over the
+  metadata's ``image_bytes_max_pixels`` is refused from its header (InvalidArgument);
 - ``final_result:0`` (or ``--final_tensor_name``) float32 [None, classes], softmax;
 - ``bottleneck:0``   float32 [None, D], the base model's features;
 - ``labels:0``       string [classes]; ``metadata:0`` string scalar, JSON.
@@ -21,6 +22,7 @@ import tensorflow as tf
 
 from imageclf.atomic import fsync_dir, fsync_tree, write_bytes_atomic, write_text_atomic
 from imageclf.bases import BaseModel
+from imageclf.images import DEFAULT_MAX_PIXELS
 from imageclf.preprocess import decode_to_model_input
 from imageclf.training import FinalLayer
 
@@ -51,13 +53,17 @@ def graph_metadata(base: BaseModel, labels: list[str], final_tensor_name: str, e
 
 
 def build_graph(base: BaseModel, layer: FinalLayer, labels: list[str], metadata: dict,
-                final_tensor_name: str = "final_result") -> tf.compat.v1.GraphDef:
-    """The complete frozen classifier as one GraphDef (every value a constant)."""
+                final_tensor_name: str = "final_result", max_pixels: int = DEFAULT_MAX_PIXELS
+                ) -> tf.compat.v1.GraphDef:
+    """The complete frozen classifier as one GraphDef (every value a constant).
+
+    ``image_bytes:0`` refuses images over ``max_pixels`` from their header, before decoding.
+    """
     height, width = base.input_size
     graph = tf.Graph()
     with graph.as_default():
         encoded = tf.compat.v1.placeholder(tf.string, [None], name="image_bytes")
-        decoded = tf.map_fn(lambda one: decode_to_model_input(one, base.input_size), encoded,
+        decoded = tf.map_fn(lambda one: decode_to_model_input(one, base.input_size, max_pixels), encoded,
                             fn_output_signature=tf.TensorSpec([height, width, 3], tf.float32))
         images = tf.compat.v1.placeholder_with_default(decoded, [None, height, width, 3], name="Placeholder")
         features = tf.import_graph_def(base.graph_def, input_map={base.input_name: images},
@@ -74,16 +80,19 @@ def build_graph(base: BaseModel, layer: FinalLayer, labels: list[str], metadata:
 
 def write_outputs(graph_def: tf.compat.v1.GraphDef, metadata: dict, evaluation: dict | None,
                   output_graph: str | Path, output_labels: str | Path) -> Path:
-    """Labels, sidecar JSON, then the graph itself last, each replaced atomically.
+    """The graph first, then its labels and sidecar JSON, each replaced atomically.
 
-    The graph carries its own labels and metadata, so a reader that sees a new graph never
-    depends on the other files being in step with it.
+    The graph carries its own labels and metadata, and readers of our graphs (GraphModel, so
+    label_image and the service) take nothing from the files beside it, so a reader that sees
+    the new graph is consistent whatever state the others are in. Written before it, a new
+    sidecar made a polling service reload the old graph beside it: a wasted load, and a failed
+    one when the old graph was another script's, whose settings that sidecar had held.
     """
     output_graph = Path(output_graph)
+    write_bytes_atomic(output_graph, graph_def.SerializeToString())
     write_text_atomic(output_labels, "".join(f"{label}\n" for label in metadata["labels"]))
     sidecar = output_graph.with_suffix(".json")
     write_text_atomic(sidecar, json.dumps({**metadata, "evaluation": evaluation}, indent=2) + "\n")
-    write_bytes_atomic(output_graph, graph_def.SerializeToString())
     return sidecar
 
 

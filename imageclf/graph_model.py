@@ -1,8 +1,8 @@
 """Loading a frozen classifier graph and running it in a ``tf.compat.v1`` session.
 
-Our own graphs describe themselves (labels and metadata are constants inside). Graphs from
-the older retrain scripts need their input tensor, size and mean/std: from arguments, or from
-a ``<graph stem>.json`` file beside the graph, e.g.::
+Our own graphs describe themselves (labels and metadata are constants inside), and files
+beside them are not read. Graphs from the older retrain scripts need their input tensor, size
+and mean/std: from arguments, or from a ``<graph stem>.json`` file beside the graph, e.g.::
 
     {"input_tensor": "input:0", "output_tensor": "final_result:0", "input_size": [128, 128],
      "input_mean": 127.5, "input_std": 127.5, "labels_file": "retrained_labels.txt"}
@@ -61,7 +61,10 @@ class GraphModel:
         self.graph = _imported(graph_def)
         metadata = self._embedded("metadata:0")
         self.metadata = json.loads(metadata.item()) if metadata is not None else None
-        resolved = (settings or GraphSettings()).merged(self._described()).merged(_sidecar(self.path))
+        # A graph that describes itself (ours) takes nothing from the files beside it: retrain
+        # replaces those after the graph, so they may still be the previous graph's.
+        beside = _sidecar(self.path) if self.metadata is None else GraphSettings()
+        resolved = (settings or GraphSettings()).merged(self._described()).merged(beside)
         self.input = self._tensor(_with_port(resolved.input_tensor or self._default_input()), "input")
         self.output = self._tensor(_with_port(resolved.output_tensor or "final_result"), "output")
         self.input_size = self._input_size(resolved.input_size)

@@ -214,6 +214,48 @@ def _exif_orientation(img: Image.Image) -> int:
     return 1
 
 
+#: How many leading bytes Pillow looks at to pick a format (Image.open reads this many).
+HEADER_BYTES = 16
+
+
+def looks_like_image(header: bytes) -> bool:
+    """Whether a file starting with ``header`` (its first HEADER_BYTES) is in a format we decode.
+
+    Pillow's own checks, the ones Image.open uses to pick a plugin among ALLOWED_FORMATS, so a
+    file refused here is one open_image would refuse too, and can be refused before the rest of
+    it is read.
+    """
+    Image.init()
+    for name in _OPENERS:
+        factory, accept = Image.OPEN.get(name, (None, None))
+        if factory is None:
+            continue
+        verdict = accept(header) if accept else True
+        if verdict and not isinstance(verdict, (str, bytes)):  # a str is Pillow's "no, and here is why"
+            return True
+    return False
+
+
+def decoder_versions() -> dict[str, str | None]:
+    """The versions of the libraries that turn file bytes into pixels here (Pillow and its codecs).
+
+    A new libjpeg or Pillow can change decoded pixels by a level or two, so anything cached
+    from decoded pixels (bottleneck vectors) is keyed by these.
+    """
+    from PIL import __version__ as pillow_version
+    from PIL import features
+
+    versions: dict[str, str | None] = {"pillow": pillow_version}
+    # Not zlib: PNG is lossless whatever its version, and the version reported is that of whichever
+    # copy of zlib the process loaded first (TensorFlow brings its own), so it varies by import order.
+    for name in ("jpg", "libjpeg_turbo", "webp", "libtiff"):
+        versions[name] = features.version(name)
+    if "pillow_heif" in globals():
+        versions["pillow_heif"] = pillow_heif.__version__
+        versions["libheif"] = pillow_heif.libheif_version()
+    return versions
+
+
 def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS,
                size: Sequence[int] | None = None) -> np.ndarray:
     """Read and decode one image file; see decode_image."""

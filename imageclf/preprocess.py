@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
-from imageclf.images import JPEG_SCALES
+from imageclf.images import DEFAULT_MAX_PIXELS, JPEG_SCALES
 
 #: Part of the bottleneck cache key: vectors cached under another version are not reused.
 #: Bump it whenever decoding (imageclf/images.py), resizing or scaling (here) changes the
@@ -49,7 +49,8 @@ def _compiled_to_model_input(height: int, width: int, channels: int = 3) -> tf.t
                        input_signature=[tf.TensorSpec([None, None, channels], tf.uint8)]).get_concrete_function()
 
 
-def decode_to_model_input(encoded: tf.Tensor, size: Sequence[int]) -> tf.Tensor:
+def decode_to_model_input(encoded: tf.Tensor, size: Sequence[int], max_pixels: int = DEFAULT_MAX_PIXELS
+                          ) -> tf.Tensor:
     """Encoded bytes (scalar string tensor) -> float32 ``[H, W, 3]``, inside a TF graph.
 
     The same steps as the Python path (images.decode_image with ``size``, then
@@ -57,15 +58,24 @@ def decode_to_model_input(encoded: tf.Tensor, size: Sequence[int]) -> tf.Tensor:
     integer DCT (TF's default fast DCT is off by up to 5 levels from Pillow); EXIF orientation
     is applied (exif_graph, for JPEG, PNG and WebP), then the antialiased resize. TensorFlow
     decodes JPEG, PNG, GIF (first frame), BMP and WebP here; HEIC/HEIF is refused with a
-    message saying to decode it outside the graph and feed ``Placeholder:0``.
+    message saying to decode it outside the graph and feed ``Placeholder:0``. An image whose
+    header announces more than ``max_pixels`` is refused (InvalidArgumentError) before it is
+    decoded: TensorFlow's decoders allocate whatever the header says (image_size_graph).
     """
     from imageclf.exif_graph import apply_orientation, exif_orientation
+    from imageclf.image_size_graph import encoded_image_size
 
     refuse_heif = tf.debugging.Assert(tf.logical_not(_is_heif(encoded)), [
         "HEIC/HEIF images cannot be decoded inside this graph: decode them with Pillow (pillow-heif), "
         "or use label_image.py or the imageclf service, and feed the pixels to Placeholder:0"])
-    with tf.control_dependencies([refuse_heif]):  # a plain GraphDef runs an Assert only if something needs it
-        encoded = tf.identity(encoded)
+    height, width = encoded_image_size(encoded)
+    # Each side first: a product of two huge 32-bit sides could overflow int64.
+    small_enough = (height <= max_pixels) & (width <= max_pixels) & (height * width <= max_pixels)
+    refuse_too_large = tf.debugging.Assert(small_enough, [
+        f"image_bytes: image over the limit of {max_pixels:,} pixels, refused before decoding; "
+        "height and width from its header:", height, width], summarize=2)
+    with tf.control_dependencies([refuse_heif, refuse_too_large]):
+        encoded = tf.identity(encoded)  # a plain GraphDef runs an Assert only if something needs it
     pixels = tf.cond(tf.io.is_jpeg(encoded), lambda: _decode_jpeg_at_scale(encoded, size),
                      lambda: tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False))
     pixels.set_shape([None, None, 3])

@@ -15,9 +15,10 @@ from tqdm import tqdm
 from imageclf import export
 from imageclf.bases import BaseModel, FrozenGraphSpec, load_base
 from imageclf.bottlenecks import BottleneckCache, BottleneckReport, feature_function, get_bottlenecks
-from imageclf.dataset import TEST, TRAIN, VALIDATION, ImageFile, check_trainable, scan_image_dir
+from imageclf.dataset import TEST, TRAIN, VALIDATION, ImageFile, check_trainable, scan_image_folder
 from imageclf.duplicates import DuplicateReport, near_duplicates, unify_identical
 from imageclf.fine_tune import FineTuneConfig, check_fine_tunable, decoded_images, fine_tune
+from imageclf.image_files import DEFAULT_MAX_FILE_MB, MIB, FileRules
 from imageclf.images import DEFAULT_MAX_PIXELS
 from imageclf.metrics import evaluation_report, format_accuracy, format_report, wilson_interval
 from imageclf.preprocess import distort
@@ -45,12 +46,20 @@ class RetrainOptions:
     saved_model_dir: str | None = None
     batch_size: int = 32
     max_pixels: int = DEFAULT_MAX_PIXELS
+    #: Files over this size are skipped unread (--max_file_mb).
+    max_file_bytes: int = DEFAULT_MAX_FILE_MB * MIB
+    #: Follow symlinks that lead outside image_dir (by default they are left out and reported).
+    follow_symlinks: bool = False
     #: Also train the base's top blocks (see fine_tune.py); None trains the new layer only.
     fine_tune: FineTuneConfig | None = None
 
     @property
     def distortions(self) -> bool:
         return bool(self.flip_left_right or self.random_crop or self.random_scale or self.random_brightness)
+
+    def file_rules(self) -> FileRules:
+        """How the files of image_dir may be read (image_files.FileRules)."""
+        return FileRules(str(self.image_dir), self.max_file_bytes, self.follow_symlinks)
 
     def graph_path(self) -> Path:
         if self.output_graph:
@@ -79,8 +88,11 @@ class RetrainResult:
 def retrain(opts: RetrainOptions, log: Callable[[str], None] = tqdm.write) -> RetrainResult:
     """Run a whole retrain; raises UserError for anything the user can fix."""
     started = time.time()
-    labels, files = scan_image_dir(opts.image_dir, opts.validation_percentage, opts.testing_percentage)
-    log(f"Found {len(labels)} classes and {len(files):,} files in {opts.image_dir}")
+    scan = scan_image_folder(opts.image_dir, opts.validation_percentage, opts.testing_percentage,
+                             follow_symlinks=opts.follow_symlinks)
+    labels, files = scan.labels, scan.files
+    log(f"Found {len(labels)} classes and {len(files):,} files in {opts.image_dir}"
+        + (f"; left out {len(scan.skipped):,} symlink(s) leading outside it" if scan.skipped else ""))
     if opts.fine_tune:
         check_fine_tunable(opts.tfhub_module)  # before minutes of bottlenecks, not after
     base = load_base(opts.tfhub_module, opts.frozen_base)
@@ -88,7 +100,10 @@ def retrain(opts: RetrainOptions, log: Callable[[str], None] = tqdm.write) -> Re
         f"{base.bottleneck_size} features)")
     cache = BottleneckCache(opts.bottleneck_dir, base) if opts.bottleneck_dir else None
     vectors, report = get_bottlenecks([f.path for f in files], base, cache, batch_size=opts.batch_size,
-                                      max_pixels=opts.max_pixels, progress=opts.training.progress)
+                                      max_pixels=opts.max_pixels, progress=opts.training.progress,
+                                      rules=opts.file_rules())
+    for error in scan.skipped:
+        report.skip(error)
     log(f"Bottlenecks: {report.summary()}" + (f" (cache {cache.dir})" if cache else ""))
     files, duplicates = unify_identical([f for f in files if f.path in vectors], report.keys,
                                         opts.validation_percentage, opts.testing_percentage)
@@ -128,7 +143,7 @@ def retrain(opts: RetrainOptions, log: Callable[[str], None] = tqdm.write) -> Re
         metadata["duplicates"] = duplicates.metadata()
         if fine_tuned is not None:
             metadata["fine_tune"] = fine_tuned
-        graph_def = export.build_graph(base, layer, labels, metadata, opts.final_tensor_name)
+        graph_def = export.build_graph(base, layer, labels, metadata, opts.final_tensor_name, opts.max_pixels)
         saved_model = (export.write_saved_model(graph_def, metadata, opts.saved_model_dir, reservation)
                        if opts.saved_model_dir else None)
     finally:
@@ -141,16 +156,22 @@ def retrain(opts: RetrainOptions, log: Callable[[str], None] = tqdm.write) -> Re
                          duplicates=duplicates)
 
 
+def fine_tune_config(opts: RetrainOptions) -> FineTuneConfig:
+    """Fine-tuning's settings: the distortion flags, when any is given, replace its own
+    augmentation (all four of them: one given alone turns the others off)."""
+    if not opts.distortions:
+        return opts.fine_tune
+    return replace(opts.fine_tune, flip_left_right=opts.flip_left_right, random_crop=opts.random_crop,
+                   random_scale=opts.random_scale, random_brightness=opts.random_brightness)
+
+
 def _fine_tune(opts: RetrainOptions, base: BaseModel, layer: FinalLayer, files: list[ImageFile],
                splits: dict, log) -> tuple[BaseModel, FinalLayer, dict]:
-    """The base's top blocks and the new layer trained together; the distortion flags, when
-    given, replace fine-tuning's own augmentation."""
-    config = opts.fine_tune
-    if opts.distortions:
-        config = replace(config, flip_left_right=opts.flip_left_right, random_crop=opts.random_crop,
-                         random_brightness=opts.random_brightness)
+    """The base's top blocks and the new layer trained together."""
+    config = fine_tune_config(opts)
     images = {name: decoded_images([f.path for f in files if f.split == name], base.input_size, opts.max_pixels,
-                                   opts.batch_size, opts.training.progress, desc=f"Decoding {name} images")
+                                   opts.batch_size, opts.training.progress, desc=f"Decoding {name} images",
+                                   rules=opts.file_rules())
               for name in (TRAIN, VALIDATION)}
     result = fine_tune((images[TRAIN], splits[TRAIN][1]), (images[VALIDATION], splits[VALIDATION][1]),
                        layer, config, log=log)
@@ -160,7 +181,8 @@ def _fine_tune(opts: RetrainOptions, base: BaseModel, layer: FinalLayer, files: 
 def _features(base: BaseModel, files: list[ImageFile], opts: RetrainOptions) -> np.ndarray:
     """Bottlenecks through a fine-tuned base: computed afresh, never cached (the base is new)."""
     vectors, _ = get_bottlenecks([f.path for f in files], base, None, batch_size=opts.batch_size,
-                                 max_pixels=opts.max_pixels, progress=opts.training.progress)
+                                 max_pixels=opts.max_pixels, progress=opts.training.progress,
+                                 rules=opts.file_rules())
     if not files:
         return np.zeros((0, base.bottleneck_size), np.float32)
     return np.stack([vectors[f.path] for f in files])
@@ -211,6 +233,7 @@ def _metadata(opts: RetrainOptions, base: BaseModel, labels: list[str], files: l
         "accuracy": accuracies,
         "accuracy_ci95": _intervals(accuracies, files),
         "skipped_files": len(report.skipped),
+        "image_bytes_max_pixels": opts.max_pixels,
         "training": {"steps": opts.training.steps, "learning_rate": opts.training.learning_rate,
                      "train_batch_size": opts.training.train_batch_size,
                      "class_balance": opts.training.class_balance,
@@ -230,7 +253,7 @@ def _intervals(accuracies: dict, files: list[ImageFile]) -> dict:
 def _distorted_sampler(train_files: list[ImageFile], class_id: dict, base: BaseModel, opts: RetrainOptions):
     """Batches of freshly distorted training images, one graph call per batch (never per image)."""
     images = decoded_images([f.path for f in train_files], base.input_size, opts.max_pixels, opts.batch_size,
-                            opts.training.progress, desc="Decoding for distortions")
+                            opts.training.progress, desc="Decoding for distortions", rules=opts.file_rules())
     y = np.array([class_id[f.label] for f in train_files], dtype=np.int32)
     features = feature_function(base)
     generator = tf.random.Generator.from_seed(opts.training.seed)

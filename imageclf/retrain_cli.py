@@ -9,10 +9,12 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from imageclf.cli_common import quiet_tensorflow, run
+from imageclf.image_files import DEFAULT_MAX_FILE_MB
 from imageclf.images import DEFAULT_MAX_PIXELS
 
 if TYPE_CHECKING:
     from imageclf.bases import FrozenGraphSpec
+    from imageclf.image_files import FileRules
 
 DESCRIPTION = """\
 Retrain a pretrained image model on your own classes.
@@ -55,8 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="percentage of images kept for the final test (default: %(default)s)")
     data.add_argument("--validation_percentage", type=float, default=10,
                       help="percentage of images used for validation while training (default: %(default)s)")
-    data.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                      help="skip images with more pixels than this (default: %(default)s)")
+    add_file_arguments(data)
 
     out = p.add_argument_group("output")
     out.add_argument("--output_graph", help="frozen graph to write (default: graphs/<image_dir name>.pb)")
@@ -127,6 +128,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_file_arguments(data: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
+    """How files of --image_dir are read; retrain.py and the Beam job (bottlenecks_job.py) share them."""
+    data.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                      help="skip images with more pixels than this (default: %(default)s)")
+    data.add_argument("--max_file_mb", type=float, default=DEFAULT_MAX_FILE_MB,
+                      help="skip files larger than this many MiB, unread (default: %(default)s)")
+    data.add_argument("--follow_symlinks", action="store_true",
+                      help="also use symlinks that lead outside --image_dir (by default such class folders "
+                           "and files are left out and listed in the summary: the folder may be shared)")
+
+
+def check_file_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.max_pixels <= 0 or not args.max_file_mb > 0:
+        parser.error("--max_pixels and --max_file_mb must be positive")
+
+
+def file_rules(args: argparse.Namespace) -> FileRules:
+    """The image_files.FileRules that the flags of add_file_arguments describe."""
+    from imageclf.image_files import MIB, FileRules
+
+    return FileRules(args.image_dir, int(args.max_file_mb * MIB), args.follow_symlinks)
+
+
 def add_base_arguments(base: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
     """The flags that choose the base model; retrain.py and the Beam job (bottlenecks_job.py) share them."""
     base.add_argument("--tfhub_module", default="builtin",
@@ -154,9 +178,10 @@ def frozen_spec(args: argparse.Namespace) -> FrozenGraphSpec:
 
 
 def _positive(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    for flag in ("how_many_training_steps", "train_batch_size", "eval_step_interval", "batch_size", "max_pixels"):
+    for flag in ("how_many_training_steps", "train_batch_size", "eval_step_interval", "batch_size"):
         if getattr(args, flag) <= 0:
             parser.error(f"--{flag} must be positive")
+    check_file_arguments(parser, args)
     if args.watch_interval <= 0 or args.watch_settle < 0:
         parser.error("--watch_interval must be positive and --watch_settle not negative")
     for flag in ("learning_rate", "fine_tune_learning_rate", "fine_tune_epochs", "fine_tune_patience"):
@@ -195,6 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         final_tensor_name=args.final_tensor_name, flip_left_right=args.flip_left_right,
         random_crop=args.random_crop, random_scale=args.random_scale, random_brightness=args.random_brightness,
         saved_model_dir=args.saved_model_dir, batch_size=args.batch_size, max_pixels=args.max_pixels,
+        max_file_bytes=file_rules(args).max_bytes, follow_symlinks=args.follow_symlinks,
         fine_tune=FineTuneConfig(blocks=args.fine_tune_blocks, max_epochs=args.fine_tune_epochs,
                                  patience=args.fine_tune_patience, base_learning_rate=args.fine_tune_learning_rate,
                                  head_learning_rate=10 * args.fine_tune_learning_rate, seed=args.random_seed,

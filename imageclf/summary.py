@@ -25,7 +25,7 @@ def retrain_summary(result: RetrainResult) -> str:
     if result.validation_accuracy is not None:
         lines.append(f"  validation   accuracy {100 * result.validation_accuracy:.1f}% (N={counts['validation']})")
     if result.bottlenecks.skipped:
-        lines.append(f"  skipped      {len(result.bottlenecks.skipped)} file(s) that are not usable images:")
+        lines.append(f"  skipped      {len(result.bottlenecks.skipped):,} file(s): {result.bottlenecks.reasons_line()}")
         lines.extend(f"                 {message}" for message in result.bottlenecks.skipped)
     lines.append(f"Try it:  python label_image.py --graph {result.graph} --image <picture>")
     return "\n".join(lines)

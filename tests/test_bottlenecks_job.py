@@ -7,6 +7,7 @@ that run or run the job in this process (in_memory), which starts in seconds.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -23,9 +24,11 @@ from imageclf import bottlenecks_job, retrain_cli  # noqa: E402
 from imageclf.bases import load_base  # noqa: E402
 from imageclf.bottlenecks import BottleneckCache, get_bottlenecks  # noqa: E402
 from imageclf.cli_common import run  # noqa: E402
-from imageclf.dataset import scan_image_dir  # noqa: E402
+from imageclf.dataset import scan_image_dir, scan_image_folder  # noqa: E402
 from imageclf.demo_data import make_dataset  # noqa: E402
+from imageclf.image_files import FileRules  # noqa: E402
 from tests.conftest import REPO, write_frozen_base  # noqa: E402
+from tests.open_watch import OpenWatch  # noqa: E402
 
 BATCH = 8  # several batches and a short last one, with the corrupt file inside one of them
 BROKEN = b"\x89PNG\r\n\x1a\n broken"
@@ -89,8 +92,9 @@ def reference(job_run, base):
 def test_listing_follows_retrains_rules(tmp_path):
     images = make_images(tmp_path / "photos")
     _, files = scan_image_dir(images)
-    listed = [path for name in bottlenecks_job.class_folders(str(images))
-              for _, path in bottlenecks_job.files_below(bottlenecks_job.join(str(images), name))]
+    rules = FileRules(str(images))
+    listed = [path for name in bottlenecks_job.class_folders(str(images))[0]
+              for _, path in bottlenecks_job.files_below(bottlenecks_job.join(str(images), name), rules)[0]]
     assert listed == [str(f.path) for f in files]
     assert str(images / "triangle" / "x" / "a.jpg") in listed and not any("/." in p for p in listed)
 
@@ -163,6 +167,39 @@ def test_job_reads_and_writes_through_gfile_urls(base, tmp_path, capsys):
     for name, vector in local.items():
         with tf.io.gfile.GFile("ram://bottlenecks/" + name, "rb") as f:
             assert np.array_equal(np.load(f), vector), name
+
+
+def test_job_reads_files_by_retrains_rules(base, tmp_path, capsys):
+    """Symlinks out of --image_dir and files over --max_file_mb: the job leaves out what retrain.py
+    leaves out, in its words, and never opens what lies outside."""
+    images, outside = tmp_path / "photos", tmp_path / "outside"
+    make_dataset(images, per_class=4)
+    make_dataset(outside, per_class=3, classes=("star",), seed=1)
+    (images / "star").symlink_to(outside / "star")
+    (images / "circle" / "away.jpg").symlink_to(outside / "star" / "star_000.jpg")
+    (images / "square" / "ok.jpg").symlink_to("../triangle/triangle_000.jpg")  # stays inside: used
+    huge = images / "square" / "huge.png"
+    huge.write_bytes(b"\x89PNG\r\n\x1a\n")
+    os.truncate(huge, 2 << 30)
+    skipped = tmp_path / "skipped.txt"
+    watch = OpenWatch(outside, outside / "star")
+    try:
+        status = run("bottlenecks_job", bottlenecks_job.main,
+                     job_argv(images, tmp_path / "cache", base, "--direct_running_mode", "in_memory",
+                              "--skipped_list", str(skipped)))
+        opened = watch.events()
+    finally:
+        watch.close()
+    out = capsys.readouterr().out
+    assert status == 0 and opened == []
+    assert "computed 13, reused 0, skipped 3" in out
+    assert "Skipped 3 file(s): 2 symlink leading outside --image_dir, 1 file over the size limit" in out
+    scan = scan_image_folder(images)
+    loaded = load_base(str(base.graph), base.spec())
+    _, report = get_bottlenecks([f.path for f in scan.files], loaded, None, progress=False,
+                                rules=FileRules(str(images)))
+    assert sorted(skipped.read_text().splitlines()) == sorted([str(e) for e in scan.skipped] + report.skipped)
+    assert report.computed == 13
 
 
 @pytest.mark.parametrize(("flags", "message"), [

@@ -16,10 +16,18 @@ from imageclf.bottlenecks import feature_function
 from imageclf.demo_data import SHAPES, make_dataset
 from imageclf.early_stopping import EarlyStopping
 from imageclf.errors import UserError
-from imageclf.fine_tune import FineTuneConfig, FineTuneResult, check_fine_tunable, decoded_images, fine_tune
+from imageclf.fine_tune import (
+    FineTuneConfig,
+    FineTuneResult,
+    augment,
+    check_fine_tunable,
+    decoded_images,
+    fine_tune,
+)
 from imageclf.graph_model import GraphModel
 from imageclf.images import read_file, read_image
 from imageclf.preprocess import image_to_model_input
+from imageclf.retrain import RetrainOptions, fine_tune_config
 from imageclf.training import FinalLayer, TrainConfig, sampler_from_arrays, train_final_layer
 
 SIZE = (160, 160)
@@ -194,12 +202,38 @@ def test_only_the_builtin_base_can_be_fine_tuned(frozen_base, tiny_module):
             check_fine_tunable(handle)
 
 
+@pytest.mark.parametrize("flags, expected", [
+    ({"random_scale": 20}, {"flip_left_right": False, "random_crop": 0.0, "random_scale": 20.0,
+                            "random_brightness": 0.0}),
+    ({"flip_left_right": True, "random_scale": 5}, {"flip_left_right": True, "random_crop": 0.0,
+                                                   "random_scale": 5.0, "random_brightness": 0.0}),
+    ({}, {"flip_left_right": True, "random_crop": 10.0, "random_scale": 0.0, "random_brightness": 10.0}),
+])
+def test_distortion_flags_reach_fine_tuning_random_scale_too(flags, expected):
+    """--fine_tune --random_scale N: the flags replace fine-tuning's own augmentation, scale included
+    (it used to be dropped, which left every distortion off)."""
+    config = fine_tune_config(RetrainOptions(image_dir="unused", fine_tune=FineTuneConfig(**QUIET), **flags))
+    assert config.augmentation() == expected
+    images = tf.random.stateless_uniform([4, 32, 32, 3], seed=[1, 2])
+    distorted = augment(images, config, tf.random.Generator.from_seed(0)).numpy()
+    assert distorted.shape == images.shape and not np.allclose(distorted, images.numpy(), atol=1e-3)
+
+
+def test_random_scale_alone_zooms_in():
+    """Scale only: each image becomes a zoomed-in crop of itself (its border leaves the picture)."""
+    config = FineTuneConfig(flip_left_right=False, random_crop=0, random_scale=50, random_brightness=0, **QUIET)
+    frame = np.zeros((1, 40, 40, 3), np.float32)
+    frame[:, :2] = frame[:, -2:] = frame[:, :, :2] = frame[:, :, -2:] = 1.0  # a white border, 2 px
+    out = augment(tf.constant(np.repeat(frame, 8, axis=0)), config, tf.random.Generator.from_seed(3)).numpy()
+    assert (out.mean(axis=(1, 2, 3)) < frame.mean()).all()
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("blocks", 0, "from 1 to 16"), ("blocks", 17, "from 1 to 16"), ("blocks", 1.5, "from 1 to 16"),
     ("max_epochs", 0, "max_epochs must be a positive"), ("patience", 0, "patience must be a positive"),
     ("batch_size", -1, "batch_size must be a positive"), ("base_learning_rate", -1e-4, ">= 0"),
     ("head_learning_rate", float("nan"), ">= 0"), ("random_crop", 100, "percentage"),
-    ("random_brightness", -5, "percentage"),
+    ("random_scale", 100, "percentage"), ("random_brightness", -5, "percentage"),
 ])
 def test_config_values_out_of_range_are_user_errors(field, value, message):
     with pytest.raises(UserError, match=message):

@@ -6,7 +6,8 @@ served, then swapped in under a lock; requests that already hold the old version
 and the old version is closed when the last of them releases it (see servable.py). A graph
 that fails to load changes nothing that is served: the previous version, its number and the
 choice of default model stay as they were, and the error is shown. A removed graph stops
-being served.
+being served. A change of the ``.json`` alone reloads nothing when the served graph
+describes itself (ours take nothing from it).
 """
 
 from __future__ import annotations
@@ -158,7 +159,11 @@ class ModelRegistry:
                 with self._lock:
                     status = self._models.get(name)
                 if status is None or status.seen != signature:
-                    self._load(name, path, signature)
+                    if status is not None and _only_settings_changed(status, signature):
+                        with self._lock:
+                            status.seen = signature
+                    else:
+                        self._load(name, path, signature)
 
     def _retire(self, name: str) -> None:
         with self._lock:
@@ -225,6 +230,14 @@ def _counts_only(report: dict) -> dict:
         if isinstance(value, list | dict):
             counts.setdefault(f"{key}_total", len(value))
     return counts
+
+
+def _only_settings_changed(status: ModelStatus, signature: tuple) -> bool:
+    """Only the ``.json`` beside a served graph that describes itself changed: nothing to reload
+    (such a graph takes nothing from it; retrain writes it just after the graph)."""
+    served = status.served
+    return (status.error is None and served is not None and served.model is not None
+            and served.model.metadata is not None and status.seen[:1] == signature[:1])
 
 
 def _signature(graph: Path) -> tuple:

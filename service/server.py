@@ -143,11 +143,19 @@ class GuardedChannel(HTTPChannel):
         self.lingering_until = time.monotonic() + LINGER_S
         return True
 
+    # The event loop asks every open connection these two at every turn: with hundreds of idle
+    # keep-alive connections that is the loop's main cost, so they are waitress' tests written out
+    # (no super() call) plus the lingering state.
     def readable(self):
-        return True if self.lingering_until is not None else super().readable()
+        if self.lingering_until is not None:
+            return True
+        return not (self.will_close or self.close_when_flushed or self.total_outbufs_len
+                    or len(self.requests) > self.adj.channel_request_lookahead)
 
     def writable(self):
-        return False if self.lingering_until is not None else super().writable()
+        if self.lingering_until is not None:
+            return False
+        return bool(self.total_outbufs_len or self.will_close or self.close_when_flushed)
 
     def handle_read(self):
         if self.lingering_until is None:

@@ -36,13 +36,12 @@ def is_model_work(method: str, path: str, query: str) -> bool:
 
 
 class Admission:
-    """Sorts completed requests (waitress parsers) by ``Route``; counts what it refused."""
+    """Sorts completed requests (waitress parsers) by ``Route`` (the server counts what it refuses)."""
 
     def __init__(self, max_queued: int):
         if max_queued < 0:
             raise ValueError("max_queued must not be negative")
         self.max_queued = max_queued
-        self.shed = 0
 
     def route(self, request, waiting: int) -> Route:
         """Where ``request`` goes if, with it, ``waiting`` requests would wait for a thread."""
@@ -54,6 +53,5 @@ class Admission:
         if not is_model_work(method, request.path, request.query):
             return Route.FRONT
         if waiting > self.max_queued:
-            self.shed += 1
             return Route.SHED
         return Route.QUEUE

@@ -37,7 +37,6 @@ class ClientConnections:
     def __init__(self, cap: int, trusted: Iterable[str] = ()):
         self.cap = cap
         self.trusted = parse_networks(trusted)
-        self.refused = 0
         self._open: Counter[str] = Counter()
         self._lock = threading.Lock()
 
@@ -45,7 +44,6 @@ class ClientConnections:
         """Count a new connection from ``address``; False (and not counted) if it is over the cap."""
         with self._lock:
             if self.cap and self._open[address] >= self.cap and not self._is_trusted(address):
-                self.refused += 1
                 return False
             self._open[address] += 1
             return True
@@ -75,18 +73,14 @@ class BufferBudget:
     def __init__(self, capacity: int):
         self.capacity = capacity
         self.used = 0
-        self.peak = 0
-        self.refused = 0
         self._lock = threading.Lock()
 
     def try_reserve(self, nbytes: int) -> Callable[[], None] | None:
         """Reserve ``nbytes``; the function that gives them back, or None if they do not fit now."""
         with self._lock:
             if self.used + nbytes > self.capacity:
-                self.refused += 1
                 return None
             self.used += nbytes
-            self.peak = max(self.peak, self.used)
         released = []
 
         def release() -> None:

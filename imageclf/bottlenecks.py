@@ -35,7 +35,8 @@ from imageclf.bases import BaseModel
 from imageclf.errors import BadImageError
 from imageclf.image_files import FileRules, content_key, read_image_bytes
 from imageclf.images import DEFAULT_MAX_PIXELS, decode_image, decoder_versions
-from imageclf.preprocess import pack_images, packed_to_model_input
+from imageclf.preprocess import pack_images
+from imageclf.preprocess_graph import packed_to_model_input
 
 # Built functions by (kind, base fingerprint, input size): loading a base graph and tracing it
 # costs about a second, which repeated calls (a benchmark, a long-lived process) should pay once.

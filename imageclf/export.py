@@ -23,7 +23,7 @@ import tensorflow as tf
 from imageclf.atomic import fsync_dir, fsync_tree, write_bytes_atomic, write_text_atomic
 from imageclf.bases import BaseModel
 from imageclf.images import DEFAULT_MAX_PIXELS
-from imageclf.preprocess import decode_to_model_input
+from imageclf.preprocess_graph import decode_to_model_input
 from imageclf.training import FinalLayer
 
 FORMAT = "imageclf-graph/1"

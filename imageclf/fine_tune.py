@@ -30,7 +30,8 @@ from imageclf.early_stopping import EarlyStopping
 from imageclf.errors import UserError
 from imageclf.image_files import FileRules, read_image_bytes
 from imageclf.images import DEFAULT_MAX_PIXELS, decode_image
-from imageclf.preprocess import distort, pack_images, packed_to_model_input
+from imageclf.preprocess import pack_images
+from imageclf.preprocess_graph import distort, packed_to_model_input
 from imageclf.training import FinalLayer
 
 if TYPE_CHECKING:
@@ -48,7 +49,7 @@ Split = tuple[np.ndarray, np.ndarray]  # (images uint8 [n, H, W, 3], class ids i
 
 @dataclass
 class FineTuneConfig:
-    """How to fine-tune; the distortions are percentages as in preprocess.distort."""
+    """How to fine-tune; the distortions are percentages as in preprocess_graph.distort."""
 
     blocks: int = 2
     max_epochs: int = 10

@@ -4,7 +4,7 @@ The exported graph's ``image_bytes:0`` input decodes whatever it is given, and T
 decoders allocate the whole image the header announces: a PNG of 20000x20000 pixels of one
 colour is a few tens of KB that decode to 1.2 GB (and four times that as floats for the
 resize). A graph served by TensorFlow Serving has no Python in front of it to refuse such a
-file, so the graph itself reads the size first (preprocess.decode_to_model_input) and refuses
+file, so the graph itself reads the size first (preprocess_graph.decode_to_model_input) and refuses
 images over its pixel limit before a pixel is decoded.
 
 The fields read are the ones TensorFlow's decoders allocate from: JPEG through

@@ -87,7 +87,7 @@ def jpeg_scale(width: int, height: int, size: Sequence[int]) -> int:
 
     Pillow's ``draft`` and TensorFlow's ``decode_jpeg(ratio=...)`` give bit-identical pixels at
     the same scale (measured for 4:4:4, 4:2:0, progressive, gray and CMYK JPEGs at every
-    scale), so the Python path and the graph (preprocess.decode_to_model_input, which applies
+    scale), so the Python path and the graph (preprocess_graph.decode_to_model_input, which applies
     this same rule) agree. The rule compares the shorter side with the longer target side, so
     the scale does not depend on the EXIF orientation.
     """

@@ -21,7 +21,7 @@ from imageclf.fine_tune import FineTuneConfig, check_fine_tunable, decoded_image
 from imageclf.image_files import DEFAULT_MAX_FILE_MB, MIB, FileRules
 from imageclf.images import DEFAULT_MAX_PIXELS
 from imageclf.metrics import evaluation_report, format_accuracy, format_report, wilson_interval
-from imageclf.preprocess import distort
+from imageclf.preprocess_graph import distort
 from imageclf.training import FinalLayer, TrainConfig, class_weights, sampler_from_arrays, train_final_layer
 
 

@@ -21,7 +21,7 @@ from imageclf.demo_data import make_dataset
 from imageclf.errors import UserError
 from imageclf.graph_model import GraphModel
 from imageclf.images import read_image
-from imageclf.preprocess import distort
+from imageclf.preprocess_graph import distort
 from imageclf.retrain import retrain
 from imageclf.training import TrainConfig
 

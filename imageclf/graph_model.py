@@ -1,11 +1,6 @@
 """Loading a frozen classifier graph and running it in a ``tf.compat.v1`` session.
 
-Our own graphs describe themselves (labels and metadata are constants inside), and files
-beside them are not read. Graphs from the older retrain scripts need their input tensor, size
-and mean/std: from arguments, or from a ``<graph stem>.json`` file beside the graph, e.g.::
-
-    {"input_tensor": "input:0", "output_tensor": "final_result:0", "input_size": [128, 128],
-     "input_mean": 127.5, "input_std": 127.5, "labels_file": "retrained_labels.txt"}
+Settings (GraphSettings, the ``.json`` beside a graph) are described in classifier.py.
 """
 
 from __future__ import annotations
@@ -13,38 +8,19 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 from google.protobuf.message import DecodeError
 
+from imageclf.classifier import Classifier, GraphSettings, read_labels_file, read_sidecar
 from imageclf.errors import UserError
-from imageclf.preprocess import image_to_model_input
 
 log = logging.getLogger(__name__)
 
-_SETTINGS = ("input_tensor", "output_tensor", "input_size", "input_mean", "input_std", "labels_file")
 
-
-@dataclass(frozen=True)
-class GraphSettings:
-    """How to feed a graph and read its answer. ``None`` means: find out from the graph."""
-
-    input_tensor: str | None = None
-    output_tensor: str | None = None
-    input_size: tuple[int, int] | None = None
-    input_mean: float | None = None
-    input_std: float | None = None
-    labels_file: str | None = None
-
-    def merged(self, fallback: GraphSettings) -> GraphSettings:
-        return GraphSettings(**{k: getattr(self, k) if getattr(self, k) is not None else getattr(fallback, k)
-                                for k in _SETTINGS})
-
-
-class GraphModel:
+class GraphModel(Classifier):
     """A loaded classifier: one Graph and one Session, safe to share between threads.
 
     ``decode_in_graph=False`` is for callers that always feed decoded pixels (the service): the
@@ -55,6 +31,8 @@ class GraphModel:
     A graph that cannot be cut that way is loaded whole.
     """
 
+    runtime = "tf"
+
     def __init__(self, path: str | Path, settings: GraphSettings | None = None, *, decode_in_graph: bool = True):
         self.path = Path(path)
         graph_def = _read_graph_def(self.path)
@@ -63,7 +41,7 @@ class GraphModel:
         self.metadata = json.loads(metadata.item()) if metadata is not None else None
         # A graph that describes itself (ours) takes nothing from the files beside it: retrain
         # replaces those after the graph, so they may still be the previous graph's.
-        beside = _sidecar(self.path) if self.metadata is None else GraphSettings()
+        beside = read_sidecar(self.path) if self.metadata is None else GraphSettings()
         resolved = (settings or GraphSettings()).merged(self._described()).merged(beside)
         self.input = self._tensor(_with_port(resolved.input_tensor or self._default_input()), "input")
         self.output = self._tensor(_with_port(resolved.output_tensor or "final_result"), "output")
@@ -93,22 +71,14 @@ class GraphModel:
         self.bytes_input = None
 
     @property
-    def name(self) -> str:
-        return (self.metadata or {}).get("name") or self.path.stem
+    def input_name(self) -> str:
+        return self.input.name
 
-    def model_input(self, pixels: np.ndarray) -> np.ndarray:
-        """Decoded RGB uint8 ``[h, w, 3]`` -> what this graph's input tensor takes for it."""
-        x = image_to_model_input(pixels, self.input_size)
-        if (self.input_mean, self.input_std) == (0.0, 255.0):
-            return x
-        return (x * 255.0 - self.input_mean) / self.input_std
-
-    def predict(self, pixels: Sequence[np.ndarray]) -> np.ndarray:
-        """Probabilities ``[n, classes]`` for decoded images (see images.decode_image)."""
-        return self.run(np.stack([self.model_input(p) for p in pixels]))
+    @property
+    def output_name(self) -> str:
+        return self.output.name
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """Probabilities for a batch of model inputs (see model_input)."""
         if self.batchable:
             return self.session.run(self.output, {self.input: batch})
         return np.concatenate([self.session.run(self.output, {self.input: one[None]}) for one in batch])
@@ -118,10 +88,6 @@ class GraphModel:
         if self.bytes_input is None:
             raise UserError(f"{self.path.name} has no image_bytes input")
         return self.session.run(self.output, {self.bytes_input: list(encoded)})
-
-    def top_k(self, probabilities: np.ndarray, k: int = 5) -> list[tuple[str, float]]:
-        order = np.argsort(-probabilities, kind="stable")[:k]
-        return [(self.labels[i], float(probabilities[i])) for i in order]
 
     def close(self) -> None:
         self.session.close()
@@ -178,13 +144,7 @@ class GraphModel:
                 raise UserError(f"{self.path.name} has no embedded labels; give --labels FILE")
             labels = [v.decode("utf-8") for v in embedded]
         else:
-            path = Path(labels_file)
-            if not path.is_absolute() and not path.exists():
-                path = self.path.parent / path
-            try:
-                labels = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            except OSError as e:
-                raise UserError(f"--labels {labels_file}: {e.strerror}") from None
+            labels = read_labels_file(labels_file, self.path)
         width = self.output.shape[-1] if self.output.shape.rank else None
         if width is not None and width != len(labels):
             raise UserError(f"{self.path.name}: the graph outputs {width} scores but there are {len(labels)} labels")
@@ -269,20 +229,6 @@ def _drop_colocation_with_dropped(node, kept: set[str]) -> None:
         node.attr["_class"].list.s.extend(hints)
     else:
         del node.attr["_class"]
-
-
-def _sidecar(graph_path: Path) -> GraphSettings:
-    path = graph_path.with_suffix(".json")
-    if not path.is_file():
-        return GraphSettings()
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot read settings: {e}") from None
-    values = {k: data.get(k) for k in _SETTINGS}
-    if values["input_size"] is not None:
-        values["input_size"] = tuple(values["input_size"])
-    return GraphSettings(**values)
 
 
 def _with_port(name: str) -> str:

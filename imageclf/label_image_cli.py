@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
 
-from imageclf.cli_common import quiet_tensorflow, run
+from imageclf.cli_common import run
 from imageclf.images import DEFAULT_MAX_PIXELS
+from imageclf.runtimes import RUNTIMES
 
 DESCRIPTION = """\
 Classify one image with a frozen graph.
@@ -43,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--max_pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help="refuse larger images (default: %(default)s)")
+    p.add_argument("--runtime", choices=RUNTIMES, default="tf",
+                   help="tf: a TensorFlow session; litert: LiteRT with XNNPACK, the graph converted once and cached "
+                        "(same scores within 1e-4; a graph LiteRT cannot run falls back to tf, saying why) "
+                        "(default: %(default)s)")
     return p
 
 
@@ -55,16 +61,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--top_k must be positive")
     if args.input_std == 0:
         parser.error("--input_std must not be 0")
-    quiet_tensorflow()
-    from imageclf.graph_model import GraphModel, GraphSettings
+    from imageclf.classifier import GraphSettings
     from imageclf.images import decode_image, open_image, read_file
+    from imageclf.runtimes import RuntimeOptions, load_classifier
 
     settings = GraphSettings(input_tensor=args.input_layer, output_tensor=args.output_layer,
                              input_size=(args.input_height, args.input_width) if args.input_height else None,
                              input_mean=args.input_mean, input_std=args.input_std, labels_file=args.labels)
     data = read_file(args.image)
     open_image(data, max_pixels=args.max_pixels, name=args.image)  # a bad picture is reported before the graph loads
-    model = GraphModel(args.graph, settings)
+    model = load_classifier(args.graph, settings, RuntimeOptions(args.runtime, threads=os.cpu_count() or 1))
+    if model.runtime_note:
+        print(f"label_image.py: {model.runtime_note}", file=sys.stderr)
     pixels = decode_image(data, max_pixels=args.max_pixels, name=args.image, size=model.input_size)
     started = time.perf_counter()
     probabilities = model.predict([pixels])[0]

@@ -2,8 +2,8 @@
 
 Training computes bottlenecks and fine-tunes in one graph call per batch, and exported graphs
 decode ``image_bytes`` themselves: both need the steps of preprocess.image_to_model_input as
-ops. The two definitions are held equal by tests/test_preprocess_parity.py (3e-5 per value on noise, 1e-5 on smooth pictures);
-a change to one is a change to both, and to PREPROCESS_VERSION.
+ops. The two definitions are held equal by tests/test_preprocess_parity.py (3e-5 per value on
+noise, 1e-5 on smooth pictures); a change to one is a change to both, and to PREPROCESS_VERSION.
 """
 
 from __future__ import annotations

@@ -19,10 +19,10 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from imageclf.errors import echo
 from imageclf.images import DEFAULT_MAX_PIXELS
 from imageclf.paths import PathError, read_confined
+from imageclf.runtimes import RuntimeOptions
 from imageclf.serving.backend_config import BackendOptions
 from imageclf.serving.engine import Answer, BusyError, Engine, EngineError, Limits, UnavailableError
 from imageclf.serving.registry import ModelRegistry
-from imageclf.serving.remote import RemoteRegistry, remote_registry
 from imageclf.serving.servable import BatchOptions
 from service.metrics import ServiceMetrics
 from service.security import install_security
@@ -49,6 +49,7 @@ class ServiceConfig:
     batch_timeout_s: float = 30.0         # how long a request waits for a batch led by another request
     allowed_hosts: tuple[str, ...] | None = field(default=None)  # Host header values accepted; None: any
     backend: BackendOptions | None = None  # forward inference to a gRPC backend instead of loading graphs_dir
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)  # what runs the graphs: tf or litert
 
     def limits(self) -> Limits:
         return Limits(max_pixels=self.max_pixels, max_instances=self.max_instances,
@@ -69,7 +70,7 @@ class ApiError(Exception):
         self.status, self.message, self.kind = status, message, kind
 
 
-def create_app(config: ServiceConfig, registry: ModelRegistry | RemoteRegistry | None = None,
+def create_app(config: ServiceConfig, registry: ModelRegistry | None = None,
                start_registry: bool = True) -> Flask:
     """A Flask app over ``config.graphs_dir``, or over the models of ``config.backend``.
 
@@ -80,9 +81,12 @@ def create_app(config: ServiceConfig, registry: ModelRegistry | RemoteRegistry |
     metrics = ServiceMetrics()
     own_registry = registry is None
     if own_registry and config.backend is not None:
+        from imageclf.serving.remote import remote_registry  # TensorFlow Serving's protos: loaded only here
+
         registry = remote_registry(config.backend, config.batching(), on_call=metrics.backend_call)
     elif own_registry:
-        registry = ModelRegistry(config.graphs_dir, config.poll_seconds, batching=config.batching())
+        registry = ModelRegistry(config.graphs_dir, config.poll_seconds, batching=config.batching(),
+                                 runtime=config.runtime)
     registry.add_listener(metrics.reloaded)
     if own_registry and start_registry:
         registry.start()
@@ -160,7 +164,7 @@ def _install_tf_serving_routes(app: Flask, engine: Engine) -> None:
                                     "dtype": "DT_STRING", "tensor_shape": [-1],
                                     "name": model.bytes_input_name}},
                                 "outputs": {"scores": {"dtype": "DT_FLOAT", "tensor_shape": [-1, len(model.labels)],
-                                                       "name": model.output.name}},
+                                                       "name": model.output_name}},
                                 "method_name": "tensorflow/serving/predict",
                                 "image_size": list(model.input_size), "labels": model.labels}}}}})
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imageclf.errors import UserError, echo
+from imageclf.runtimes import RuntimeOptions
 from imageclf.serving.servable import BatchOptions, Servable
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ class ModelStatus:
             "name": self.name, "file": self.file, "state": self.state,
             "version": s.version if s else None, "last_error": self.error,
             "loaded_at": s.loaded_at if s else None, "load_seconds": s.load_seconds if s else None,
+            "runtime": model.runtime if model else None,
+            "runtime_note": model.runtime_note if model else None,
             "labels": model.labels if model else None,
             "input_size": list(model.input_size) if model else None,
             "metadata": _public_metadata(model.metadata) if model else None,
@@ -64,11 +67,12 @@ Loader = Callable[[str, Path], Servable]
 
 class ModelRegistry:
     def __init__(self, graphs_dir: str | Path, poll_seconds: float = 1.0,
-                 batching: BatchOptions | None = None, loader: Loader | None = None):
+                 batching: BatchOptions | None = None, loader: Loader | None = None,
+                 runtime: RuntimeOptions | None = None):
         self.graphs_dir = Path(graphs_dir)
         self.poll_seconds = poll_seconds
         options = batching or BatchOptions()
-        self._loader = loader or (lambda name, path: Servable.load(name, path, options))
+        self._loader = loader or (lambda name, path: Servable.load(name, path, options, runtime=runtime))
         self._listeners: list[Callable[[str, bool], None]] = []
         self._models: dict[str, ModelStatus] = {}
         self._lock = threading.Lock()

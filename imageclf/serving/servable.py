@@ -2,7 +2,7 @@
 
 The registry owns one reference for as long as the model is the served version; every request
 takes another for its duration. When a new version replaces it, the registry drops its
-reference, and whichever release comes last closes the Session, drops the Graph and hands the
+reference, and whichever release comes last closes the model (a Session or LiteRT interpreters) and hands the
 memory back to the operating system. Nothing else keeps a model alive.
 """
 
@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from imageclf.graph_model import GraphModel
+from imageclf.classifier import Classifier
+from imageclf.runtimes import RuntimeOptions, load_classifier
 from imageclf.serving.batching import MicroBatcher
 
 log = logging.getLogger(__name__)
@@ -38,12 +39,12 @@ class RetiredError(RuntimeError):
 
 @dataclass(eq=False)
 class Servable:
-    """One version of one model: the graph, its session and its batcher."""
+    """One version of one model: the graph, what runs it (a session or interpreters) and its batcher."""
 
     name: str
     version: int
     file: str                   # the graph's file name, relative to the graphs folder
-    model: GraphModel | None
+    model: Classifier | None
     batcher: MicroBatcher | None
     modified_ns: int            # the graph file's mtime when this version was loaded
     loaded_at: float = field(default_factory=time.time)
@@ -52,10 +53,11 @@ class Servable:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
-    def load(cls, name: str, path: Path, options: BatchOptions, version: int | None = None) -> Servable:
+    def load(cls, name: str, path: Path, options: BatchOptions, version: int | None = None,
+             runtime: RuntimeOptions | None = None) -> Servable:
         """Load, check and warm up the graph at ``path``."""
         started = time.perf_counter()
-        model = GraphModel(path, decode_in_graph=False)  # requests are decoded by Pillow, here
+        model = load_classifier(path, options=runtime, decode_in_graph=False)  # requests are decoded by Pillow
         try:
             model.predict([np.full((*model.input_size, 3), 128, np.uint8)])  # warm-up: the first run is slow
         except BaseException:

@@ -13,9 +13,12 @@ unchanged against this service, whatever the protocol:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from imageclf.errors import echo
-from imageclf.graph_model import GraphModel
+
+if TYPE_CHECKING:
+    from imageclf.classifier import Classifier
 
 DEFAULT_SIGNATURE = "serving_default"
 PIXELS_SIGNATURE = "predict_images"
@@ -50,16 +53,16 @@ class UnknownSignatureError(LookupError):
     """No signature of that name."""
 
 
-def signatures(model: GraphModel | None = None) -> dict[str, Signature]:
+def signatures(model: Classifier | None = None) -> dict[str, Signature]:
     """Both signatures, by name. Without ``model``, the sizes a model fixes (its input size, its
     number of classes) are -1: enough to check a request before a model is picked."""
     height, width = model.input_size if model else (-1, -1)
     classes = len(model.labels) if model else -1
-    outputs = (TensorSpec(SCORES, "float32", (-1, classes), model.output.name if model else ""),
+    outputs = (TensorSpec(SCORES, "float32", (-1, classes), model.output_name if model else ""),
                TensorSpec(CLASSES, "string", (-1, classes)))
     encoded = (model.bytes_input_name or "") if model else ""
     # Graphs from the older scripts take (p - mean) / std; the service scales [0, 1] pixels for them.
-    pixels = model.input.name if model and (model.input_mean, model.input_std) == (0.0, 255.0) else ""
+    pixels = model.input_name if model and (model.input_mean, model.input_std) == (0.0, 255.0) else ""
     return {
         DEFAULT_SIGNATURE: Signature(DEFAULT_SIGNATURE, TensorSpec("image_bytes", "string", (-1,), encoded), outputs),
         PIXELS_SIGNATURE: Signature(PIXELS_SIGNATURE,

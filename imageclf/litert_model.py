@@ -1,14 +1,16 @@
 """Running a frozen graph with LiteRT (XNNPACK): the same answers as a TensorFlow session, faster and smaller.
 
-The graph is converted once (litert_convert, in a child process, so TensorFlow is never loaded
-here) and the result cached by the content of everything that decides it: the graph's bytes,
-its settings and the files they name. A LiteRT interpreter is not thread-safe, so a model keeps
-a small pool of them; a call takes one, resizes its input to the batch when the batch size
-changed (cheap: XNNPACK keeps its packed weights), runs it and gives it back.
+The graph is converted once (litert_convert, in a child process unless TensorFlow is loaded
+here anyway, so a LiteRT service never loads it) and the result cached by the content of
+everything that decides it: the graph's bytes, its settings and the files they name. A LiteRT
+interpreter is not thread-safe, so a model keeps a small pool of them; a call takes one,
+resizes its input to the batch when the batch size changed (cheap: XNNPACK keeps its packed
+weights), runs it and gives it back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from imageclf.atomic import write_text_atomic
 from imageclf.classifier import Classifier, GraphSettings, read_sidecar, sidecar_path
 from imageclf.litert_convert import FORMAT
 
@@ -32,7 +35,12 @@ CONVERT_TIMEOUT_S = 600.0       # TensorFlow's import and the conversion of a bi
 
 
 class LiteRTUnavailable(Exception):
-    """This graph cannot run on LiteRT here; ``str(e)`` says why (callers fall back to TensorFlow)."""
+    """This graph cannot run on LiteRT here; ``str(e)`` says why (callers fall back to TensorFlow).
+
+    ``final``: the converter refused these bytes, and would again (remembered in the cache).
+    """
+
+    final = False
 
 
 @dataclass(frozen=True)
@@ -124,15 +132,25 @@ def converted(graph_path: Path, settings: GraphSettings, cache_dir: str | None =
     except OSError as e:
         raise LiteRTUnavailable(f"cannot read {graph_path}: {e.strerror}") from None
     model_file = folder / f"{key}.tflite"
+    refused = model_file.with_suffix(".refused")
+    if refused.is_file():  # the same bytes were refused before: no child process at every reload
+        raise LiteRTUnavailable(refused.read_text(encoding="utf-8", errors="replace").strip())
     info = _cached_info(model_file)
     if info is None:
-        _convert_in_child(graph_path, settings, model_file)
+        try:
+            _convert(graph_path, settings, model_file)
+        except LiteRTUnavailable as e:
+            if e.final:
+                with contextlib.suppress(OSError):
+                    write_text_atomic(refused, str(e))
+            raise
         info = _cached_info(model_file)
         if info is None:
             raise LiteRTUnavailable(f"the converter wrote no usable {model_file}")
         _evict(folder, keep=model_file)
     else:
-        os.utime(model_file.with_suffix(".json"))  # recently used: evicted last
+        with contextlib.suppress(OSError):  # a read-only cache is still a cache
+            os.utime(model_file.with_suffix(".json"))  # recently used: evicted last
     return model_file, info
 
 
@@ -162,6 +180,24 @@ def _cached_info(model_file: Path) -> dict | None:
     return info
 
 
+def _convert(graph_path: Path, settings: GraphSettings, model_file: Path) -> None:
+    """In this process if it has loaded TensorFlow anyway (retrain, tests), else in a child that frees it all."""
+    if "tensorflow" not in sys.modules:
+        _convert_in_child(graph_path, settings, model_file)
+        return
+    from imageclf.errors import UserError
+    from imageclf.litert_convert import write_converted
+
+    try:
+        write_converted(graph_path, model_file, settings)
+    except UserError as e:
+        error = LiteRTUnavailable(str(e))
+        error.final = True
+        raise error from None
+    except OSError as e:
+        raise LiteRTUnavailable(f"cannot write {model_file}: {e.strerror or e}") from None
+
+
 def _convert_in_child(graph_path: Path, settings: GraphSettings, model_file: Path) -> None:
     package_root = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
@@ -179,13 +215,24 @@ def _convert_in_child(graph_path: Path, settings: GraphSettings, model_file: Pat
     if done.returncode != 0:
         lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
         reason = lines[-1] if lines else f"the converter exited with code {done.returncode}"
-        raise LiteRTUnavailable(reason.removeprefix("litert_convert: error: "))
+        error = LiteRTUnavailable(reason.removeprefix("litert_convert: error: "))
+        error.final = done.returncode == 2  # a refusal (UserError), not a crash or a missing package
+        raise error
 
 
 def _evict(folder: Path, keep: Path) -> None:
     """Keep the MAX_CACHE_ENTRIES most recently used models (retrains add one each)."""
-    entries = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    entries = sorted(folder.glob("*.json"), key=_mtime, reverse=True)
     for info in entries[MAX_CACHE_ENTRIES:]:
         if info.with_suffix(".tflite") != keep:
             info.with_suffix(".tflite").unlink(missing_ok=True)
             info.unlink(missing_ok=True)
+    for refused in sorted(folder.glob("*.refused"), key=_mtime, reverse=True)[MAX_CACHE_ENTRIES:]:
+        refused.unlink(missing_ok=True)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:  # another process evicted it meanwhile
+        return 0.0

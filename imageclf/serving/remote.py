@@ -83,6 +83,14 @@ class RemoteModel:
     def bytes_input_name(self) -> str | None:
         return self.bytes_input.name if self.bytes_input is not None else None
 
+    @property
+    def input_name(self) -> str:
+        return self.input.name
+
+    @property
+    def output_name(self) -> str:
+        return self.output.name
+
 
 @dataclass(frozen=True)
 class _Row:
@@ -163,7 +171,7 @@ class RemoteStatus:
 
     def describe(self) -> dict:
         s = self.served
-        return {"name": self.name, "file": None, "backend": True, "state": self.state,
+        return {"name": self.name, "file": None, "backend": True, "runtime": "backend", "state": self.state,
                 "version": s.version if s else None, "last_error": self.error,
                 "loaded_at": s.loaded_at if s else None, "load_seconds": s.load_seconds if s else None,
                 "labels": s.model.labels if s else None, "input_size": list(s.model.input_size) if s else None,

@@ -10,8 +10,9 @@ everything else was measured on ~224 px thumbnails. One run:
    (``decode_image`` then ``GraphModel.model_input``) and inside the graph (``image_bytes:0``),
    checks that both give an upright picture, and measures the peak memory of one decode in a
    fresh process (VmHWM from /proc), 3 photos;
-   b) starts ``python -m service`` on 127.0.0.1 and times ``POST /classify`` from one client,
-      thumbnails and photos interleaved: p50, p90 and the ratio p50(photo) / p50(thumbnail);
+   b) starts ``python -m service`` on 127.0.0.1, once per runtime (``--runtime tf`` and
+      ``litert``), and times ``POST /classify`` from one client, thumbnails and photos and the two
+      services interleaved: p50, p90 and the ratio p50(photo) / p50(thumbnail) for each;
    c) ``get_bottlenecks`` with no cache on the photos and on their thumbnails, against the
       bare forward pass (as bench_retrain.py measures it), in alternating rounds.
 
@@ -169,10 +170,13 @@ def bare_forward_runner(base: BaseModel, n_images: int) -> Callable[[], float]:
     return bare_runner(base, n_images)
 
 
-def service_command(graphs_dir: Path, image_root: Path, port: int) -> list[str]:
-    """``python -m service`` with its defaults, except where it listens and what it serves."""
+RUNTIMES = ("tf", "litert")
+
+
+def service_command(graphs_dir: Path, image_root: Path, port: int, runtime: str = "tf") -> list[str]:
+    """``python -m service`` with its defaults, except where it listens, what it serves and its runtime."""
     return [sys.executable, "-m", "service", "--graphs_dir", str(graphs_dir), "--image_root", str(image_root),
-            "--host", HOST, "--port", str(port)]
+            "--host", HOST, "--port", str(port), "--grpc_port", "0", "--runtime", runtime]
 
 
 def classify_upload(conn: http.client.HTTPConnection, data: bytes) -> tuple[int, dict]:
@@ -540,51 +544,62 @@ def service_environment() -> dict[str, str]:
 
 
 def bench_service(graph: Path, photos: list[Photo], work: Path, sizes: Sizes, step: Callable[[str], None]) -> dict:
-    """One keep-alive client, one request at a time: thumbnail, photo, thumbnail, photo..."""
+    """One keep-alive client per service, one request at a time: thumbnail, photo, on tf then on litert..."""
     graphs_dir = work / "served-graphs"
     graphs_dir.mkdir(exist_ok=True)
     (graphs_dir / graph.name).symlink_to(graph.resolve())
     thumbs = [p.thumbnail.read_bytes() for p in photos]
     big = [p.photo.read_bytes() for p in photos]
-    port, log = free_port(), work / "service.log"
-    with open(log, "wb") as f:  # a file, not a pipe: a full pipe would block the service
-        proc = subprocess.Popen(service_command(graphs_dir, work, port), cwd=REPO_ROOT, stdout=f,
-                                stderr=subprocess.STDOUT)
+    procs: dict[str, tuple[subprocess.Popen, int]] = {}
     try:
-        wait_ready(proc, port, log)
-        conn = http.client.HTTPConnection(HOST, port, timeout=300)
-        for data in thumbs[:3] + big[:2]:  # waitress threads, TensorFlow's pools, the first large buffers
-            classify_upload(conn, data)
-        memory_before = proc_memory(proc.pid)
-        step(f"  service ready on port {port}; {sizes.service_requests} thumbnails and "
-             f"{sizes.service_requests} photos, interleaved")
-        latencies: dict[str, list[float]] = {"thumbnail": [], "photo": []}
-        server_ms: dict[str, list[dict]] = {"thumbnail": [], "photo": []}
-        errors: list[str] = []
+        for runtime in RUNTIMES:
+            port, log = free_port(), work / f"service-{runtime}.log"
+            with open(log, "wb") as f:  # a file, not a pipe: a full pipe would block the service
+                procs[runtime] = (subprocess.Popen(service_command(graphs_dir, work, port, runtime), cwd=REPO_ROOT,
+                                                   stdout=f, stderr=subprocess.STDOUT), port)
+            wait_ready(procs[runtime][0], port, log)
+        conns = {runtime: http.client.HTTPConnection(HOST, port, timeout=300) for runtime, (_, port) in procs.items()}
+        for conn in conns.values():
+            for data in thumbs[:3] + big[:2]:  # waitress threads, thread pools, the first large buffers
+                classify_upload(conn, data)
+        memory_before = {runtime: proc_memory(proc.pid) for runtime, (proc, _) in procs.items()}
+        step(f"  services ready; {sizes.service_requests} thumbnails and {sizes.service_requests} photos each, "
+             "interleaved")
+        latencies = {r: {"thumbnail": [], "photo": []} for r in RUNTIMES}
+        server_ms = {r: {"thumbnail": [], "photo": []} for r in RUNTIMES}
+        errors: dict[str, list[str]] = {r: [] for r in RUNTIMES}
         for i in range(sizes.service_requests):
             for kind, data in (("thumbnail", thumbs[i % len(thumbs)]), ("photo", big[i % len(big)])):
-                t0 = time.perf_counter()
-                status, answer = classify_upload(conn, data)
-                latencies[kind].append(time.perf_counter() - t0)
-                if status != 200:
-                    errors.append(f"{kind}: HTTP {status}: {answer.get('error')}")
-                elif "time_ms" in answer:
-                    server_ms[kind].append(answer["time_ms"])
-        conn.close()
-        memory_after = proc_memory(proc.pid)
+                for runtime, conn in conns.items():
+                    t0 = time.perf_counter()
+                    status, answer = classify_upload(conn, data)
+                    latencies[runtime][kind].append(time.perf_counter() - t0)
+                    if status != 200:
+                        errors[runtime].append(f"{kind}: HTTP {status}: {answer.get('error')}")
+                    elif "time_ms" in answer:
+                        server_ms[runtime][kind].append(answer["time_ms"])
+        for conn in conns.values():
+            conn.close()
+        memory_after = {runtime: proc_memory(proc.pid) for runtime, (proc, _) in procs.items()}
     finally:
-        stop(proc)
-    out: dict = {"requests_each": sizes.service_requests, "errors": len(errors), "first_errors": errors[:3],
-                 "service_args": service_command(graphs_dir, work, port)[3:],
-                 "environment": service_environment(),
-                 "memory_mib": {"before": memory_before, "after": memory_after}}
-    for kind in latencies:
-        out[kind] = {"latency": ms_stats(latencies[kind]),
-                     "server_time_ms_p50": {key: round(statistics.median(t[key] for t in server_ms[kind]), 1)
-                                            for key in ("decode", "inference", "total")} if server_ms[kind] else None}
-    out["ratio_p50_photo_over_thumbnail"] = round(out["photo"]["latency"]["p50_ms"]
-                                                  / out["thumbnail"]["latency"]["p50_ms"], 1)
-    out["target_ratio"] = TARGET_SERVICE_RATIO
+        for proc, _ in procs.values():
+            stop(proc)
+    out = {}
+    for runtime in RUNTIMES:
+        one: dict = {"requests_each": sizes.service_requests, "errors": len(errors[runtime]),
+                     "first_errors": errors[runtime][:3],
+                     "service_args": service_command(graphs_dir, work, 0, runtime)[3:],
+                     "environment": service_environment(),
+                     "memory_mib": {"before": memory_before[runtime], "after": memory_after[runtime]}}
+        for kind, seconds in latencies[runtime].items():
+            times = server_ms[runtime][kind]
+            one[kind] = {"latency": ms_stats(seconds),
+                         "server_time_ms_p50": {key: round(statistics.median(t[key] for t in times), 1)
+                                                for key in ("decode", "inference", "total")} if times else None}
+        one["ratio_p50_photo_over_thumbnail"] = round(one["photo"]["latency"]["p50_ms"]
+                                                      / one["thumbnail"]["latency"]["p50_ms"], 1)
+        one["target_ratio"] = TARGET_SERVICE_RATIO
+        out[runtime] = one
     return out
 
 
@@ -645,7 +660,8 @@ def format_report(r: dict) -> str:
                  + (f" + uncommitted {', '.join(x.split()[-1] for x in changed)}" if changed else ""))
     if r["note"]:
         lines.append(f"Note:    {r['note']}")
-    return "\n".join(lines + ["", *_decode_lines(r["decode"], r["memory"]), "", *_service_lines(r["service"]),
+    service = [line for runtime, svc in r["service"].items() for line in ["", *_service_lines(svc, runtime)]]
+    return "\n".join(lines + ["", *_decode_lines(r["decode"], r["memory"]), *service,
                               "", *_bottleneck_lines(r["bottlenecks"])])
 
 
@@ -685,7 +701,7 @@ def _decode_lines(d: dict, mem: dict) -> list[str]:
     return lines
 
 
-def _service_lines(s: dict) -> list[str]:
+def _service_lines(s: dict, runtime: str) -> list[str]:
     def row(label: str, kind: str) -> str:
         lat, server = s[kind]["latency"], s[kind]["server_time_ms_p50"]
         inside = (f"  server p50: decode {server['decode']:.1f} + inference {server['inference']:.1f} ms"
@@ -694,7 +710,8 @@ def _service_lines(s: dict) -> list[str]:
 
     verdict = "meets" if s["ratio_p50_photo_over_thumbnail"] <= s["target_ratio"] else "above"
     mem = s["memory_mib"]
-    return ["b) Service POST /classify (raw body), one client, one request at a time, interleaved",
+    return [f"b) Service --runtime {runtime}: POST /classify (raw body), one client, one request at a time, "
+            "interleaved",
             row("thumbnail", "thumbnail"), row("12 MP photo", "photo"),
             f"  ratio p50 photo / thumbnail: {s['ratio_p50_photo_over_thumbnail']}x ({verdict} the goal of "
             f"<= {s['target_ratio']:g}x); errors {s['errors']}",

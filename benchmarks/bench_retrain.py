@@ -2,7 +2,10 @@
 
 Part 1 runs, in one process and on one base model, a bare forward pass over random pixels and
 ``get_bottlenecks`` over the real files (hash, decode, resize, forward pass, cache writes). Their
-ratio is what the pipeline around the model costs. Part 2 times ``retrain.py`` end to end in
+ratio is what the pipeline around the model costs. The runtime column: the same bare forward
+pass through LiteRT (the base converted to ``.tflite``, XNNPACK, one thread per core), in the
+same rounds, and what ``get_bottlenecks`` would reach with it (its time less the TensorFlow
+forward pass plus LiteRT's: an estimate, since retrain does not use LiteRT). Part 2 times ``retrain.py`` end to end in
 subprocesses: once on an empty cache, then again after one class folder is added, which is the
 case the bottleneck cache exists for.
 
@@ -116,6 +119,45 @@ def bare_runner(base: BaseModel, n_images: int) -> Callable[[], float]:
     return lambda: timed(forward_all)[1]
 
 
+def litert_bare_runner(base: BaseModel, n_images: int) -> Callable[[], float]:
+    """The bare forward pass through LiteRT: the base's frozen graph converted, batches of BATCH_SIZE."""
+    import os
+
+    import numpy as np
+    import tensorflow as tf
+    from ai_edge_litert.interpreter import Interpreter
+
+    with tempfile.TemporaryDirectory() as folder:
+        frozen = Path(folder) / "base.pb"
+        frozen.write_bytes(base.graph_def.SerializeToString())
+        inputs, outputs = [base.input_name.split(":")[0]], [base.output_name.split(":")[0]]
+        converter = tf.compat.v1.lite.TFLiteConverter.from_frozen_graph(
+            str(frozen), inputs, outputs, {inputs[0]: [None, *base.input_size, 3]})
+        model = converter.convert()
+    interpreter = Interpreter(model_content=model, num_threads=len(os.sched_getaffinity(0)))
+    index = interpreter.get_input_details()[0]["index"]
+    out = interpreter.get_output_details()[0]["index"]
+    pixels = np.random.default_rng(0).random((BATCH_SIZE, *base.input_size, 3), dtype=np.float32)
+
+    def run(batch: np.ndarray) -> None:
+        if tuple(interpreter.get_input_details()[0]["shape"]) != batch.shape:
+            interpreter.resize_tensor_input(index, batch.shape, strict=True)
+            interpreter.allocate_tensors()
+        interpreter.set_tensor(index, batch)
+        interpreter.invoke()
+        interpreter.get_tensor(out)
+
+    batches = [pixels] * (n_images // BATCH_SIZE) + ([pixels[:n_images % BATCH_SIZE]] if n_images % BATCH_SIZE
+                                                       else [])
+    run(pixels)  # warm-up
+
+    def forward_all() -> None:
+        for b in batches:
+            run(b)
+
+    return lambda: timed(forward_all)[1]
+
+
 def _get_bottlenecks(base: BaseModel, paths: list[Path], cache_root: str
                      ) -> tuple[dict[Path, np.ndarray], BottleneckReport]:
     from imageclf.bottlenecks import BottleneckCache, get_bottlenecks
@@ -169,6 +211,13 @@ def bench_ours(base: BaseModel, paths: list[Path], rerun: bool) -> dict:
     return result
 
 
+def _with_litert(ours: dict, bare: dict, litert: dict) -> float:
+    """Images/s of get_bottlenecks if its forward pass took LiteRT's time instead of TensorFlow's."""
+    n = ours["images"]
+    seconds = ours["seconds"] - n / bare["images_per_s"] + n / litert["images_per_s"]
+    return round(n / seconds, 1)
+
+
 def _best(runs: list[dict]) -> dict:
     """The fastest run, with every run's rate kept to show the spread."""
     best = max(runs, key=lambda r: r["images_per_s"])
@@ -182,11 +231,13 @@ def bench_throughput(paths: list[Path]) -> dict:
     warmup = bench_warmup(base, paths)
     setup = bench_call_setup(base, paths)
     bare = bare_runner(base, len(paths))
+    litert_bare = litert_bare_runner(base, len(paths))
     # Alternate bare and ours so that load from other work on a shared machine hits both
     # alike; the best round of each is the least disturbed one.
-    bare_runs, ours_runs = [], []
+    bare_runs, ours_runs, litert_runs = [], [], []
     for i in range(ROUNDS):
         bare_runs.append(rate(len(paths), bare()))
+        litert_runs.append(rate(len(paths), litert_bare()))
         ours_runs.append(bench_ours(base, paths, rerun=i == ROUNDS - 1))
     cached = ours_runs[-1]["cached_rerun"]
     best_bare, best_ours = _best(bare_runs), _best([r["empty_cache"] for r in ours_runs])
@@ -197,6 +248,12 @@ def bench_throughput(paths: list[Path]) -> dict:
             "bottleneck_size": base.bottleneck_size, "batch_size": BATCH_SIZE, "rounds": ROUNDS,
             "warmup": warmup, "call_setup": setup, "bare": best_bare, "empty_cache": best_ours,
             "cached_rerun": cached, "ratio": round(ratio, 3),
+            "litert_bare": _best(litert_runs),
+            "litert_over_tf_bare_per_round": [round(lt["images_per_s"] / b["images_per_s"], 2)
+                                              for lt, b in zip(litert_runs, bare_runs, strict=True)],
+            "empty_cache_with_litert_estimate_per_round": [
+                _with_litert(o["empty_cache"], b, lt) for o, b, lt in zip(ours_runs, bare_runs, litert_runs,
+                                                                          strict=True)],
             "ratio_per_round": [round(r, 3) for r in round_ratios],
             "target_ratio": TARGET_RATIO}
 
@@ -275,6 +332,10 @@ def _throughput_lines(t: dict) -> list[str]:
         f"Bottleneck throughput ({t['base']}; batch {t['batch_size']}; best of {t['rounds']} rounds)",
         _row("bare forward pass, random pixels", t["bare"]),
         _row("get_bottlenecks, empty cache", t["empty_cache"]),
+        _row("bare forward pass, LiteRT (XNNPACK)", t["litert_bare"]),
+        f"  {'LiteRT / TF, bare, per round':<38} {', '.join(map(str, t['litert_over_tf_bare_per_round']))}",
+        f"  {'get_bottlenecks with LiteRT (estimate)':<38} "
+        f"{', '.join(map(str, t['empty_cache_with_litert_estimate_per_round']))} img/s per round",
         f"  {'ratio ours / bare':<38} {t['ratio']:.2f} ({verdict} the {t['target_ratio']} target;"
         f" per round: {per_round})",
         _row("get_bottlenecks, cached rerun", t["cached_rerun"]) + f"  ({t['cached_rerun']['summary']})",

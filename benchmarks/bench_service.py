@@ -2,15 +2,18 @@
 
 One run retrains a small graph (or takes ``--graph``) and measures:
 
-1. in-process reference: ``decode_image`` + ``GraphModel.predict([pixels])`` one image at a
-   time (latency), and decode + ``predict`` on batches of 8 and 32 (the best batched rate);
+1. in-process reference: ``decode_image`` + ``predict([pixels])`` one image at a time (latency),
+   and decode + ``predict`` on batches of 8 and 32 (the best batched rate), with each runtime:
+   a TensorFlow session (``GraphModel``) and LiteRT (``LiteModel``, XNNPACK);
 2. ``python -m service`` in a subprocess, one keep-alive client: latency by path
    (``GET /?file=``) and by upload (``POST /classify``, raw body);
 3. throughput with 8 and 32 concurrent keep-alive clients (services with ``--threads`` 8 and 32),
-   each with micro-batching on (the default) and off (``--batch_size 1``);
+   each with micro-batching on (the default) and off (``--batch_size 1``), and the same batched
+   services with ``--runtime litert``;
 4. the same 8-client load on a naive Flask app that loads the graph on every request;
 5. resident memory of a fresh service after 100 and after 10,000 uploads (1,000 with --quick),
-   one in ten of them bad input (truncated JPEG, not an image) that must get its 400 or 415.
+   one in ten of them bad input (truncated JPEG, not an image) that must get its 400 or 415: with
+   each runtime (HTTP only), and with LiteRT and gRPC on (gRPC needs TensorFlow's protos).
 
 Parts 1-3 run in interleaved rounds (in-process, then each service, then again), so that load
 from other work on a shared machine hits the reference and the service alike.
@@ -57,7 +60,7 @@ from common import (
 if TYPE_CHECKING:
     from flask import Flask
 
-    from imageclf.graph_model import GraphModel
+    from imageclf.classifier import Classifier
 
 HOST = "127.0.0.1"  # never anything else: the benchmark only talks to its own processes
 TARGET_LATENCY_RATIO = 1.3
@@ -74,19 +77,25 @@ class Setup:
 
     clients: int
     batched: bool = True
+    runtime: str = "tf"
 
     @property
     def key(self) -> str:
-        return f"service_{self.clients}_clients" + ("" if self.batched else "_unbatched")
+        return (f"service_{self.clients}_clients" + ("" if self.batched else "_unbatched")
+                + ("" if self.runtime == "tf" else f"_{self.runtime}"))
 
     @property
     def label(self) -> str:
-        return f"service, {self.clients} clients (--threads {self.clients}" + (")" if self.batched else
-                                                                                ", --batch_size 1)")
+        flags = [f"--threads {self.clients}"] + ([] if self.batched else ["--batch_size 1"]) + \
+            ([] if self.runtime == "tf" else [f"--runtime {self.runtime}"])
+        return f"service, {self.clients} clients ({', '.join(flags)})"
 
 
-# Batching on and off side by side, in the same rounds: the one fair test of what batching buys.
-SETUPS = tuple(Setup(c, batched) for batched in (True, False) for c in CLIENTS)
+# Batching on and off side by side, in the same rounds: the one fair test of what batching buys;
+# and each runtime, batched, in the same rounds too.
+SETUPS = (*(Setup(c, batched) for batched in (True, False) for c in CLIENTS),
+          *(Setup(c, True, "litert") for c in CLIENTS))
+RUNTIMES = ("tf", "litert")
 
 
 @dataclass(frozen=True)
@@ -150,7 +159,7 @@ def graphs_dir_with(graph: Path, work: Path) -> Path:
     return folder
 
 
-def graph_details(model: GraphModel, graph: Path) -> dict:
+def graph_details(model: Classifier, graph: Path) -> dict:
     return {"name": model.name, "path": str(graph), "input_size": list(model.input_size), "labels": model.labels}
 
 
@@ -175,7 +184,7 @@ def rounds_summary(rates: list[float]) -> dict:
 
 # ---------------------------------------------------------------- in-process reference
 
-def inproc_latencies(model: GraphModel, encoded: list[bytes], start: int, n: int) -> list[float]:
+def inproc_latencies(model: Classifier, encoded: list[bytes], start: int, n: int) -> list[float]:
     """decode + predict of one image per call: what one request costs without HTTP."""
     from imageclf.images import decode_image
 
@@ -187,7 +196,7 @@ def inproc_latencies(model: GraphModel, encoded: list[bytes], start: int, n: int
     return seconds
 
 
-def inproc_batched_rate(model: GraphModel, encoded: list[bytes], batch_size: int, n: int) -> float:
+def inproc_batched_rate(model: Classifier, encoded: list[bytes], batch_size: int, n: int) -> float:
     """Images/s of decode + predict on whole batches; decoding is timed because the service does it too."""
     from imageclf.images import decode_image
 
@@ -199,7 +208,7 @@ def inproc_batched_rate(model: GraphModel, encoded: list[bytes], batch_size: int
     return per_s(len(batches) * batch_size, time.perf_counter() - t0)
 
 
-def inproc_threads_rate(model: GraphModel, encoded: list[bytes], n: int, threads: int = 8) -> float:
+def inproc_threads_rate(model: Classifier, encoded: list[bytes], n: int, threads: int = 8) -> float:
     """Batch-1 predict from several threads at once: what the service does inside, minus HTTP."""
     from imageclf.images import decode_image
 
@@ -218,15 +227,16 @@ def inproc_threads_rate(model: GraphModel, encoded: list[bytes], n: int, threads
     return per_s(n, time.perf_counter() - t0)
 
 
-def inproc_stages(model: GraphModel, encoded: list[bytes], n: int) -> dict:
-    """Where a batch-1 request's time goes: Pillow decode, the resize (``model_input``), Session.run.
+def inproc_stages(model: Classifier, encoded: list[bytes], n: int) -> dict:
+    """Where a batch-1 request's time goes: Pillow decode, the resize (``model_input``), the model
+    (Session.run or the LiteRT invoke).
 
-    Also ``predict_encoded`` (decode and resize inside the graph), the alternative to the Pillow
-    decode and separate resize that the service runs through ``predict``.
+    Also, with TensorFlow, ``predict_encoded`` (decode and resize inside the graph), the alternative
+    to the Pillow decode and separate resize that the service runs through ``predict``.
     """
     from imageclf.images import decode_image
 
-    stages: dict[str, list[float]] = {"decode": [], "model_input": [], "session_run": [], "predict_encoded": []}
+    stages: dict[str, list[float]] = {"decode": [], "model_input": [], "model_run": [], "predict_encoded": []}
     for i in range(n):
         data = encoded[i % len(encoded)]
         t0 = time.perf_counter()
@@ -234,17 +244,17 @@ def inproc_stages(model: GraphModel, encoded: list[bytes], n: int) -> dict:
         t1 = time.perf_counter()
         x = model.model_input(pixels)[None]
         t2 = time.perf_counter()
-        model.session.run(model.output, {model.input: x})
+        model.run(x)
         t3 = time.perf_counter()
-        for name, seconds in (("decode", t1 - t0), ("model_input", t2 - t1), ("session_run", t3 - t2)):
+        for name, seconds in (("decode", t1 - t0), ("model_input", t2 - t1), ("model_run", t3 - t2)):
             stages[name].append(seconds)
-        if model.bytes_input is not None:
+        if getattr(model, "bytes_input", None) is not None:
             model.predict_encoded([data])
             stages["predict_encoded"].append(time.perf_counter() - t3)
     return {name: percentiles(seconds) for name, seconds in stages.items() if seconds}
 
 
-def warm_up_model(model: GraphModel, encoded: list[bytes]) -> None:
+def warm_up_model(model: Classifier, encoded: list[bytes]) -> None:
     """First runs of each batch shape allocate buffers and pick kernels; keep them out of the timings."""
     from imageclf.images import decode_image
 
@@ -333,10 +343,12 @@ def _tail(path: Path, chars: int = 3000) -> str:
     return path.read_text(errors="replace")[-chars:]
 
 
-def service_cmd(graphs_dir: Path, image_root: Path, threads: int, batched: bool = True) -> list[str]:
+def service_cmd(graphs_dir: Path, image_root: Path, threads: int, batched: bool = True, runtime: str = "tf",
+                grpc: bool = False) -> list[str]:
     return [sys.executable, "-m", "service", "--graphs_dir", str(graphs_dir), "--image_root", str(image_root),
-            "--threads", str(threads), "--host", HOST, "--grpc_port", "0",  # HTTP only: several run at once
-            *([] if batched else ["--batch_size", "1"])]
+            "--threads", str(threads), "--host", HOST, "--runtime", runtime,
+            # HTTP only (several run at once), unless the memory part asks what gRPC costs.
+            "--grpc_port", str(free_port() if grpc else 0), *([] if batched else ["--batch_size", "1"])]
 
 
 def service_environment() -> dict[str, str]:
@@ -456,70 +468,89 @@ def warm_up(server: Server, requests: list[Request], clients: int) -> None:
 
 # ---------------------------------------------------------------- parts 1-3: interleaved rounds
 
-def bench_latency(model: GraphModel, svc: Server, encoded: list[bytes], by_path: list[Request],
-                  uploads: list[Request], sizes: Sizes) -> dict:
-    """One request at a time: in-process, by path, by upload, in alternating rounds; p50/p99 pooled."""
+def bench_latency(models: dict[str, Classifier], services: dict[str, Server], encoded: list[bytes],
+                  by_path: list[Request], uploads: list[Request], sizes: Sizes) -> dict:
+    """One request at a time: in-process, by path, by upload, per runtime, in alternating rounds; p50/p99 pooled."""
     chunk = sizes.latency // sizes.latency_rounds
-    inproc: list[float] = []
-    path, upload = LoadResult(), LoadResult()
-    round_p50: dict[str, list[float]] = {"in_process": [], "by_path": [], "by_upload": []}
+    out = {}
+    for runtime in models:
+        out[runtime] = {"in_process": [], "by_path": LoadResult(), "by_upload": LoadResult(),
+                        "p50_ms_per_round": {"in_process": [], "by_path": [], "by_upload": []}}
     for r in range(sizes.latency_rounds):
-        times = inproc_latencies(model, encoded, r * chunk, chunk)
-        p, u = (run_load(svc.port, take(reqs, r * chunk, chunk), 1) for reqs in (by_path, uploads))
-        inproc += times
-        path.add(p)
-        upload.add(u)
-        for key, seconds in (("in_process", times), ("by_path", p.latencies), ("by_upload", u.latencies)):
-            round_p50[key].append(percentiles(seconds)["p50_ms"])
-    return {"in_process": percentiles(inproc), "by_path": path.summary(), "by_upload": upload.summary(),
-            "p50_ms_per_round": round_p50}
+        for runtime, model in models.items():
+            times = inproc_latencies(model, encoded, r * chunk, chunk)
+            port = services[runtime].port
+            p, u = (run_load(port, take(reqs, r * chunk, chunk), 1) for reqs in (by_path, uploads))
+            o = out[runtime]
+            o["in_process"] += times
+            o["by_path"].add(p)
+            o["by_upload"].add(u)
+            for key, seconds in (("in_process", times), ("by_path", p.latencies), ("by_upload", u.latencies)):
+                o["p50_ms_per_round"][key].append(percentiles(seconds)["p50_ms"])
+    return {runtime: {"in_process": percentiles(o["in_process"]), "by_path": o["by_path"].summary(),
+                      "by_upload": o["by_upload"].summary(), "p50_ms_per_round": o["p50_ms_per_round"]}
+            for runtime, o in out.items()}
 
 
-def bench_throughput(model: GraphModel, services: dict[Setup, Server], encoded: list[bytes],
+def _rate_key(runtime: str, what: str) -> str:
+    return what if runtime == "tf" else f"{runtime}_{what}"
+
+
+def bench_throughput(models: dict[str, Classifier], services: dict[Setup, Server], encoded: list[bytes],
                      uploads: list[Request], sizes: Sizes) -> dict:
-    """In-process batches of 8 and 32, batch 1 from 8 threads, then each service, round after round."""
+    """In-process batches of 8 and 32 and batch 1 from 8 threads, per runtime, then each service, round
+    after round."""
     chunk = sizes.load // sizes.load_rounds
-    rates: dict[str, list[float]] = {f"batch_{b}": [] for b in BATCH_SIZES}
-    rates["threads_8_batch_1"] = []
-    rates.update({setup.key: [] for setup in services})
+    rates: dict[str, list[float]] = {}
     loads = {setup: LoadResult() for setup in services}
     for r in range(sizes.load_rounds):
-        for b in BATCH_SIZES:
-            rates[f"batch_{b}"].append(inproc_batched_rate(model, encoded, b, chunk))
-        rates["threads_8_batch_1"].append(inproc_threads_rate(model, encoded, chunk))
+        for runtime, model in models.items():
+            for b in BATCH_SIZES:
+                rates.setdefault(_rate_key(runtime, f"batch_{b}"), []).append(
+                    inproc_batched_rate(model, encoded, b, chunk))
+            rates.setdefault(_rate_key(runtime, "threads_8_batch_1"), []).append(
+                inproc_threads_rate(model, encoded, chunk))
         for setup, server in services.items():
             result = run_load(server.port, take(uploads, r * chunk, chunk), setup.clients)
             loads[setup].add(result)
-            rates[setup.key].append(per_s(len(result.latencies), result.seconds))
+            rates.setdefault(setup.key, []).append(per_s(len(result.latencies), result.seconds))
     return {"images_per_round": chunk, "rates": {k: rounds_summary(v) for k, v in rates.items()},
             "service": {s.key: {"clients": s.clients, "service_threads": s.clients, "batched": s.batched,
-                                **loads[s].summary()} for s in services}}
+                                "runtime": s.runtime, **loads[s].summary()} for s in services}}
 
 
 def bench_rounds(graph: Path, graphs_dir: Path, image_root: Path, images: tuple[list[Path], list[bytes]],
                  servers: Servers, sizes: Sizes, step: Callable[[str], None]) -> dict:
-    """Parts 1-3: the in-process model and the services are up together, used in turns."""
+    """Parts 1-3: the in-process models and the services are up together, used in turns."""
     from imageclf.graph_model import GraphModel
+    from imageclf.litert_model import LiteModel, LiteOptions
 
     paths, encoded = images
     by_path, uploads = path_requests(paths, image_root), upload_requests(encoded)
-    services = {s: servers.start(s.key, service_cmd(graphs_dir, image_root, s.clients, s.batched)) for s in SETUPS}
-    model = GraphModel(graph)  # loads while the services load theirs
+    services = {s: servers.start(s.key, service_cmd(graphs_dir, image_root, s.clients, s.batched, s.runtime))
+                for s in SETUPS}
+    # In-process LiteRT as the service runs it by default: one single-threaded interpreter per core.
+    cores = len(os.sched_getaffinity(0))
+    models: dict[str, Classifier] = {"tf": GraphModel(graph),
+                                     "litert": LiteModel(graph, options=LiteOptions(threads=1, interpreters=cores))}
     try:
         for setup, server in services.items():
             wait_ready(server)
             warm_up(server, by_path + uploads, setup.clients)
-        warm_up_model(model, encoded)
+        for model in models.values():
+            warm_up_model(model, encoded)
         step("where a batch-1 request's time goes, in-process")
-        stages = inproc_stages(model, encoded, sizes.latency // 2)
+        stages = {runtime: inproc_stages(model, encoded, sizes.latency // 2) for runtime, model in models.items()}
         step(f"latency, 1 client, {sizes.latency_rounds} rounds")
-        latency = bench_latency(model, services[SETUPS[0]], encoded, by_path, uploads, sizes)
+        first = {s.runtime: services[s] for s in reversed(SETUPS) if s.clients == CLIENTS[0] and s.batched}
+        latency = bench_latency(models, first, encoded, by_path, uploads, sizes)
         step(f"throughput, {sizes.load_rounds} rounds of in-process and {len(SETUPS)} services")
-        throughput = bench_throughput(model, services, encoded, uploads, sizes)
-        return {"graph": graph_details(model, graph), "stages_batch_1": stages, "latency": latency,
+        throughput = bench_throughput(models, services, encoded, uploads, sizes)
+        return {"graph": graph_details(models["tf"], graph), "stages_batch_1": stages, "latency": latency,
                 "throughput": throughput}
     finally:
-        model.close()  # frees its thread pools before the next parts
+        for model in models.values():
+            model.close()  # frees thread pools and interpreters before the next parts
         for server in services.values():
             servers.stop(server)
 
@@ -537,13 +568,14 @@ def bench_naive(servers: Servers, graph: Path, uploads: list[Request], sizes: Si
 
 
 def bench_memory(servers: Servers, graphs_dir: Path, image_root: Path, uploads: list[Request],
-                 sizes: Sizes) -> dict:
+                 sizes: Sizes, runtime: str = "tf", grpc: bool = False) -> dict:
     """RSS of a fresh service after each checkpoint of uploads from 8 clients: steady growth means a leak.
 
     One upload in ten is bad input (truncated JPEG or not an image), which must not leak either.
     """
     uploads = with_bad_uploads(uploads)
-    server = wait_ready(servers.start("service-memory", service_cmd(graphs_dir, image_root, threads=8)))
+    name = f"service-memory-{runtime}" + ("-grpc" if grpc else "")
+    server = wait_ready(servers.start(name, service_cmd(graphs_dir, image_root, 8, runtime=runtime, grpc=grpc)))
     try:
         points = [{"requests": 0, **server.memory()}]
         total = LoadResult()
@@ -551,12 +583,12 @@ def bench_memory(servers: Servers, graphs_dir: Path, image_root: Path, uploads: 
             done = points[-1]["requests"]
             total.add(run_load(server.port, take(uploads, done, checkpoint - done), 8))
             points.append({"requests": checkpoint, **server.memory()})
-            print(f"  {checkpoint:,} uploads: RSS {points[-1]['rss_mib']} MiB", file=sys.stderr, flush=True)
+            print(f"  {name}, {checkpoint:,} uploads: RSS {points[-1]['rss_mib']} MiB", file=sys.stderr, flush=True)
         summary = total.summary()
         bad_share = round(sum(r.expect != 200 for r in uploads) / len(uploads), 3)
         # Rate and latency pool the good uploads with the bad ones, which are answered faster.
-        return {"clients": 8, "service_threads": 8, "bad_input_share": bad_share, "checkpoints": points,
-                "errors": summary["errors"], "mixed_requests_per_s": summary["requests_per_s"],
+        return {"clients": 8, "service_threads": 8, "runtime": runtime, "grpc": grpc, "bad_input_share": bad_share,
+                "checkpoints": points, "errors": summary["errors"], "mixed_requests_per_s": summary["requests_per_s"],
                 "mixed_latency": summary["latency"]}
     finally:
         servers.stop(server)
@@ -613,28 +645,40 @@ def serve_naive(graph: Path, port: int, threads: int) -> int:
 # ---------------------------------------------------------------- ratios and report
 
 def add_ratios(r: dict) -> None:
-    """The targets: service p50 ≤ 1.3x in-process p50; service rate ≥ 0.8x the best in-process batched rate."""
-    lat, tp = r["latency"], r["throughput"]["rates"]
-    ref_ms = lat["in_process"]["p50_ms"]
-    best_batched = max(tp[f"batch_{b}"]["best_per_s"] for b in BATCH_SIZES)
-    # Per round: each service round against the batched rounds run just before it.
-    batched_rounds = [max(vals) for vals in zip(*(tp[f"batch_{b}"]["rounds_per_s"] for b in BATCH_SIZES),
-                                                strict=True)]
-    ratios = {"latency_p50_by_path": round(lat["by_path"]["latency"]["p50_ms"] / ref_ms, 2),
-              "latency_p50_by_upload": round(lat["by_upload"]["latency"]["p50_ms"] / ref_ms, 2),
-              "best_batched_images_per_s": best_batched}
+    """The targets: service p50 <= 1.3x in-process p50; service rate >= 0.8x the best in-process batched
+    rate of the same runtime. And what LiteRT gives over TensorFlow, round by round."""
+    tp = r["throughput"]["rates"]
+    ratios: dict = {}
+    best, batched_rounds = {}, {}
+    for runtime in RUNTIMES:
+        lat = r["latency"][runtime]
+        ref_ms = lat["in_process"]["p50_ms"]
+        keys = [_rate_key(runtime, f"batch_{b}") for b in BATCH_SIZES]
+        best[runtime] = max(tp[k]["best_per_s"] for k in keys)
+        # Per round: each service round against the batched rounds run just before it.
+        batched_rounds[runtime] = [max(vals) for vals in zip(*(tp[k]["rounds_per_s"] for k in keys), strict=True)]
+        ratios[runtime] = {"latency_p50_by_path": round(lat["by_path"]["latency"]["p50_ms"] / ref_ms, 2),
+                           "latency_p50_by_upload": round(lat["by_upload"]["latency"]["p50_ms"] / ref_ms, 2),
+                           "best_batched_images_per_s": best[runtime]}
     for setup in SETUPS:
         svc, name = tp[setup.key], setup.key.replace("service", "throughput")
-        ratios[name] = round(svc["best_per_s"] / best_batched, 2)
-        ratios[f"{name}_per_round"] = [round(s / b, 2)
-                                       for s, b in zip(svc["rounds_per_s"], batched_rounds, strict=True)]
+        ratios[name] = round(svc["best_per_s"] / best[setup.runtime], 2)
+        ratios[f"{name}_per_round"] = [round(s / b, 2) for s, b in
+                                       zip(svc["rounds_per_s"], batched_rounds[setup.runtime], strict=True)]
     for c in CLIENTS:
         on, off = tp[f"service_{c}_clients"], tp[f"service_{c}_clients_unbatched"]
         # Per round too: the two services ran one right after the other, under the same load.
         ratios[f"batching_gain_{c}_clients_per_round"] = [
             round(a / b, 2) for a, b in zip(on["rounds_per_s"], off["rounds_per_s"], strict=True)]
+        lite = tp[f"service_{c}_clients_litert"]
+        ratios[f"litert_over_tf_service_{c}_clients_per_round"] = [
+            round(a / b, 2) for a, b in zip(lite["rounds_per_s"], on["rounds_per_s"], strict=True)]
+    for b in BATCH_SIZES:
+        ratios[f"litert_over_tf_in_process_batch_{b}_per_round"] = [
+            round(a / t, 2) for a, t in zip(tp[f"litert_batch_{b}"]["rounds_per_s"], tp[f"batch_{b}"]["rounds_per_s"],
+                                            strict=True)]
     naive = r["naive"]["requests_per_s"]
-    ratios["throughput_naive_8_clients"] = round(naive / best_batched, 3)
+    ratios["throughput_naive_8_clients"] = round(naive / best["tf"], 3)
     ratios["service_over_naive_8_clients"] = round(tp["service_8_clients"]["best_per_s"] / naive, 1)
     r["ratios"] = {**ratios, "target_latency_ratio": TARGET_LATENCY_RATIO,
                    "target_throughput_ratio": TARGET_THROUGHPUT_RATIO}
@@ -662,18 +706,23 @@ def _server_ms(s: dict) -> str:
 
 
 def _latency_lines(r: dict) -> list[str]:
-    lat, ratios, st = r["latency"], r["ratios"], r["stages_batch_1"]
-    stages = ", ".join(f"{k} {st[k]['p50_ms']:.1f}" for k in ("decode", "model_input", "session_run"))
-    encoded = f"; predict_encoded([bytes]) {st['predict_encoded']['p50_ms']:.1f}" if "predict_encoded" in st else ""
-    rounds = "; ".join(f"{k} {', '.join(f'{v:.1f}' for v in vals)}" for k, vals in lat["p50_ms_per_round"].items())
-    return ["Latency, one client, one request at a time (rounds interleaved, percentiles pooled)",
-            _lat("in-process decode + predict([pixels])", lat["in_process"]),
-            f"    in-process p50 by stage (ms): {stages}{encoded}",
-            _lat("service GET /?file=", lat["by_path"]["latency"], _server_ms(lat["by_path"])),
-            _lat("service POST /classify (raw body)", lat["by_upload"]["latency"], _server_ms(lat["by_upload"])),
-            f"  p50 per round (ms): {rounds}",
-            f"  ratio service / in-process p50: by path {ratios['latency_p50_by_path']:.2f}, by upload "
-            f"{ratios['latency_p50_by_upload']:.2f} (target <= {TARGET_LATENCY_RATIO})"]
+    lines = ["Latency, one client, one request at a time (rounds interleaved, percentiles pooled)"]
+    for runtime in RUNTIMES:
+        lat, ratios, st = r["latency"][runtime], r["ratios"][runtime], r["stages_batch_1"][runtime]
+        stages = ", ".join(f"{k} {st[k]['p50_ms']:.1f}" for k in ("decode", "model_input", "model_run"))
+        encoded = f"; predict_encoded([bytes]) {st['predict_encoded']['p50_ms']:.1f}" if "predict_encoded" in st \
+            else ""
+        rounds = "; ".join(f"{k} {', '.join(f'{v:.1f}' for v in vals)}"
+                           for k, vals in lat["p50_ms_per_round"].items())
+        lines += [f" runtime {runtime}:",
+                  _lat("in-process decode + predict([pixels])", lat["in_process"]),
+                  f"    in-process p50 by stage (ms): {stages}{encoded}",
+                  _lat("service GET /?file=", lat["by_path"]["latency"], _server_ms(lat["by_path"])),
+                  _lat("service POST /classify (raw body)", lat["by_upload"]["latency"], _server_ms(lat["by_upload"])),
+                  f"  p50 per round (ms): {rounds}",
+                  f"  ratio service / in-process p50: by path {ratios['latency_p50_by_path']:.2f}, by upload "
+                  f"{ratios['latency_p50_by_upload']:.2f} (target <= {TARGET_LATENCY_RATIO})"]
+    return lines
 
 
 def _rate_row(label: str, rates: dict, extra: str = "") -> str:
@@ -684,22 +733,30 @@ def _rate_row(label: str, rates: dict, extra: str = "") -> str:
 def _throughput_lines(r: dict) -> list[str]:
     tp, ratios, naive = r["throughput"], r["ratios"], r["naive"]
     lines = [f"Throughput, best of {len(tp['rates']['batch_8']['rounds_per_s'])} rounds of "
-             f"{tp['images_per_round']} images each",
-             *(_rate_row(f"in-process decode + predict, batch {b}", tp["rates"][f"batch_{b}"]) for b in BATCH_SIZES),
-             _rate_row("in-process batch 1 from 8 threads", tp["rates"]["threads_8_batch_1"])]
+             f"{tp['images_per_round']} images each"]
+    for runtime in RUNTIMES:
+        lines += [*(_rate_row(f"in-process {runtime}: decode + predict, batch {b}",
+                              tp["rates"][_rate_key(runtime, f"batch_{b}")]) for b in BATCH_SIZES),
+                  _rate_row(f"in-process {runtime}: batch 1 from 8 threads",
+                            tp["rates"][_rate_key(runtime, "threads_8_batch_1")])]
     for setup in SETUPS:
         svc, name = tp["service"][setup.key], setup.key.replace("service", "throughput")
         lines.append(_rate_row(setup.label, tp["rates"][setup.key],
                                f"  p50 {svc['latency']['p50_ms']:.0f} ms, p99 {svc['latency']['p99_ms']:.0f} ms,"
                                f" errors {svc['errors']}"))
         per_round = ratios[f"{name}_per_round"]
-        lines.append(f"    ratio to the best batched rate {ratios[name]:.2f}; per round "
+        lines.append(f"    ratio to the best batched rate of {setup.runtime} {ratios[name]:.2f}; per round "
                      f"{', '.join(map(str, per_round))}, median {statistics.median(per_round):.2f}"
                      f" (target >= {TARGET_THROUGHPUT_RATIO})")
     for c in CLIENTS:
         gain = ratios[f"batching_gain_{c}_clients_per_round"]
         lines.append(f"  batching on / off, {c} clients, per round: {', '.join(map(str, gain))}, "
                      f"median {statistics.median(gain):.2f}")
+    for key, label in [*((f"litert_over_tf_in_process_batch_{b}_per_round", f"in-process batch {b}")
+                         for b in BATCH_SIZES),
+                       *((f"litert_over_tf_service_{c}_clients_per_round", f"service, {c} clients") for c in CLIENTS)]:
+        lines.append(f"  litert / tf, {label}, per round: {', '.join(map(str, ratios[key]))}, "
+                     f"median {statistics.median(ratios[key]):.2f}")
     lines += [f"  {'naive app, 8 clients (graph loaded per request)':<52} {naive['requests_per_s']:>7.1f} img/s"
               f" ({naive['requests']} requests)  p50 {naive['latency']['p50_ms']:.0f} ms, errors {naive['errors']}",
               f"    ratio to the best batched rate {ratios['throughput_naive_8_clients']:.3f}; the service is "
@@ -708,12 +765,15 @@ def _throughput_lines(r: dict) -> list[str]:
 
 
 def _memory_lines(r: dict) -> list[str]:
-    mem = r["memory"]
-    points = ", ".join(f"{p['requests']:,}: {p['rss_mib']:.0f}" for p in mem["checkpoints"])
-    return [f"Service RSS (MiB) after N uploads from 8 clients, {mem['bad_input_share']:.0%} of them bad input: "
-            f"{points}",
-            f"  peak {mem['checkpoints'][-1]['peak_rss_mib']:.0f} MiB; {mem['mixed_requests_per_s']} req/s"
-            f" (good and bad), errors {mem['errors']}; naive app peak {r['naive']['peak_rss_mib']:.0f} MiB"]
+    lines = []
+    for key, mem in r["memory"].items():
+        points = ", ".join(f"{p['requests']:,}: {p['rss_mib']:.0f}" for p in mem["checkpoints"])
+        lines += [f"Service RSS (MiB), {key}, after N uploads from 8 clients, {mem['bad_input_share']:.0%} "
+                  f"of them bad input: {points}",
+                  f"  peak {mem['checkpoints'][-1]['peak_rss_mib']:.0f} MiB; {mem['mixed_requests_per_s']} req/s"
+                  f" (good and bad), errors {mem['errors']}"]
+    lines.append(f"Naive app peak {r['naive']['peak_rss_mib']:.0f} MiB")
+    return lines
 
 
 # ---------------------------------------------------------------- main
@@ -747,8 +807,11 @@ def run_all(args: argparse.Namespace, work: Path, sizes: Sizes) -> dict:
         uploads = upload_requests(images[1])
         step(f"naive app, {sizes.naive} uploads from 8 clients")
         results["naive"] = bench_naive(servers, graph, uploads, sizes)
-        step(f"memory of a fresh service over {sizes.memory_checkpoints[-1]:,} uploads")
-        results["memory"] = bench_memory(servers, graphs_dir, image_dir, uploads, sizes)
+        results["memory"] = {}
+        for runtime, grpc in (("tf", False), ("litert", False), ("litert", True)):
+            key = f"runtime {runtime}" + (", gRPC on" if grpc else ", HTTP only")
+            step(f"memory of a fresh service ({key}) over {sizes.memory_checkpoints[-1]:,} uploads")
+            results["memory"][key] = bench_memory(servers, graphs_dir, image_dir, uploads, sizes, runtime, grpc)
     finally:
         servers.stop_all()
     return {"image_dir": str(image_dir), "n_images": len(images[0]), "note": note, "quick": bool(args.quick),

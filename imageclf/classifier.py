@@ -89,6 +89,7 @@ class Classifier:
     output_name: str
     bytes_input_name: str | None = None
     batchable: bool
+    concurrency: int | None = None     # model calls that can run at once; None: any number (a TF session)
 
     @property
     def name(self) -> str:

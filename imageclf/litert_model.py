@@ -78,6 +78,7 @@ class LiteModel(Classifier):
         self.bytes_input_name = info["bytes_input_name"]
         self.batchable = bool(info["batchable"])
         content = model_file.read_bytes()
+        self.concurrency = max(1, options.interpreters)
         self._pool: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
         for _ in range(max(1, options.interpreters)):
             self._pool.put(_Slot(Interpreter(model_content=content, num_threads=max(1, options.threads))))

@@ -126,3 +126,45 @@ def test_members_stop_waiting_for_a_hung_model_call():
         assert time.perf_counter() - started < 2.0
         release.set()
         assert slow.result(10) == "slow" and leader.result(10) == "hang"
+
+
+def test_a_model_with_one_call_at_a_time_gets_full_batches_not_a_queue_of_small_ones():
+    """max_running=1 (a LiteRT model with one interpreter): while a call runs, arrivals wait in
+    the one open batch instead of each opening a batch of its own that queues for the model."""
+    batches, running, most = [], [0], [0]
+    lock = threading.Lock()
+
+    def run(items):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+            batches.append(len(items))
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return items
+    batcher = MicroBatcher(run, max_batch=8, max_wait=0.001, max_running=1)
+    with ThreadPoolExecutor(16) as pool:
+        first = pool.submit(batcher.submit, -1)
+        time.sleep(0.01)  # the first call is running: 16 more arrive while it does
+        results = list(pool.map(batcher.submit, range(16)))
+    assert first.result(10) == -1 and results == list(range(16))
+    assert most[0] == 1
+    assert batches[0] == 1 and batches[1:] == [8, 8]  # without the bound: 8 calls at once
+
+
+def test_a_leader_waiting_for_a_busy_model_times_out():
+    release = threading.Event()
+
+    def run(items):
+        release.wait(10)
+        return items
+    batcher = MicroBatcher(run, max_batch=4, max_wait=0.0, timeout=0.3, max_running=1)
+    with ThreadPoolExecutor(2) as pool:
+        held = pool.submit(batcher.submit, "hold")
+        time.sleep(0.05)
+        with pytest.raises(BatchTimeoutError):
+            batcher.submit("late")
+        release.set()
+        assert held.result(10) == "hold"
+    assert batcher.submit("again") == "again"  # the failed batch left nothing behind

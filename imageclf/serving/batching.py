@@ -6,6 +6,10 @@ until the batch is full, the other batches have finished, or ``max_wait`` second
 otherwise it runs at once, so a lone client never waits. The leader runs the whole batch and
 hands each member its own rows. While a batch runs, new arrivals open the next one.
 
+A model that can run only so many calls at once (LiteRT: one per interpreter) says so with
+``max_running``: a leader whose turn has come waits for a free call, and its batch stays open
+meanwhile, so requests that arrive join it instead of queueing up as many small batches.
+
 A request with many items (a TF Serving ``:predict`` with many instances) fills the open batch
 and opens as many more as it needs, never more than ``max_batch`` items per model call.
 Members wait at most ``timeout`` seconds for a batch they do not lead, so a hung model call
@@ -53,14 +57,16 @@ class _Part:
 
 class MicroBatcher(Generic[Item, Result]):
     def __init__(self, run_batch: Callable[[list[Item]], Sequence[Result]], max_batch: int = 8,
-                 max_wait: float = 0.002, timeout: float = 30.0):
+                 max_wait: float = 0.002, timeout: float = 30.0, max_running: int | None = None):
         self.run_batch = run_batch
+        self.max_running = max_running
         self.max_batch = max(1, max_batch)
         self.max_wait = max(0.0, max_wait)
         self.timeout = max(0.001, timeout)
         self._changed = threading.Condition()  # guards the fields below; notified when they change
         self._open: _Batch | None = None
         self._in_flight = 0  # batches opened and not yet finished, the open one included
+        self._running = 0    # batches in their model call
         self.stats = {"batches": 0, "items": 0, "largest": 0}  # model calls made, for metrics and tests
 
     def submit(self, item: Item) -> Result:
@@ -83,6 +89,8 @@ class MicroBatcher(Generic[Item, Result]):
             if not part.batch.done.wait(max(0.0, deadline - time.monotonic())):
                 raise BatchTimeoutError(f"the model did not answer within {self.timeout:g} s")
             error = part.batch.error
+            if isinstance(error, BatchTimeoutError):
+                raise BatchTimeoutError(str(error))
             if error is not None:
                 raise BatchFailedError(f"model call failed: {type(error).__name__}: {error}") from error
             results.extend(part.batch.results[part.start:part.start + part.count])
@@ -113,8 +121,13 @@ class MicroBatcher(Generic[Item, Result]):
             if batch.wait_for_company and self._open is batch:
                 self._changed.wait_for(lambda: len(batch.items) >= self.max_batch or self._in_flight == 1,
                                        timeout=self.max_wait)
+            if self.max_running and not self._changed.wait_for(lambda: self._running < self.max_running,
+                                                               timeout=self.timeout):
+                self._fail(batch, BatchTimeoutError(f"the model did not answer within {self.timeout:g} s"))
+                return
             if self._open is batch:
                 self._open = None
+            self._running += 1
             self.stats["batches"] += 1
             self.stats["items"] += len(batch.items)
             self.stats["largest"] = max(self.stats["largest"], len(batch.items))
@@ -130,5 +143,15 @@ class MicroBatcher(Generic[Item, Result]):
             batch.items = []  # the inputs are no longer needed; do not keep them alive with the batch
             with self._changed:
                 self._in_flight -= 1
+                self._running -= 1
                 self._changed.notify_all()
             batch.done.set()
+
+    def _fail(self, batch: _Batch, error: BaseException) -> None:
+        """End a batch that never ran (called holding ``_changed``)."""
+        if self._open is batch:
+            self._open = None
+        batch.error, batch.items = error, []
+        self._in_flight -= 1
+        self._changed.notify_all()
+        batch.done.set()

@@ -63,7 +63,8 @@ class Servable:
         except BaseException:
             model.close()
             raise
-        batcher = MicroBatcher(model.run, options.max_batch, options.max_wait_ms / 1000, options.timeout_s)
+        batcher = MicroBatcher(model.run, options.max_batch, options.max_wait_ms / 1000, options.timeout_s,
+                               max_running=model.concurrency)
         modified = path.stat().st_mtime_ns
         return cls(name=name, version=version or int((model.metadata or {}).get("version") or modified // 10**9),
                    file=path.name, model=model, batcher=batcher, modified_ns=modified,

@@ -3,11 +3,10 @@
 Part 1 runs, in one process and on one base model, a bare forward pass over random pixels and
 ``get_bottlenecks`` over the real files (hash, decode, resize, forward pass, cache writes). Their
 ratio is what the pipeline around the model costs. The runtime column: the same bare forward
-pass through LiteRT (the base converted to ``.tflite``, XNNPACK, one thread per core), in the
-same rounds, and what ``get_bottlenecks`` would reach with it (its time less the TensorFlow
-forward pass plus LiteRT's: an estimate, since retrain does not use LiteRT). Part 2 times ``retrain.py`` end to end in
-subprocesses: once on an empty cache, then again after one class folder is added, which is the
-case the bottleneck cache exists for.
+pass and ``get_bottlenecks`` with the base run by LiteRT (``retrain.py --runtime litert``, the
+base converted to ``.tflite``, XNNPACK, one thread per core), in the same rounds. Part 2 times
+``retrain.py`` end to end in subprocesses: once on an empty cache, then again after one class
+folder is added, which is the case the bottleneck cache exists for.
 
     python benchmarks/bench_retrain.py [--image_dir DIR] [--quick] [--output FILE.json]
 
@@ -193,8 +192,8 @@ def bench_call_setup(base: BaseModel, paths: list[Path]) -> dict:
 
     packed = pack_images([read_image(p) for p in paths[:BATCH_SIZE]])
     fn, build = timed(lambda: pixels_feature_function(base))
-    _, first = timed(lambda: fn(*packed).numpy())
-    steady = min(timed(lambda: fn(*packed).numpy())[1] for _ in range(3))
+    _, first = timed(lambda: fn(*packed))
+    steady = min(timed(lambda: fn(*packed))[1] for _ in range(3))
     return {"build_s": round(build, 3), "first_batch_s": round(first, 3),
             "steady_batch_s": round(steady, 3), "setup_s": round(build + first - steady, 3)}
 
@@ -211,13 +210,6 @@ def bench_ours(base: BaseModel, paths: list[Path], rerun: bool) -> dict:
     return result
 
 
-def _with_litert(ours: dict, bare: dict, litert: dict) -> float:
-    """Images/s of get_bottlenecks if its forward pass took LiteRT's time instead of TensorFlow's."""
-    n = ours["images"]
-    seconds = ours["seconds"] - n / bare["images_per_s"] + n / litert["images_per_s"]
-    return round(n / seconds, 1)
-
-
 def _best(runs: list[dict]) -> dict:
     """The fastest run, with every run's rate kept to show the spread."""
     best = max(runs, key=lambda r: r["images_per_s"])
@@ -230,15 +222,21 @@ def bench_throughput(paths: list[Path]) -> dict:
     base = load_base("builtin")
     warmup = bench_warmup(base, paths)
     setup = bench_call_setup(base, paths)
+    from imageclf.bottlenecks import with_runtime
+
+    lite_base, why_not = with_runtime(base, "litert")
+    if why_not:
+        raise SystemExit(f"bench_retrain.py: {why_not}")
     bare = bare_runner(base, len(paths))
     litert_bare = litert_bare_runner(base, len(paths))
     # Alternate bare and ours so that load from other work on a shared machine hits both
     # alike; the best round of each is the least disturbed one.
-    bare_runs, ours_runs, litert_runs = [], [], []
+    bare_runs, ours_runs, litert_runs, litert_ours_runs = [], [], [], []
     for i in range(ROUNDS):
         bare_runs.append(rate(len(paths), bare()))
         litert_runs.append(rate(len(paths), litert_bare()))
         ours_runs.append(bench_ours(base, paths, rerun=i == ROUNDS - 1))
+        litert_ours_runs.append(bench_ours(lite_base, paths, rerun=False))
     cached = ours_runs[-1]["cached_rerun"]
     best_bare, best_ours = _best(bare_runs), _best([r["empty_cache"] for r in ours_runs])
     ratio = best_ours["images_per_s"] / best_bare["images_per_s"]
@@ -251,9 +249,10 @@ def bench_throughput(paths: list[Path]) -> dict:
             "litert_bare": _best(litert_runs),
             "litert_over_tf_bare_per_round": [round(lt["images_per_s"] / b["images_per_s"], 2)
                                               for lt, b in zip(litert_runs, bare_runs, strict=True)],
-            "empty_cache_with_litert_estimate_per_round": [
-                _with_litert(o["empty_cache"], b, lt) for o, b, lt in zip(ours_runs, bare_runs, litert_runs,
-                                                                          strict=True)],
+            "litert_empty_cache": _best([r["empty_cache"] for r in litert_ours_runs]),
+            "litert_over_tf_empty_cache_per_round": [
+                round(lt["empty_cache"]["images_per_s"] / o["empty_cache"]["images_per_s"], 2)
+                for lt, o in zip(litert_ours_runs, ours_runs, strict=True)],
             "ratio_per_round": [round(r, 3) for r in round_ratios],
             "target_ratio": TARGET_RATIO}
 
@@ -334,8 +333,9 @@ def _throughput_lines(t: dict) -> list[str]:
         _row("get_bottlenecks, empty cache", t["empty_cache"]),
         _row("bare forward pass, LiteRT (XNNPACK)", t["litert_bare"]),
         f"  {'LiteRT / TF, bare, per round':<38} {', '.join(map(str, t['litert_over_tf_bare_per_round']))}",
-        f"  {'get_bottlenecks with LiteRT (estimate)':<38} "
-        f"{', '.join(map(str, t['empty_cache_with_litert_estimate_per_round']))} img/s per round",
+        _row("get_bottlenecks, LiteRT, empty cache", t["litert_empty_cache"]),
+        f"  {'LiteRT / TF, get_bottlenecks, per round':<38} "
+        f"{', '.join(map(str, t['litert_over_tf_empty_cache_per_round']))}",
         f"  {'ratio ours / bare':<38} {t['ratio']:.2f} ({verdict} the {t['target_ratio']} target;"
         f" per round: {per_round})",
         _row("get_bottlenecks, cached rerun", t["cached_rerun"]) + f"  ({t['cached_rerun']['summary']})",

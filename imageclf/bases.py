@@ -49,6 +49,8 @@ class BaseModel:
     #: False for a base made for one retrain (a fine-tuned one): functions traced for it are not
     #: kept for later calls (bottlenecks._memoized), so it is freed when the retrain ends.
     reusable: bool = True
+    #: What computes its cached bottlenecks: "tf" (a TF function) or "litert" (see bottlenecks.with_runtime).
+    runtime: str = "tf"
 
     def info(self) -> dict:
         return {"description": self.description, "fingerprint": self.fingerprint,

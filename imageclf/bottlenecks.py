@@ -2,7 +2,8 @@
 
 The cache folder is keyed by everything that decides a vector besides the picture: the base
 model's fingerprint (its weights and how it is fed), its input size, the preprocessing
-version and the versions of the decoders (Pillow, its codecs, TensorFlow, which resizes).
+version, the versions of the decoders (Pillow, its codecs, TensorFlow, which resizes) and what
+runs the base's forward pass (TensorFlow or LiteRT, see with_runtime).
 Within it, entries are keyed by the SHA-256 of each image file's bytes, so renaming or
 moving a picture costs nothing, and editing one recomputes just that one. Entries are written
 atomically; an unreadable or malformed entry is recomputed.
@@ -15,6 +16,7 @@ content's vector under its old content's hash.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -68,12 +70,53 @@ def _wrap_frozen(base: BaseModel) -> Callable[[tf.Tensor], tf.Tensor]:
                          wrapped.graph.get_tensor_by_name(base.output_name))
 
 
-def pixels_feature_function(base: BaseModel) -> Callable[[np.ndarray, np.ndarray], tf.Tensor]:
-    """Packed decoded pixels (see preprocess.pack_images) -> bottlenecks, in one graph call."""
+BOTTLENECK_RUNTIMES = ("tf", "litert")
+
+
+def with_runtime(base: BaseModel, runtime: str) -> tuple[BaseModel, str | None]:
+    """``base`` with its bottlenecks computed by ``runtime``, and why not, if LiteRT cannot run it.
+
+    LiteRT runs the forward pass about twice as fast on CPU (benchmarks/bench_retrain.py); a base
+    it cannot run (an op without a LiteRT kernel) stays on TensorFlow, with the reason returned.
+    """
+    if runtime not in BOTTLENECK_RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}")
+    if runtime == base.runtime or not base.reusable:  # a fine-tuned base is used once: not worth converting
+        return base, None
+    if runtime == "tf":
+        return dataclasses.replace(base, runtime="tf"), None
+    from imageclf.litert_features import LiteFeaturesUnavailable
+
+    try:
+        _memoized("litert", base, lambda: _lite_features(base))
+    except LiteFeaturesUnavailable as e:
+        return base, f"bottlenecks computed by TensorFlow: LiteRT cannot run this base ({e})"
+    return dataclasses.replace(base, runtime="litert"), None
+
+
+def pixels_feature_function(base: BaseModel) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """Packed decoded pixels (see preprocess.pack_images) -> bottlenecks as NumPy, batch by batch.
+
+    With TensorFlow, one graph call resizes and runs the base; with LiteRT, the same resize (a
+    graph call) feeds the interpreter.
+    """
+    signature = [tf.TensorSpec([None, 3], tf.uint8), tf.TensorSpec([None, 2], tf.int32)]
+    if base.runtime == "litert":
+        resize = _memoized("resize", base, lambda: tf.function(
+            lambda flat, shapes: packed_to_model_input(flat, shapes, base.input_size), input_signature=signature))
+        lite = _memoized("litert", base, lambda: _lite_features(base))
+        return lambda flat, shapes: lite(resize(flat, shapes).numpy())
     features = feature_function(base)
-    return _memoized("pixels", base, lambda: tf.function(
+    graph_call = _memoized("pixels", base, lambda: tf.function(
         lambda flat, shapes: features(packed_to_model_input(flat, shapes, base.input_size)),
-        input_signature=[tf.TensorSpec([None, 3], tf.uint8), tf.TensorSpec([None, 2], tf.int32)]))
+        input_signature=signature))
+    return lambda flat, shapes: graph_call(flat, shapes).numpy()
+
+
+def _lite_features(base: BaseModel):
+    from imageclf.litert_features import LiteFeatures
+
+    return LiteFeatures(base)
 
 
 def cache_key(base: BaseModel) -> str:
@@ -87,6 +130,8 @@ def cache_key(base: BaseModel) -> str:
     decoders = json.dumps({**decoder_versions(), "tensorflow": tf.__version__}, sort_keys=True)
     key = (f"{base.fingerprint}|input {height}x{width}|preprocess {preprocess.PREPROCESS_VERSION}"
            f"|decoders {decoders}")
+    if base.runtime != "tf":  # TensorFlow's vectors keep the folders they always had
+        key += f"|runtime {base.runtime}"
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -193,7 +238,7 @@ def get_bottlenecks(paths: Sequence[Path], base: BaseModel, cache: BottleneckCac
             bar = tqdm(total=len(todo), desc="Bottlenecks", unit="img", disable=not progress, leave=False)
             for attempted, batch, arrays in _decoded_batches(todo, pool, batch_size, max_pixels, report,
                                                               base.input_size, rules):
-                out = features(*pack_images(arrays)).numpy() if arrays else []
+                out = features(*pack_images(arrays)) if arrays else []
                 for (path, key), vector in zip(batch, out, strict=False):
                     vectors[path] = vector
                     keys[path] = key

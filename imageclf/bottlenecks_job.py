@@ -65,6 +65,7 @@ from imageclf.bottlenecks import (  # noqa: E402
     pixels_feature_function,
     vector_bytes,
     vector_from_bytes,
+    with_runtime,
 )
 from imageclf.errors import BadImageError, UserError  # noqa: E402
 from imageclf.image_files import FileRules, content_key, read_image_bytes  # noqa: E402
@@ -262,6 +263,7 @@ class BaseSpec:
     handle: str
     frozen: FrozenGraphSpec
     folder: str
+    runtime: str = "tf"
 
 
 _BASES: dict[tuple[str, FrozenGraphSpec], BaseModel] = {}
@@ -272,12 +274,13 @@ def shared_base(spec: BaseSpec) -> BaseModel:
     """The base, loaded once per process however many DoFn instances (threads) a runner makes."""
     with _BASES_LOCK:
         if (spec.handle, spec.frozen) not in _BASES:
-            _BASES[spec.handle, spec.frozen] = load_base(spec.handle, spec.frozen)
+            _BASES[spec.handle, spec.frozen] = with_runtime(load_base(spec.handle, spec.frozen), spec.runtime)[0]
         base = _BASES[spec.handle, spec.frozen]
     if cache_key(base) != spec.folder:
         raise RuntimeError(f"the base {spec.handle} on this worker is not the one the job started with, or its "
-                           f"decoders are other versions (cache folder {cache_key(base)}, expected {spec.folder}): "
-                           "give every worker the same base files, Pillow and TensorFlow")
+                           f"decoders or runtime are other versions (cache folder {cache_key(base)}, expected "
+                           f"{spec.folder}): give every worker the same base files, Pillow, TensorFlow and "
+                           "ai-edge-litert")
     return base
 
 
@@ -364,7 +367,7 @@ class ComputeBatch(beam.DoFn):
                 good.append((write, *result))
         if not good:
             return
-        vectors = self.features(*pack_images([pixels for _, _, pixels in good])).numpy()
+        vectors = self.features(*pack_images([pixels for _, _, pixels in good]))
         for (write, key, _), vector in zip(good, vectors, strict=True):
             if write:
                 self.cache.put(key, vector)  # the hash of the bytes just decoded, as retrain.py files it
@@ -467,7 +470,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = pipeline_options(args, beam_argv)
     folders, skipped_folders = class_folders(args.image_dir, args.follow_symlinks)
     spec = frozen_spec(args)
-    base = load_base(args.tfhub_module, spec)  # here first: bad flags fail before any worker starts
+    # Here first: bad flags fail before any worker starts. Workers then run the base as this does.
+    base, why_not = with_runtime(load_base(args.tfhub_module, spec), args.runtime)
+    if why_not:
+        print(f"Note: {why_not}", flush=True)
     _BASES[args.tfhub_module, spec] = base  # an in-process runner uses it as it is
     cache = CacheFolder(join(args.bottleneck_dir, cache_key(base)), base.bottleneck_size)
     print(f"Base model: {base.description} ({base.input_size[0]}x{base.input_size[1]}, "
@@ -479,7 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("apache_beam.runners.portability.local_job_service").setLevel(logging.ERROR)
     started = time.monotonic()
     pipeline = beam.Pipeline(options=options)
-    build_pipeline(pipeline, args, folders, BaseSpec(args.tfhub_module, spec, cache_key(base)), cache,
+    build_pipeline(pipeline, args, folders, BaseSpec(args.tfhub_module, spec, cache_key(base), base.runtime), cache,
                    skipped_folders)
     result = pipeline.run()
     state = result.wait_until_finish()

@@ -37,10 +37,9 @@ def convert(graph_path: str | Path, settings: GraphSettings | None = None) -> tu
         with tempfile.TemporaryDirectory() as folder:
             frozen = Path(folder) / "fed.pb"
             frozen.write_bytes(model.graph.as_graph_def().SerializeToString())
-            converter = tf.compat.v1.lite.TFLiteConverter.from_frozen_graph(
-                str(frozen), inputs, outputs, {inputs[0]: shape})
             try:
-                data = converter.convert()
+                data = tf.compat.v1.lite.TFLiteConverter.from_frozen_graph(
+                    str(frozen), inputs, outputs, {inputs[0]: shape}).convert()
             except Exception as e:  # the converter raises many kinds; its first line says which op
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise UserError(f"{Path(graph_path).name}: TensorFlow cannot convert it to LiteRT: {first}") from None

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from imageclf import export
 from imageclf.bases import BaseModel, FrozenGraphSpec, load_base
-from imageclf.bottlenecks import BottleneckCache, BottleneckReport, feature_function, get_bottlenecks
+from imageclf.bottlenecks import BottleneckCache, BottleneckReport, feature_function, get_bottlenecks, with_runtime
 from imageclf.dataset import TEST, TRAIN, VALIDATION, ImageFile, check_trainable, scan_image_folder
 from imageclf.duplicates import DuplicateReport, near_duplicates, unify_identical
 from imageclf.fine_tune import FineTuneConfig, check_fine_tunable, decoded_images, fine_tune
@@ -23,6 +23,8 @@ from imageclf.images import DEFAULT_MAX_PIXELS
 from imageclf.metrics import evaluation_report, format_accuracy, format_report, wilson_interval
 from imageclf.preprocess_graph import distort
 from imageclf.training import FinalLayer, TrainConfig, class_weights, sampler_from_arrays, train_final_layer
+
+_RUNTIME_NAMES = {"tf": "TensorFlow", "litert": "LiteRT"}
 
 
 @dataclass
@@ -33,6 +35,8 @@ class RetrainOptions:
     bottleneck_dir: str | None = "bottlenecks"
     tfhub_module: str = "builtin"
     frozen_base: FrozenGraphSpec = field(default_factory=FrozenGraphSpec)
+    #: What runs the base for the cached bottlenecks (bottlenecks.with_runtime); the graph is the same.
+    runtime: str = "litert"
     training: TrainConfig = field(default_factory=TrainConfig)
     testing_percentage: float = 10
     validation_percentage: float = 10
@@ -95,9 +99,11 @@ def retrain(opts: RetrainOptions, log: Callable[[str], None] = tqdm.write) -> Re
         + (f"; left out {len(scan.skipped):,} symlink(s) leading outside it" if scan.skipped else ""))
     if opts.fine_tune:
         check_fine_tunable(opts.tfhub_module)  # before minutes of bottlenecks, not after
-    base = load_base(opts.tfhub_module, opts.frozen_base)
+    base, why_not = with_runtime(load_base(opts.tfhub_module, opts.frozen_base), opts.runtime)
     log(f"Base model: {base.description} ({base.input_size[0]}x{base.input_size[1]}, "
-        f"{base.bottleneck_size} features)")
+        f"{base.bottleneck_size} features; bottlenecks by {_RUNTIME_NAMES[base.runtime]})")
+    if why_not:
+        log(f"Note: {why_not}")
     cache = BottleneckCache(opts.bottleneck_dir, base) if opts.bottleneck_dir else None
     vectors, report = get_bottlenecks([f.path for f in files], base, cache, batch_size=opts.batch_size,
                                       max_pixels=opts.max_pixels, progress=opts.training.progress,

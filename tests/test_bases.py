@@ -177,7 +177,7 @@ def test_retrain_on_made_frozen_graph_base_cli(frozen_base, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert status == 0, err
     assert "Base model: frozen graph frozen_graph.pb, features MobilenetV1/Logits/AvgPool:0 (they feed its " \
-        "classifier MobilenetV1/Predictions/Reshape:0) (48x48, 12 features)" in out
+        "classifier MobilenetV1/Predictions/Reshape:0) (48x48, 12 features; bottlenecks by LiteRT)" in out
     model = GraphModel(tmp_path / "out.pb")
     try:
         assert model.input_size == (48, 48) and model.labels == ["circle", "square", "triangle"]

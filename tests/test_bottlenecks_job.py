@@ -22,7 +22,7 @@ import tensorflow as tf  # noqa: E402
 
 from imageclf import bottlenecks_job, retrain_cli  # noqa: E402
 from imageclf.bases import load_base  # noqa: E402
-from imageclf.bottlenecks import BottleneckCache, get_bottlenecks  # noqa: E402
+from imageclf.bottlenecks import BottleneckCache, get_bottlenecks, with_runtime  # noqa: E402
 from imageclf.cli_common import run  # noqa: E402
 from imageclf.dataset import scan_image_dir, scan_image_folder  # noqa: E402
 from imageclf.demo_data import make_dataset  # noqa: E402
@@ -82,7 +82,9 @@ def job_run(tmp_path_factory, base):
 def reference(job_run, base):
     """retrain.py's own bottleneck step on the same files, into a cache of its own."""
     work, images, _ = job_run
-    loaded = load_base(str(base.graph), base.spec())
+    # The job's default runtime, as retrain's: the vectors must be the very same bytes.
+    loaded, _ = with_runtime(load_base(str(base.graph), base.spec()), "litert")
+    assert loaded.runtime == "litert"
     _, files = scan_image_dir(images)
     _, report = get_bottlenecks([f.path for f in files], loaded, BottleneckCache(work / "reference", loaded),
                                 batch_size=BATCH, progress=False)

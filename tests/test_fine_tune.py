@@ -190,8 +190,11 @@ def test_fine_tuned_result_exports_with_the_head_only_graph_contract(tuned, shap
 
 
 def test_decoded_images_are_the_model_input_as_uint8(shapes):
-    expected = image_to_model_input(read_image(shapes.files[0], size=SIZE), SIZE)
-    np.testing.assert_array_equal(shapes.images[0], np.round(expected * 255).astype(np.uint8))
+    expected = np.round(image_to_model_input(read_image(shapes.files[0], size=SIZE), SIZE) * 255).astype(int)
+    # Fine-tuning resizes inside its graph (preprocess_graph), within 3e-5 of the Python path: a value
+    # that close to a half level may round the other way, nothing more.
+    off = np.abs(shapes.images[0].astype(int) - expected)
+    assert off.max() <= 1 and (off > 0).mean() < 0.01
     assert decoded_images([], SIZE, **QUIET).shape == (0, *SIZE, 3)
 
 

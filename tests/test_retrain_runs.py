@@ -15,7 +15,7 @@ import imageclf.preprocess
 import imageclf.retrain as retrain_module
 from imageclf.atomic import write_bytes_atomic
 from imageclf.bases import load_base
-from imageclf.bottlenecks import BottleneckCache, get_bottlenecks
+from imageclf.bottlenecks import BottleneckCache, get_bottlenecks, with_runtime
 from imageclf.dataset import TEST, TRAIN, scan_image_dir, split_for
 from imageclf.demo_data import make_dataset
 from imageclf.errors import UserError
@@ -113,8 +113,8 @@ def test_distortions_train_in_batches(tmp_path, tiny_module, training_batches):
     assert sum(line.startswith("Step ") for line in lines) == 3  # steps 0, 10 and the last
     assert list((tmp_path / "summaries").glob("events.out.tfevents.*"))
 
-    # The undistorted bottlenecks of the training images, as cached by this run.
-    base = load_base(str(tiny_module))
+    # The undistorted bottlenecks of the training images, as cached by this run (by LiteRT, the default).
+    base, _ = with_runtime(load_base(str(tiny_module)), "litert")
     labels, files = scan_image_dir(data)
     train = [f for f in files if f.split == TRAIN]
     cached, report = get_bottlenecks([f.path for f in train], base, BottleneckCache(opts.bottleneck_dir, base),
@@ -143,7 +143,7 @@ def test_without_distortions_training_draws_the_cached_vectors(tmp_path, tiny_mo
     opts = quick_options(data, tmp_path, tfhub_module=str(tiny_module),
                          training=TrainConfig(steps=5, train_batch_size=16, eval_step_interval=10, progress=False))
     retrain(opts, log=lambda s: None)
-    base = load_base(str(tiny_module))
+    base, _ = with_runtime(load_base(str(tiny_module)), "litert")
     train = [f.path for f in scan_image_dir(data)[1] if f.split == TRAIN]
     cached, _ = get_bottlenecks(train, base, BottleneckCache(opts.bottleneck_dir, base), progress=False)
     x = np.concatenate([batch[0] for batch in training_batches])

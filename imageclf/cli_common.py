@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 
 def quiet_tensorflow() -> None:
@@ -17,12 +18,23 @@ def quiet_tensorflow() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if "tensorflow" in sys.modules or os.environ["TF_CPP_MIN_LOG_LEVEL"] != "3":
         return
+    with stderr_silenced():
+        import tensorflow  # noqa: F401
+
+
+@contextlib.contextmanager
+def stderr_silenced() -> Iterator[None]:
+    """Standard error closed at the file-descriptor level, for C++ libraries that print at start-up
+    (TensorFlow's CUDA probing, LiteRT's "Created TensorFlow Lite XNNPACK delegate" on every interpreter).
+
+    Errors still arrive as Python exceptions.
+    """
     sys.stderr.flush()
     saved = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
         os.dup2(devnull, 2)
-        import tensorflow  # noqa: F401
+        yield
     finally:
         os.dup2(saved, 2)
         os.close(saved)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from imageclf.bases import BaseModel
+from imageclf.cli_common import stderr_silenced
 
 
 class LiteFeaturesUnavailable(Exception):
@@ -31,9 +32,10 @@ class LiteFeatures:
             from ai_edge_litert.interpreter import Interpreter
         except ImportError:
             raise LiteFeaturesUnavailable("ai-edge-litert is not installed") from None
-        self._interpreter = Interpreter(model_content=_converted(base),
-                                        num_threads=threads or len(os.sched_getaffinity(0)))
-        self._interpreter.allocate_tensors()
+        model = _converted(base)
+        with stderr_silenced():  # "Created TensorFlow Lite XNNPACK delegate", when the tensors are allocated
+            self._interpreter = Interpreter(model_content=model, num_threads=threads or len(os.sched_getaffinity(0)))
+            self._interpreter.allocate_tensors()
         self._input = self._interpreter.get_input_details()[0]["index"]
         self._output = self._interpreter.get_output_details()[0]["index"]
         self._shape: tuple[int, ...] = ()

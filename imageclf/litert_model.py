@@ -25,6 +25,7 @@ import numpy as np
 
 from imageclf.atomic import write_text_atomic
 from imageclf.classifier import Classifier, GraphSettings, read_sidecar, sidecar_path
+from imageclf.cli_common import stderr_silenced
 from imageclf.litert_convert import FORMAT
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,8 @@ class LiteModel(Classifier):
         self.concurrency = max(1, options.interpreters)
         self._pool: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
         for _ in range(max(1, options.interpreters)):
-            self._pool.put(_Slot(Interpreter(model_content=content, num_threads=max(1, options.threads))))
+            with stderr_silenced():  # one "Created TensorFlow Lite XNNPACK delegate" line per interpreter
+                self._pool.put(_Slot(Interpreter(model_content=content, num_threads=max(1, options.threads))))
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(batch, dtype=np.float32)

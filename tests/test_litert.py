@@ -3,6 +3,7 @@ a service that never loads TensorFlow."""
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import subprocess
@@ -173,6 +174,13 @@ def test_service_on_litert_answers_reloads_and_says_its_runtime(demo_model, froz
             assert status == 200
             np.testing.assert_allclose([answer["probabilities"][label] for label in session.labels], expected,
                                        rtol=0, atol=1e-4)
+        # TensorFlow Serving's REST API on the same model.
+        encoded = [base64.b64encode(p.read_bytes()).decode() for p in held_out[:2]]
+        status, answer = server.json("/v1/models/live:predict", headers={"Content-Type": "application/json"},
+                                     data=json.dumps({"instances": [{"b64": e} for e in encoded]}).encode())
+        expected = session.predict([decode_image(p.read_bytes(), size=session.input_size) for p in held_out[:2]])
+        assert status == 200
+        np.testing.assert_allclose(answer["predictions"], expected, rtol=0, atol=1e-4)
         # Concurrent uploads go through the batcher and the interpreter pool.
         body, headers = multipart("image", "a.jpg", held_out[4].read_bytes())
         with ThreadPoolExecutor(8) as pool:

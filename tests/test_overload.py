@@ -438,6 +438,11 @@ def _big_png(side: int, shade: int) -> bytes:
     return buf.getvalue()
 
 
+# What RSS may keep after the burst, above its level once warmed up by two big decodes. Measured on a 2-core
+# machine: with the trim -3 to 0 MiB (7 runs); without it +50 to +164 (6 runs; +91 to +194 without the warm-up).
+RSS_SLACK_MIB = 40
+
+
 def test_rss_returns_near_its_level_after_a_burst_of_big_decodes(graphs, tmp_path):
     port = free_port()
     log = tmp_path / "service.log"
@@ -451,6 +456,10 @@ def test_rss_returns_near_its_level_after_a_burst_of_big_decodes(graphs, tmp_pat
             time.sleep(0.1)
         for _ in range(10):
             assert _status(_exchange(port, _upload_request())) == 200
+        # The first big decodes leave a one-time floor in use (up to +52 MiB, that a later malloc_trim does not
+        # lower): taken before ``before``, so that what is measured is only what the trim can give back.
+        for shade in (7, 14):
+            assert _status(_exchange(port, _upload_request(_big_png(3000, shade)), timeout=120)) == 200
         time.sleep(1)
         before = _rss_mib(proc.pid)
         pngs = [_big_png(3000, 30 * i) for i in range(8)]  # 9 MP: ~160 MB each to decode and resize
@@ -459,13 +468,13 @@ def test_rss_returns_near_its_level_after_a_burst_of_big_decodes(graphs, tmp_pat
         assert statuses.count(200) >= 3, statuses
         peak = _rss_mib(proc.pid)
         deadline = time.monotonic() + 10
-        while _rss_mib(proc.pid) > before + 150 and time.monotonic() < deadline:
+        while _rss_mib(proc.pid) > before + RSS_SLACK_MIB and time.monotonic() < deadline:
             time.sleep(0.2)
         after = _rss_mib(proc.pid)
     finally:
         proc.terminate()
         proc.wait(30)
-    assert after <= before + 150, (before, peak, after)
+    assert after <= before + RSS_SLACK_MIB, (before, peak, after)
 
 
 def _pillow_blocks_live() -> int:

@@ -84,7 +84,7 @@ def _swap_in(source: Path, target: Path) -> None:
 # -- 1. reloads free the old model ---------------------------------------------------------------
 
 
-def test_hundreds_of_reloads_free_every_retired_model_without_failing_a_request(tiny_graphs, tmp_path):
+def test_reloads_free_every_retired_model_without_failing_a_request(tiny_graphs, tmp_path):
     graphs = tmp_path / "graphs"
     graphs.mkdir()
     _swap_in(tiny_graphs[0], graphs / "live.pb")
@@ -103,7 +103,8 @@ def test_hundreds_of_reloads_free_every_retired_model_without_failing_a_request(
     for t in clients:
         t.start()
     try:
-        for i in range(120):
+        # 40 reloads under two clients: each retired model must be freed (a leak shows at the first).
+        for i in range(40):
             with registry.serve("live") as servable:
                 model = servable.model
                 retired.append((weakref.ref(model), weakref.ref(model.graph), weakref.ref(model.session)))
@@ -149,15 +150,16 @@ def test_rss_stays_flat_across_reloads_of_a_real_model(demo_model, tmp_path):
     registry = ModelRegistry(graphs, poll_seconds=3600)
     engine = Engine(registry)
     checkpoints = {}
-    for i in range(36):
+    # RSS is flat from reload 10 on (see servable.py); a model left alive would add ~10 MiB a reload.
+    for i in range(24):
         _swap_in(copies[i % 2], graphs / "live.pb")
         registry.scan()
         engine.classify([CIRCLE])
-        if i in (11, 35):
+        if i in (11, 23):
             gc.collect()
             checkpoints[i] = _rss_mib()
     registry.stop()
-    per_reload = (checkpoints[35] - checkpoints[11]) / 24
+    per_reload = (checkpoints[23] - checkpoints[11]) / 12
     assert per_reload <= 3.0, f"RSS grew {per_reload:.1f} MiB per reload ({checkpoints})"
 
 

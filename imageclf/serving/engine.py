@@ -203,8 +203,14 @@ class Engine:
         """Decode within the budget; only the small model input outlives the reservation."""
         try:
             with self._reserved(decoded_nbytes(img) + _model_input_overhead(img)):
-                # A gray image stays one channel up to the resize: a third of the work (same numbers).
-                return servable.model.model_input(decode_opened(img, name=name, keep_gray=True))
+                try:
+                    # A gray image stays one channel up to the resize: a third of the work (same numbers).
+                    return servable.model.model_input(decode_opened(img, name=name, keep_gray=True))
+                finally:
+                    # load() left the decoded pixels in ``img``, which the request keeps until it is
+                    # answered: free them here, inside the reservation that counted them, so the trim
+                    # after it finds them free and the next image's reservation does not overlap them.
+                    img.close()
         except BadImageError as e:
             raise _image_error(e) from None
         except BudgetExceededError as e:

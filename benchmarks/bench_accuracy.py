@@ -16,6 +16,14 @@ Parts (each prints its table; all go into one JSON under results/):
 - ``digits``: a non-dog set, scikit-learn's bundled handwritten digits (1,797 8x8 scans, BSD
   licence; ``pip install -r benchmarks/requirements.txt``): head-only against ``--fine_tune``
   (no mirroring: a mirrored digit is another shape) through the exported graphs.
+- ``bases``: which base should be the default? Each base (``--bases``: the built-in dog-tuned
+  MobileNetV2 and EfficientNet-Lite0 ImageNet) on four tasks: the dev breeds, the orientation task
+  and a photo-quality task (every ``--orientation_every``-th dev photo as it is, blurred, with
+  sensor noise, and as a quality-8 JPEG: four classes, the copies of a photo always in one fold),
+  and scikit-learn's digits. 5-fold CV of the default head on each base's bottlenecks (every image
+  tested once), the same folds for every base, paired with McNemar; then, on the dev breeds, one
+  real ``retrain.py`` per base (wall time) and the one-image latency of its graph in-process on
+  each runtime (decode + predict, p50 of 100).
 - ``orientation``: a task far from the base's: which way up is a photo? Every ``--orientation_every``-th
   dev photo, saved upright and turned 90, 180 and 270 degrees (four classes; the four copies of a
   photo share one file name in a breed subfolder, so they always land in the same split). Head-only
@@ -50,11 +58,13 @@ FOLDS = 5
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="poets,default,digits,orientation",
-                        help="comma-separated: poets, default, digits, orientation")
+                        help="comma-separated: poets, default, digits, orientation, bases")
     parser.add_argument("--quick", action="store_true", help="few steps and epochs: checks the script, not the model")
     parser.add_argument("--output", type=Path, help="results JSON (default: benchmarks/results/...)")
     parser.add_argument("--orientation_every", type=int, default=3,
                         help="orientation part: use every Nth dev photo (default: %(default)s)")
+    parser.add_argument("--bases", default=OPTIONS["bases"],
+                        help="bases part: the --tfhub_module values to compare (default: %(default)s)")
     parser.add_argument("--orientation_tune", default=ORIENTATION_TUNE,
                         help="orientation part: the fine-tune flags (default: %(default)s)")
     args = parser.parse_args()
@@ -146,9 +156,69 @@ def orientation_part(work: Path, quick: bool) -> dict:
                    runs, {}, paired=("head only", "fine-tuned"))
 
 
-PARTS = {"poets": poets_part, "default": default_part, "digits": digits_part, "orientation": orientation_part}
+def bases_part(work: Path, quick: bool) -> dict:
+    if not DEFAULT_IMAGE_DIR.is_dir():
+        print(f"bases: skipped ({DEFAULT_IMAGE_DIR} not found)")
+        return {"skipped": "../shared not found"}
+    bases = OPTIONS["bases"].split(",")
+    steps = 300 if quick else 4000
+    every = OPTIONS["orientation_every"]
+    tasks = {"dog breeds": (DEFAULT_IMAGE_DIR, False),
+             "orientation": (write_orientations(work / "orientation", DEFAULT_IMAGE_DIR, every), True),
+             "photo quality": (write_qualities(work / "quality", DEFAULT_IMAGE_DIR, every), True)}
+    try:
+        tasks["digits"] = (write_digits(work / "digits"), False)
+    except ImportError:
+        print("bases: digits left out (pip install -r benchmarks/requirements.txt for scikit-learn)")
+    out: dict = {"bases": bases, "tasks": {}}
+    for task, (image_dir, grouped) in tasks.items():
+        cv = {base: cross_validate(image_dir, base, None, work / "bottlenecks", steps, balance=True,
+                                   group_by_name=grouped) for base in bases}
+        print(f"\nbases, {task}:")
+        from imageclf.metrics import format_accuracy
+
+        for base, result in cv.items():
+            print(f"  {base:24s} {FOLDS}-fold CV {format_accuracy(result['correct'], result['n'])}, "
+                  f"bottlenecks {result['bottleneck_seconds']} s")
+        pairs = {f"{b} vs {bases[0]}": mcnemar_p(cv[bases[0]]["per_image"], cv[b]["per_image"]) for b in bases[1:]}
+        for pair, p in pairs.items():
+            print(f"  {pair}: McNemar p = {p:.3g}")
+        out["tasks"][task] = {"cross_validation": cv, "mcnemar_p": pairs}
+    out["retrain_and_latency"] = {base: _retrain_and_latency(work / f"retrain-{base}", base, steps) for base in bases}
+    for base, r in out["retrain_and_latency"].items():
+        print(f"  {base:24s} retrain.py wall {r['wall_seconds']} s; one image p50: "
+              + ", ".join(f"{k} {v} ms" for k, v in r["latency_p50_ms"].items()))
+    return out
+
+
+def _retrain_and_latency(out: Path, base: str, steps: int) -> dict:
+    """retrain.py on the dev breeds with ``base`` (empty cache), then decode + predict of one image at a time."""
+    from imageclf.images import read_image
+    from imageclf.runtimes import RuntimeOptions, load_classifier
+
+    run = run_retrain(out, DEFAULT_IMAGE_DIR, ["--tfhub_module", base, "--how_many_training_steps", str(steps)])
+    photos = sorted(DEFAULT_IMAGE_DIR.rglob("*.jpg"))[::15][:100]
+    latency = {}
+    for runtime in ("tf", "litert"):
+        model = load_classifier(out / "model.pb", options=RuntimeOptions(runtime, cache_dir=str(out / "litert")),
+                                decode_in_graph=False)
+        model.predict([read_image(photos[0], size=model.input_size)])  # warm-up
+        seconds = []
+        for path in photos:
+            started = time.perf_counter()
+            model.predict([read_image(path, size=model.input_size)])
+            seconds.append(time.perf_counter() - started)
+        latency[runtime] = round(float(np.median(seconds)) * 1000, 2)
+        model.close()
+    return {"wall_seconds": run["wall_seconds"], "test_accuracy": run["accuracy"] if "accuracy" in run else
+            sum(run["test_correct"]) / len(run["test_correct"]), "latency_p50_ms": latency}
+
+
+PARTS = {"poets": poets_part, "default": default_part, "digits": digits_part, "orientation": orientation_part,
+         "bases": bases_part}
 ORIENTATION_TUNE = "--fine_tune_blocks 4 --fine_tune_learning_rate 3e-5 --random_crop 10 --random_brightness 10"
-OPTIONS: dict = {"orientation_every": 3, "orientation_tune": ORIENTATION_TUNE}
+OPTIONS: dict = {"orientation_every": 3, "orientation_tune": ORIENTATION_TUNE,
+                 "bases": "builtin,efficientnet_lite0"}
 
 
 # -- data, runs, scores ---------------------------------------------------------------------------
@@ -182,6 +252,25 @@ def write_orientations(folder: Path, photos: Path, every: int) -> Path:
             target = folder / name / source.parent.name / source.name
             target.parent.mkdir(parents=True, exist_ok=True)
             (upright.transpose(turn) if turn else upright).save(target, quality=95)
+    return folder
+
+
+def write_qualities(folder: Path, photos: Path, every: int) -> Path:
+    """Every ``every``-th photo four times: as it is, blurred, with sensor noise, and as a quality-8 JPEG."""
+    from PIL import Image, ImageFilter, ImageOps
+
+    rng = np.random.default_rng(0)
+    sources = sorted(p for p in photos.rglob("*.jpg"))[::every]
+    for source in sources:
+        with Image.open(source) as img:
+            photo = ImageOps.exif_transpose(img).convert("RGB")
+        noisy = np.clip(np.asarray(photo, np.float32) + rng.normal(0, 20, (photo.height, photo.width, 3)), 0, 255)
+        versions = {"sharp": (photo, 95), "blurred": (photo.filter(ImageFilter.GaussianBlur(2)), 95),
+                    "noisy": (Image.fromarray(noisy.astype(np.uint8)), 95), "blocky": (photo, 8)}
+        for name, (version, quality) in versions.items():
+            target = folder / name / source.parent.name / source.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            version.save(target, quality=quality)
     return folder
 
 
@@ -223,25 +312,32 @@ def score_graph(graph: Path, image_dir: Path, flags: list[str]) -> tuple[list[bo
     return correct, [f"{f.label}/{f.rel}" for f in test]
 
 
-def cross_validate(image_dir: Path, handle: str, spec, cache_dir: Path, steps: int, balance: bool) -> dict:
-    """5-fold CV of the head on cached bottlenecks: every image is a test image once."""
+def cross_validate(image_dir: Path, handle: str, spec, cache_dir: Path, steps: int, balance: bool,
+                   group_by_name: bool = False) -> dict:
+    """5-fold CV of the head on cached bottlenecks: every image is a test image once.
+
+    ``group_by_name``: for tasks made of several versions of one photo (one per class), the fold
+    comes from the photo's path below its class folder, so all its versions are tested together.
+    """
     import tensorflow as tf
 
     from imageclf.bases import load_base
-    from imageclf.bottlenecks import BottleneckCache, get_bottlenecks
+    from imageclf.bottlenecks import BottleneckCache, get_bottlenecks, with_runtime
     from imageclf.dataset import scan_image_dir
     from imageclf.training import TrainConfig, class_weights, sampler_from_arrays, train_final_layer
 
     tf.get_logger().setLevel("ERROR")  # one trainer per fold: its retracing warnings say nothing here
     labels, files = scan_image_dir(image_dir)
-    base = load_base(handle, spec)
+    base, _ = with_runtime(load_base(handle, spec), "litert")  # as retrain.py computes them by default
+    started = time.time()
     vectors, _ = get_bottlenecks([f.path for f in files], base, BottleneckCache(cache_dir, base), progress=False)
+    bottleneck_seconds = round(time.time() - started, 1)
     files = [f for f in files if f.path in vectors]
     x = np.stack([vectors[f.path] for f in files])
     y = np.array([labels.index(f.label) for f in files], np.int32)
-    fold = np.array([_bucket(f"{f.label}/{f.rel}", "fold") % FOLDS for f in files])
+    fold = np.array([_bucket(f.rel if group_by_name else f"{f.label}/{f.rel}", "fold") % FOLDS for f in files])
     validation = np.array([_bucket(f"{f.label}/{f.rel}", "validation") % 9 == 0 for f in files])
-    correct = 0
+    correct, per_image = 0, np.zeros(len(y), bool)
     started = time.time()
     for k in range(FOLDS):
         test, train = fold == k, (fold != k) & ~validation
@@ -250,9 +346,11 @@ def cross_validate(image_dir: Path, handle: str, spec, cache_dir: Path, steps: i
                                   len(labels), TrainConfig(steps=steps, eval_step_interval=steps, progress=False),
                                   log=lambda line: None,
                                   weights_per_class=class_weights(y[train], len(labels)) if balance else None)
-        correct += int((layer.probabilities(x[test]).argmax(axis=1) == y[test]).sum())
-    return {"correct": correct, "n": len(y), "features": base.bottleneck_size,
-            "seconds": round(time.time() - started, 1)}
+        right = layer.probabilities(x[test]).argmax(axis=1) == y[test]
+        per_image[test] = right
+        correct += int(right.sum())
+    return {"correct": correct, "n": len(y), "features": base.bottleneck_size, "per_image": per_image.tolist(),
+            "bottleneck_seconds": bottleneck_seconds, "seconds": round(time.time() - started, 1)}
 
 
 def _bucket(name: str, salt: str) -> int:

@@ -32,25 +32,17 @@ class LiteFeatures:
             from ai_edge_litert.interpreter import Interpreter
         except ImportError:
             raise LiteFeaturesUnavailable("ai-edge-litert is not installed") from None
+        from imageclf.litert_model import ResizingInterpreter
+
         model = _converted(base)
         with stderr_silenced():  # "Created TensorFlow Lite XNNPACK delegate", when the tensors are allocated
-            self._interpreter = Interpreter(model_content=model, num_threads=threads or len(os.sched_getaffinity(0)))
-            self._interpreter.allocate_tensors()
-        self._input = self._interpreter.get_input_details()[0]["index"]
-        self._output = self._interpreter.get_output_details()[0]["index"]
-        self._shape: tuple[int, ...] = ()
+            self._interpreter = ResizingInterpreter(
+                Interpreter(model_content=model, num_threads=threads or len(os.sched_getaffinity(0))))
         self._lock = threading.Lock()
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        images = np.ascontiguousarray(images, dtype=np.float32)
         with self._lock:
-            if images.shape != self._shape:
-                self._interpreter.resize_tensor_input(self._input, images.shape, strict=True)
-                self._interpreter.allocate_tensors()
-                self._shape = images.shape
-            self._interpreter.set_tensor(self._input, images)
-            self._interpreter.invoke()
-            return self._interpreter.get_tensor(self._output).copy()
+            return self._interpreter.invoke(np.ascontiguousarray(images, dtype=np.float32))
 
 
 def _converted(base: BaseModel) -> bytes:

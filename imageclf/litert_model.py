@@ -80,10 +80,11 @@ class LiteModel(Classifier):
         self.batchable = bool(info["batchable"])
         content = model_file.read_bytes()
         self.concurrency = max(1, options.interpreters)
-        self._pool: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
+        self._pool: queue.SimpleQueue[ResizingInterpreter] = queue.SimpleQueue()
+        threads = max(1, options.threads)
         for _ in range(max(1, options.interpreters)):
             with stderr_silenced():  # one "Created TensorFlow Lite XNNPACK delegate" line per interpreter
-                self._pool.put(_Slot(Interpreter(model_content=content, num_threads=max(1, options.threads))))
+                self._pool.put(ResizingInterpreter(Interpreter(model_content=content, num_threads=threads)))
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
@@ -104,8 +105,8 @@ class LiteModel(Classifier):
                 return
 
 
-class _Slot:
-    """One interpreter and the batch size its tensors are allocated for."""
+class ResizingInterpreter:
+    """One interpreter and the batch size its tensors are allocated for; not thread-safe (callers hold it alone)."""
 
     def __init__(self, interpreter) -> None:
         self.interpreter = interpreter

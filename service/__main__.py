@@ -259,6 +259,8 @@ def _check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         parser.error("--grpc_port must be 0 (off) to 65535 and --grpc_max_concurrent_rpcs not negative")
     if args.litert_threads <= 0:
         parser.error("--litert_threads must be positive")
+    if args.runtime not in RUNTIMES:  # argparse checks the choices of flags, not of IMAGECLF_RUNTIME
+        parser.error(f"--runtime (IMAGECLF_RUNTIME) {args.runtime[:40]!r}: choose from {', '.join(RUNTIMES)}")
     if args.workers <= 0 or args.intra_op_threads < 0 or args.inter_op_threads < 0:
         parser.error("--workers must be positive, --intra_op_threads and --inter_op_threads not negative")
     from service.connections import parse_networks

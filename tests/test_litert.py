@@ -270,3 +270,17 @@ def test_label_image_litert_prints_what_tf_prints(poets_like_graph, monkeypatch,
     assert [p["label"] for p in by_litert] == [p["label"] for p in by_tf]
     np.testing.assert_allclose([p["score"] for p in by_litert], [p["score"] for p in by_tf], rtol=0, atol=1e-4)
 
+
+
+@pytest.mark.parametrize(("env", "flags", "message"), [
+    ({"IMAGECLF_RUNTIME": "tflite"}, [], "--runtime (IMAGECLF_RUNTIME) 'tflite': choose from tf, litert"),
+    ({}, ["--runtime", "onnx"], "argument --runtime: invalid choice: 'onnx'"),
+    ({}, ["--runtime", "litert", "--litert_threads", "0"], "--litert_threads must be positive"),
+])
+def test_bad_runtime_settings_are_one_line(env, flags, message, tmp_path):
+    import os
+
+    done = subprocess.run([sys.executable, "-m", "service", "--graphs_dir", str(tmp_path), *flags], cwd=REPO,
+                          capture_output=True, text=True, env={**os.environ, **env}, timeout=60)
+    assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1, \
+        done.stderr

@@ -64,7 +64,8 @@ def main() -> int:
     parser.add_argument("--orientation_every", type=int, default=3,
                         help="orientation part: use every Nth dev photo (default: %(default)s)")
     parser.add_argument("--bases", default=OPTIONS["bases"],
-                        help="bases part: the --tfhub_module values to compare (default: %(default)s)")
+                        help="bases part: the --tfhub_module values to compare; NAME@SIZE gives one another "
+                             "input size, e.g. efficientnet_lite0@160 (default: %(default)s)")
     parser.add_argument("--orientation_tune", default=ORIENTATION_TUNE,
                         help="orientation part: the fine-tune flags (default: %(default)s)")
     args = parser.parse_args()
@@ -172,7 +173,7 @@ def bases_part(work: Path, quick: bool) -> dict:
         print("bases: digits left out (pip install -r benchmarks/requirements.txt for scikit-learn)")
     out: dict = {"bases": bases, "tasks": {}}
     for task, (image_dir, grouped) in tasks.items():
-        cv = {base: cross_validate(image_dir, base, None, work / "bottlenecks", steps, balance=True,
+        cv = {base: cross_validate(image_dir, *_sized(base), work / "bottlenecks", steps, balance=True,
                                    group_by_name=grouped) for base in bases}
         print(f"\nbases, {task}:")
         from imageclf.metrics import format_accuracy
@@ -191,12 +192,22 @@ def bases_part(work: Path, quick: bool) -> dict:
     return out
 
 
+def _sized(base: str) -> tuple:
+    """``efficientnet_lite0@160``: the handle and a spec with that input size (--base_input_size)."""
+    from imageclf.bases import FrozenGraphSpec
+
+    handle, _, size = base.partition("@")
+    return handle, FrozenGraphSpec(input_size=(int(size), int(size))) if size else None
+
+
 def _retrain_and_latency(out: Path, base: str, steps: int) -> dict:
     """retrain.py on the dev breeds with ``base`` (empty cache), then decode + predict of one image at a time."""
     from imageclf.images import read_image
     from imageclf.runtimes import RuntimeOptions, load_classifier
 
-    run = run_retrain(out, DEFAULT_IMAGE_DIR, ["--tfhub_module", base, "--how_many_training_steps", str(steps)])
+    handle, _, size = base.partition("@")
+    run = run_retrain(out, DEFAULT_IMAGE_DIR, ["--tfhub_module", handle, "--how_many_training_steps", str(steps),
+                                              *(["--base_input_size", size, size] if size else [])])
     photos = sorted(DEFAULT_IMAGE_DIR.rglob("*.jpg"))[::15][:100]
     latency = {}
     for runtime in ("tf", "litert"):

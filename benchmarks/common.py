@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import socket
+import subprocess
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -57,7 +58,20 @@ def machine_info() -> dict:
             "memory_total_gib": _memory_gib(),
             "python": platform.python_version(), "tensorflow": tf.__version__,
             "numpy": np.__version__, "platform": platform.platform(),
-            "load_average_start": load_average()}
+            "load_average_start": load_average(), **source_state()}
+
+
+def source_state() -> dict:
+    """The commit measured and whether the tree had changes (a run of uncommitted code says so)."""
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "HEAD"), "tree_clean": None if status is None else status == ""}
 
 
 def machine_line(m: dict) -> str:
@@ -120,7 +134,7 @@ def machine_info_light() -> dict:
             "memory_total_gib": _memory_gib(),
             "python": platform.python_version(), "tensorflow": installed("tensorflow"),
             "numpy": installed("numpy"), "platform": platform.platform(),
-            "load_average_start": load_average()}
+            "load_average_start": load_average(), **source_state()}
 
 
 def memory_available_mib() -> float | None:

@@ -36,7 +36,7 @@ def resolve_image_dir(requested: Path | None) -> tuple[Path, str | None]:
     if DEFAULT_IMAGE_DIR.is_dir():
         return DEFAULT_IMAGE_DIR, None
     note = (f"{DEFAULT_IMAGE_DIR} not found; using the small generated set {FALLBACK_IMAGE_DIR} "
-            "instead, so the numbers are not comparable with the README's")
+            "instead, so the numbers are not comparable with benchmarks/README.md's")
     return FALLBACK_IMAGE_DIR, note
 
 

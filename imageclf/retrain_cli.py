@@ -166,7 +166,7 @@ def add_base_arguments(base: argparse._ArgumentGroup | argparse.ArgumentParser) 
     base.add_argument("--exact_bottleneck_tensor", action="store_true",
                       help="frozen .pb base: train on --base_bottleneck_tensor as named even when it is the "
                            "base's own class logits (by default the pooled features feeding those logits are "
-                           "used: more accurate, see README)")
+                           "used: more accurate, see docs/training.md)")
     base.add_argument("--runtime", choices=("tf", "litert"), default="litert",
                       help="what runs the base to compute bottlenecks: litert (LiteRT with XNNPACK, about twice "
                            "as fast on CPU; a base it cannot run falls back to tf, saying why) or tf. The graph "

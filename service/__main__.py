@@ -41,7 +41,7 @@ As a front for TensorFlow Serving (or another python -m service) serving the exp
 With LiteRT (XNNPACK) instead of a TensorFlow session: same answers, faster, a fraction of the memory:
   python -m service --runtime litert --grpc_port 0   # gRPC needs TensorFlow's protos; HTTP alone does not
 
-On a machine with many cores (see README, "Big machines"):
+On a machine with many cores (see docs/serving.md, "Big machines"):
   python -m service --workers 4 --threads 8     # 4 processes on one port, cores split between them
 
 SIGTERM or Ctrl-C: new connections are refused, requests in progress get up to 5 s to finish.
@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--litert_cache_dir", default=_env("litert_cache_dir", ""),
                    help="with --runtime litert: where converted models are kept (default: "
                         "$XDG_CACHE_HOME/imageclf/litert, else ~/.cache/imageclf/litert)")
-    # Under load (README, "Under load").
+    # Under load (docs/serving.md, "Under load").
     p.add_argument("--max_queued_requests", type=int, default=_env("max_queued_requests", 0),
                    help="requests that run the model (uploads, ?file=, :predict...) waiting for a free thread; "
                         "more are answered 503 with Retry-After at once, and /healthz, /readyz never wait "

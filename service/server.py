@@ -2,7 +2,7 @@
 
 Waitress reads whole requests in its event loop before a request thread sees them, so slow or
 half-finished requests cost a socket, not a thread. On top of waitress this server adds what a
-service needs under more load than it can serve (see README, "Under load"):
+service needs under more load than it can serve (see docs/serving.md, "Under load"):
 
 - admission (service/admission.py): probes and error answers never wait for a thread, model
   work beyond ``max_queued_requests`` waiting is refused at once (503 + Retry-After), cheap

@@ -2,7 +2,7 @@
 
 One process is capped by its GIL: every request's Python work (HTTP, Flask, JSON, the
 batcher) runs one thread at a time. Several processes each have their own GIL, sessions and
-batcher, so a machine with many cores can be used by several of them (see README, "Big
+batcher, so a machine with many cores can be used by several of them (see docs/serving.md, "Big
 machines").
 
 The parent imports no TensorFlow. It binds the HTTP port itself (so "port in use" is one clear

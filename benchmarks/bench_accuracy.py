@@ -58,7 +58,7 @@ FOLDS = 5
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="poets,default,digits,orientation",
-                        help="comma-separated: poets, default, digits, orientation, bases")
+                        help="comma-separated: poets, default, digits, orientation, bases, finetune")
     parser.add_argument("--quick", action="store_true", help="few steps and epochs: checks the script, not the model")
     parser.add_argument("--output", type=Path, help="results JSON (default: benchmarks/results/...)")
     parser.add_argument("--orientation_every", type=int, default=3,
@@ -192,6 +192,35 @@ def bases_part(work: Path, quick: bool) -> dict:
     return out
 
 
+def finetune_part(work: Path, quick: bool) -> dict:
+    """Head only against ``--fine_tune`` with its default flags, on the first of --bases, task by task.
+
+    Both runs of a task use the same splits (validation 20%, test 25%: more held-out images than
+    the defaults, so that a difference of a few points is not noise) and the same bottleneck cache;
+    McNemar on the same test images.
+    """
+    if not DEFAULT_IMAGE_DIR.is_dir():
+        print(f"finetune: skipped ({DEFAULT_IMAGE_DIR} not found)")
+        return {"skipped": "../shared not found"}
+    handle, _, size = OPTIONS["bases"].split(",")[0].partition("@")
+    steps, every = (300 if quick else 4000), OPTIONS["orientation_every"]
+    tasks = {"orientation": write_orientations(work / "orientation", DEFAULT_IMAGE_DIR, every),
+             "photo quality": write_qualities(work / "quality", DEFAULT_IMAGE_DIR, every),
+             "dog breeds": DEFAULT_IMAGE_DIR}
+    flags = ["--tfhub_module", handle, "--how_many_training_steps", str(steps), "--validation_percentage", "20",
+             "--testing_percentage", "25", *(["--base_input_size", size, size] if size else [])]
+    out = {"base": OPTIONS["bases"].split(",")[0], "flags": flags, "tasks": {}}
+    for task, image_dir in tasks.items():
+        cache = work / f"bottlenecks-{task}"
+        runs = {"head only": run_retrain(work / task / "head", image_dir, flags, bottlenecks=cache),
+                "fine-tuned": run_retrain(work / task / "tuned", image_dir,
+                                          [*flags, "--fine_tune", *(["--fine_tune_epochs", "1"] if quick else [])],
+                                          bottlenecks=cache)}
+        out["tasks"][task] = _report(f"finetune, {task}: {out['base']}, default --fine_tune flags", runs, {},
+                                     paired=("head only", "fine-tuned"))
+    return out
+
+
 def _sized(base: str) -> tuple:
     """``efficientnet_lite0@160``: the handle and a spec with that input size (--base_input_size)."""
     from imageclf.bases import FrozenGraphSpec
@@ -226,7 +255,7 @@ def _retrain_and_latency(out: Path, base: str, steps: int) -> dict:
 
 
 PARTS = {"poets": poets_part, "default": default_part, "digits": digits_part, "orientation": orientation_part,
-         "bases": bases_part}
+         "bases": bases_part, "finetune": finetune_part}
 ORIENTATION_TUNE = "--fine_tune_blocks 4 --fine_tune_learning_rate 3e-5 --random_crop 10 --random_brightness 10"
 OPTIONS: dict = {"orientation_every": 3, "orientation_tune": ORIENTATION_TUNE,
                  "bases": "builtin,efficientnet_lite0"}
@@ -308,8 +337,10 @@ def score_graph(graph: Path, image_dir: Path, flags: list[str]) -> tuple[list[bo
     from imageclf.graph_model import GraphModel
     from imageclf.images import read_image
 
-    testing = float(flags[flags.index("--testing_percentage") + 1]) if "--testing_percentage" in flags else 10
-    labels, files = scan_image_dir(image_dir, 10, testing)
+    def percentage(flag: str) -> float:
+        return float(flags[flags.index(flag) + 1]) if flag in flags else 10
+
+    labels, files = scan_image_dir(image_dir, percentage("--validation_percentage"), percentage("--testing_percentage"))
     test = [f for f in files if f.split == TEST]
     model = GraphModel(graph)
     try:

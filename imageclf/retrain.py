@@ -17,7 +17,7 @@ from imageclf.bases import BaseModel, FrozenGraphSpec, load_base
 from imageclf.bottlenecks import BottleneckCache, BottleneckReport, feature_function, get_bottlenecks, with_runtime
 from imageclf.dataset import TEST, TRAIN, VALIDATION, ImageFile, check_trainable, scan_image_folder
 from imageclf.duplicates import DuplicateReport, near_duplicates, unify_identical
-from imageclf.fine_tune import FineTuneConfig, check_fine_tunable, decoded_images, fine_tune
+from imageclf.fine_tune import FineTuneConfig, check_fine_tunable, decoded_images, fine_tune, tunable_base
 from imageclf.image_files import DEFAULT_MAX_FILE_MB, MIB, FileRules
 from imageclf.images import DEFAULT_MAX_PIXELS
 from imageclf.metrics import evaluation_report, format_accuracy, format_report, wilson_interval
@@ -98,7 +98,7 @@ def retrain(opts: RetrainOptions, log: Callable[[str], None] = tqdm.write) -> Re
     log(f"Found {len(labels)} classes and {len(files):,} files in {opts.image_dir}"
         + (f"; left out {len(scan.skipped):,} symlink(s) leading outside it" if scan.skipped else ""))
     if opts.fine_tune:
-        check_fine_tunable(opts.tfhub_module)  # before minutes of bottlenecks, not after
+        check_fine_tunable(opts.tfhub_module, opts.fine_tune.blocks)  # before minutes of bottlenecks, not after
     base, why_not = with_runtime(load_base(opts.tfhub_module, opts.frozen_base), opts.runtime)
     log(f"Base model: {base.description} ({base.input_size[0]}x{base.input_size[1]}, "
         f"{base.bottleneck_size} features; bottlenecks by {_RUNTIME_NAMES[base.runtime]})")
@@ -180,7 +180,7 @@ def _fine_tune(opts: RetrainOptions, base: BaseModel, layer: FinalLayer, files: 
                                    rules=opts.file_rules())
               for name in (TRAIN, VALIDATION)}
     result = fine_tune((images[TRAIN], splits[TRAIN][1]), (images[VALIDATION], splits[VALIDATION][1]),
-                       layer, config, log=log)
+                       layer, config, log=log, tunable=tunable_base(opts.tfhub_module, base.input_size))
     return result.base, result.layer, result.report
 
 

@@ -11,6 +11,10 @@ from typing import TYPE_CHECKING
 from imageclf.cli_common import quiet_tensorflow, run
 from imageclf.image_files import DEFAULT_MAX_FILE_MB
 from imageclf.images import DEFAULT_MAX_PIXELS
+from imageclf.tunable_blocks import MAX_BLOCKS
+
+#: Validation share with --fine_tune: it selects among epochs, so it needs more images than a head does.
+FINE_TUNE_VALIDATION = 20
 
 if TYPE_CHECKING:
     from imageclf.bases import FrozenGraphSpec
@@ -55,8 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--image_dir", required=True, help="folder with one subfolder of images per class")
     data.add_argument("--testing_percentage", type=float, default=10,
                       help="percentage of images kept for the final test (default: %(default)s)")
-    data.add_argument("--validation_percentage", type=float, default=10,
-                      help="percentage of images used for validation while training (default: %(default)s)")
+    data.add_argument("--validation_percentage", type=float, default=None,
+                      help="percentage of images used for validation while training (default: 10, or "
+                           f"{FINE_TUNE_VALIDATION} with --fine_tune, which picks its epoch on them: at 10%% they "
+                           "are too few to tell epochs apart)")
     add_file_arguments(data)
 
     out = p.add_argument_group("output")
@@ -99,13 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="after training the new layer, also train the base's last blocks with it on "
                            "distorted images (flip, crop 10%%, brightness 10%%, or the distortion flags if "
                            "given); the epoch with the best validation result is kept")
-    tune.add_argument("--fine_tune_blocks", type=int, default=2,
-                      help="how many of MobileNetV2's 16 blocks to train, from the top (default: %(default)s)")
+    tune.add_argument("--fine_tune_blocks", type=int, default=4,
+                      help="how many of the base's blocks to train, from the top (MobileNetV2 and "
+                           "EfficientNet-Lite0 have 16, Lite1 and Lite2 21; default: %(default)s)")
     tune.add_argument("--fine_tune_epochs", type=int, default=10,
                       help="at most this many passes over the training images (default: %(default)s)")
     tune.add_argument("--fine_tune_patience", type=int, default=3,
                       help="stop after this many epochs without a better validation result (default: %(default)s)")
-    tune.add_argument("--fine_tune_learning_rate", type=float, default=1e-5,
+    tune.add_argument("--fine_tune_learning_rate", type=float, default=3e-5,
                       help="Adam learning rate of the base's blocks; the new layer uses 10x (default: %(default)s)")
 
     distort = p.add_argument_group("distortions (slow: features are recomputed at every step)")
@@ -188,13 +195,16 @@ def _positive(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         if getattr(args, flag) <= 0:
             parser.error(f"--{flag} must be positive")
     check_file_arguments(parser, args)
+    if args.validation_percentage is None:
+        args.validation_percentage = FINE_TUNE_VALIDATION if args.fine_tune else 10
     if args.watch_interval <= 0 or args.watch_settle < 0:
         parser.error("--watch_interval must be positive and --watch_settle not negative")
     for flag in ("learning_rate", "fine_tune_learning_rate", "fine_tune_epochs", "fine_tune_patience"):
         if getattr(args, flag) <= 0:
             parser.error(f"--{flag} must be positive")
-    if not 1 <= args.fine_tune_blocks <= 16:
-        parser.error("--fine_tune_blocks must be from 1 to 16 (MobileNetV2 has 16 blocks)")
+    if not 1 <= args.fine_tune_blocks <= MAX_BLOCKS:
+        parser.error(f"--fine_tune_blocks must be from 1 to the base's blocks (MobileNetV2 and EfficientNet-Lite0 "
+                     f"have 16, Lite1 and Lite2 {MAX_BLOCKS})")
     for flag in ("random_crop", "random_scale", "random_brightness"):
         if not 0 <= getattr(args, flag) < 100:
             parser.error(f"--{flag} must be a percentage from 0 to below 100")

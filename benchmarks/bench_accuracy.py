@@ -242,8 +242,8 @@ def finetune_part(work: Path, quick: bool) -> dict:
     out = {"base": OPTIONS["bases"].split(",")[0], "flags": flags, "tasks": {}}
     for task, image_dir in tasks.items():
         cache = work / f"bottlenecks-{task}"
-        runs = {"head only": run_retrain(work / task / "head", image_dir, flags, bottlenecks=cache),
-                "fine-tuned": run_retrain(work / task / "tuned", image_dir,
+        runs = {"head only": run_retrain(work / "runs" / task / "head", image_dir, flags, bottlenecks=cache),
+                "fine-tuned": run_retrain(work / "runs" / task / "tuned", image_dir,
                                           [*flags, "--fine_tune", *(["--fine_tune_epochs", "1"] if quick else [])],
                                           bottlenecks=cache)}
         out["tasks"][task] = _report(f"finetune, {task}: {out['base']}, default --fine_tune flags", runs, {},

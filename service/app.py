@@ -110,7 +110,8 @@ def _install_routes(app: Flask, engine: Engine, metrics: ServiceMetrics, config:
     @app.get("/")
     def index():
         if "file" in request.args:
-            return jsonify(_classify_file(engine, config, request.args["file"]))
+            answer_format = _answer_format()  # checked before any work
+            return jsonify(_formatted(_classify_file(engine, config, request.args["file"]), answer_format))
         if request.accept_mimetypes.best_match(["application/json", "text/html"]) == "text/html":
             return Response(page, mimetype="text/html")
         raise ApiError(400, "missing 'file' parameter: GET /?file=PATH (under the image root), "
@@ -119,8 +120,9 @@ def _install_routes(app: Flask, engine: Engine, metrics: ServiceMetrics, config:
     @app.post("/")
     @app.post("/classify")
     def classify_upload():
+        answer_format = _answer_format()
         data, name = _upload()
-        return jsonify(_classify(engine, config, data, name))
+        return jsonify(_formatted(_classify(engine, config, data, name), answer_format))
 
     @app.get("/healthz")
     def healthz():
@@ -175,6 +177,26 @@ def _one_answer(answer: Answer, name: str, top_k: int, seconds: float) -> dict:
         "time_ms": {"decode": round(answer.decode_ms, 2), "inference": round(answer.inference_ms, 2),
                     "total": round(1000 * seconds, 2)},
     }
+
+
+#: ``?format=`` values: the full answer (default), or the older service's ``[[labels...], [probs...]]``.
+ANSWER_FORMATS = ("full", "lists")
+
+
+def _answer_format() -> str:
+    value = request.args.get("format", ANSWER_FORMATS[0])
+    if value not in ANSWER_FORMATS:
+        raise ApiError(400, f"unknown format '{echo(value)}': use 'full' (the default) or 'lists' "
+                            "([[labels...], [probabilities...]], highest first, top_k of them)", "bad_parameter")
+    return value
+
+
+def _formatted(answer: dict, answer_format: str) -> dict | list:
+    """The answer in the format asked for; ``lists`` is what clients of the older service read."""
+    if answer_format == "lists":
+        top = answer["predictions"]
+        return [[p["label"] for p in top], [p["score"] for p in top]]
+    return answer
 
 
 def _top_k(config: ServiceConfig) -> int:

@@ -5,7 +5,7 @@ documentation (api_rest.md and the JSON its handler tests expect), written out h
 SavedModel that ``retrain.py --saved_model_dir`` exports, whose own SignatureDefs (loaded with
 TensorFlow, turned into proto3 JSON with ``json_format.MessageToDict`` as TF Serving prints them)
 the service's metadata must equal. The service runs for real on 127.0.0.1 over a real retrained
-graph (a tiny base, so it stays fast).
+graph (a tiny base, so it stays fast). Also here: ``?format=lists`` on path and upload answers.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from imageclf.training import TrainConfig
 from service.grpc_api import GrpcServer
 
 from .conftest import quick_options
-from .service_helpers import Server
+from .service_helpers import Server, multipart
 
 MODEL = "shapes"
 LABELS = ["circle", "square", "triangle"]
@@ -293,3 +293,33 @@ def test_regress_and_classify_with_pixels_are_400(server, pictures):
 def test_too_many_instances_is_refused_on_the_count(server):
     status, message = error_of(server, f"/v1/models/{MODEL}:predict", {"inputs": {"image_bytes": [{"b64": "*"}] * 5}})
     assert status == 413 and "5 images in one request; the limit is 4" in message
+
+
+# -- ?format=lists: the older service's [[labels...], [probabilities...]] ---------------------------------
+
+
+def test_format_lists_by_path_and_upload(server, model):
+    path = "circle/circle_003.jpg"
+    _, full = server.json(f"/?file={path}&top_k=2")
+    want = [[p["label"] for p in full["predictions"]], [p["score"] for p in full["predictions"]]]
+    assert len(want[0]) == 2 and want[1] == sorted(want[1], reverse=True)
+    status, answer = server.json(f"/?file={path}&top_k=2&format=lists")
+    assert status == 200 and answer == want
+    data = (model[1] / path).read_bytes()
+    body, headers = multipart("image", "c.jpg", data)
+    for route in ("/classify", "/"):
+        assert server.json(f"{route}?format=lists&top_k=2", data=body, headers=headers) == (200, want)
+        assert server.json(f"{route}?format=lists&top_k=2", data=data, headers={"Content-Type": "image/jpeg"}) == \
+            (200, want)
+    status, answer = server.json(f"/?file={path}&format=lists")  # the default top_k (5): all three labels
+    assert status == 200 and sorted(answer[0]) == LABELS and answer[1] == sorted(answer[1], reverse=True)
+    status, answer = server.json(f"/?file={path}&top_k=2&format=full")
+    assert status == 200 and answer["predictions"] == full["predictions"] and set(answer) == set(full)
+
+
+@pytest.mark.parametrize("route, data", [("/?file=circle/circle_003.jpg&format=xml", None),
+                                         ("/classify?format=xml", b"x"), ("/?format=xml", b"x")])
+def test_unknown_format_is_400_naming_the_formats(server, route, data):
+    status, answer = server.json(route, data=data, headers={"Content-Type": "image/jpeg"} if data else None)
+    assert status == 400 and set(answer) == {"error"}
+    assert "unknown format 'xml'" in answer["error"] and "'full'" in answer["error"] and "'lists'" in answer["error"]

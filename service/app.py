@@ -5,9 +5,6 @@ A thin skin over ``imageclf.serving.Engine``: parse the request, call the engine
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +25,7 @@ from service.metrics import ServiceMetrics
 from service.security import install_security
 
 STATUS = {"bad_image": 400, "not_an_image": 415, "too_large": 413, "too_many_pixels": 400,
-          "too_many_instances": 413, "unknown_model": 404, "unavailable": 503, "busy": 503,
+          "too_many_instances": 413, "unknown_model": 404, "unknown_version": 404, "unavailable": 503, "busy": 503,
           # --backend: unreachable, slow or full (retry), a refusal of the request, anything else.
           "backend_unavailable": 503, "backend_timeout": 503, "backend_busy": 503,
           "backend_invalid_argument": 400, "backend_error": 502}
@@ -113,7 +110,8 @@ def _install_routes(app: Flask, engine: Engine, metrics: ServiceMetrics, config:
     @app.get("/")
     def index():
         if "file" in request.args:
-            return jsonify(_classify_file(engine, config, request.args["file"]))
+            answer_format = _answer_format()  # checked before any work
+            return jsonify(_formatted(_classify_file(engine, config, request.args["file"]), answer_format))
         if request.accept_mimetypes.best_match(["application/json", "text/html"]) == "text/html":
             return Response(page, mimetype="text/html")
         raise ApiError(400, "missing 'file' parameter: GET /?file=PATH (under the image root), "
@@ -122,8 +120,9 @@ def _install_routes(app: Flask, engine: Engine, metrics: ServiceMetrics, config:
     @app.post("/")
     @app.post("/classify")
     def classify_upload():
+        answer_format = _answer_format()
         data, name = _upload()
-        return jsonify(_classify(engine, config, data, name))
+        return jsonify(_formatted(_classify(engine, config, data, name), answer_format))
 
     @app.get("/healthz")
     def healthz():
@@ -145,39 +144,10 @@ def _install_routes(app: Flask, engine: Engine, metrics: ServiceMetrics, config:
 
 
 def _install_tf_serving_routes(app: Flask, engine: Engine) -> None:
-    """The TensorFlow Serving REST API, for our graphs (inputs as base64 encoded images)."""
+    """The TensorFlow Serving REST API, for our graphs (see tfs_rest)."""
+    from service.tfs_rest import install_routes  # imported here: it takes ApiError from this module
 
-    @app.get("/v1/models/<name>")
-    def tfs_status(name):
-        with engine.hold(name) as servable:
-            return jsonify({"model_version_status": [{
-                "version": str(servable.version), "state": "AVAILABLE",
-                "status": {"error_code": "OK", "error_message": ""}}]})
-
-    @app.get("/v1/models/<name>/metadata")
-    def tfs_metadata(name):
-        with engine.hold(name) as servable:
-            model = servable.model
-            return jsonify({"model_spec": {"name": name, "signature_name": "", "version": str(servable.version)},
-                            "metadata": {"signature_def": {"signature_def": {"serving_default": {
-                                "inputs": {"image_bytes": {
-                                    "dtype": "DT_STRING", "tensor_shape": [-1],
-                                    "name": model.bytes_input_name}},
-                                "outputs": {"scores": {"dtype": "DT_FLOAT", "tensor_shape": [-1, len(model.labels)],
-                                                       "name": model.output_name}},
-                                "method_name": "tensorflow/serving/predict",
-                                "image_size": list(model.input_size), "labels": model.labels}}}}})
-
-    @app.post("/v1/models/<name>:predict")
-    def tfs_predict(name):
-        answer = engine.classify(_instances(engine), name)
-        return jsonify({"predictions": answer.scores.tolist()})
-
-    @app.post("/v1/models/<name>:classify")
-    def tfs_classify(name):
-        answer = engine.classify(_instances(engine), name)
-        return jsonify({"results": [[[label, float(s)] for label, s in zip(answer.labels, row, strict=True)]
-                                    for row in answer.scores]})
+    install_routes(app, engine)
 
 
 def _classify_file(engine: Engine, config: ServiceConfig, user_path: str) -> dict:
@@ -207,6 +177,26 @@ def _one_answer(answer: Answer, name: str, top_k: int, seconds: float) -> dict:
         "time_ms": {"decode": round(answer.decode_ms, 2), "inference": round(answer.inference_ms, 2),
                     "total": round(1000 * seconds, 2)},
     }
+
+
+#: ``?format=`` values: the full answer (default), or the older service's ``[[labels...], [probs...]]``.
+ANSWER_FORMATS = ("full", "lists")
+
+
+def _answer_format() -> str:
+    value = request.args.get("format", ANSWER_FORMATS[0])
+    if value not in ANSWER_FORMATS:
+        raise ApiError(400, f"unknown format '{echo(value)}': use 'full' (the default) or 'lists' "
+                            "([[labels...], [probabilities...]], highest first, top_k of them)", "bad_parameter")
+    return value
+
+
+def _formatted(answer: dict, answer_format: str) -> dict | list:
+    """The answer in the format asked for; ``lists`` is what clients of the older service read."""
+    if answer_format == "lists":
+        top = answer["predictions"]
+        return [[p["label"] for p in top], [p["score"] for p in top]]
+    return answer
 
 
 def _top_k(config: ServiceConfig) -> int:
@@ -245,34 +235,6 @@ def _form_file(name: str):
             raise ApiError(413, f"multipart upload has more than {MAX_FORM_PARTS:,} parts: send the image as "
                                 f"one '{name}' file field", "too_many_parts") from None
         raise
-
-
-def _instances(engine: Engine) -> list[bytes]:
-    """The base64 images of a TF Serving request body: ``{"instances": [{"b64": ...}, ...]}``."""
-    if not request.is_json:
-        # Only JSON bodies: a web page can send text/plain or form bodies cross-site without asking.
-        raise ApiError(415, "send the request body as JSON with 'Content-Type: application/json'",
-                       "unsupported_media_type")
-    try:
-        body = json.loads(request.get_data(cache=False))
-    except (ValueError, RecursionError):
-        raise ApiError(400, "the request body is not valid JSON (or is nested too deeply)", "bad_request") from None
-    items = (body.get("instances") or body.get("examples")) if isinstance(body, dict) else None
-    if not isinstance(items, list):
-        raise ApiError(400, 'expected JSON {"instances": [{"b64": "..."}, ...]}', "bad_request")
-    engine.check_count(len(items))  # before decoding any base64
-    return [_instance_bytes(i, item) for i, item in enumerate(items)]
-
-
-def _instance_bytes(i: int, item) -> bytes:
-    if isinstance(item, dict) and "b64" not in item and len(item) == 1:
-        item = next(iter(item.values()))  # {"image_bytes": {"b64": ...}}
-    if not isinstance(item, dict) or not isinstance(item.get("b64"), str):
-        raise ApiError(400, f'instance {i}: expected {{"b64": "<base64 image>"}}', "bad_request")
-    try:
-        return base64.b64decode(item["b64"], validate=True)
-    except (binascii.Error, ValueError):
-        raise ApiError(400, f"instance {i}: invalid base64", "bad_request") from None
 
 
 def _install_error_handlers(app: Flask, metrics: ServiceMetrics) -> None:

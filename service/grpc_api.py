@@ -27,14 +27,14 @@ from tensorflow_serving.apis import (
     model_service_pb2,
     predict_pb2,
     prediction_service_pb2,
-    status_pb2,
 )
 
 from imageclf.errors import echo, echo_list
-from imageclf.serving.engine import Engine, EngineError, ModelNotFoundError, VersionNotFoundError
+from imageclf.serving.engine import Engine, EngineError
 from imageclf.serving.signatures import DEFAULT_SIGNATURE, UnknownSignatureError, signature_named, signatures
 from service import tfs_protos as protos
 from service.metrics import ServiceMetrics
+from service.tfs_model import version_status
 
 log = logging.getLogger(__name__)
 
@@ -175,22 +175,8 @@ class ModelHandlers:
 
     def _status(self, request: get_model_status_pb2.GetModelStatusRequest):
         name, version = protos.requested_model(request.model_spec)
-        statuses = {s.name: s for s in self.engine.registry.statuses()}
-        if name not in statuses:
-            raise ModelNotFoundError(f"unknown model '{echo(name)}' (known: {', '.join(sorted(statuses)) or 'none'})")
-        status = statuses[name]
-        served = status.served
-        if served is not None and version is not None and version != served.version:
-            raise VersionNotFoundError(f"model {name} has no version {version} (serving version {served.version})")
-        state = get_model_status_pb2.ModelVersionStatus
-        if served is not None:
-            entry = state(version=served.version, state=state.AVAILABLE, status=status_pb2.StatusProto())
-        elif status.state == "loading":
-            entry = state(version=version or 0, state=state.LOADING, status=status_pb2.StatusProto())
-        else:  # the graph failed to load and no earlier version is served
-            entry = state(version=version or 0, state=state.END,
-                          status=status_pb2.StatusProto(error_code=2, error_message=status.error or "load failed"))
-        return get_model_status_pb2.GetModelStatusResponse(model_version_status=[entry])
+        return get_model_status_pb2.GetModelStatusResponse(
+            model_version_status=[protos.version_status(version_status(self.engine, name, version))])
 
 
 def _service(service, methods: dict[str, tuple[type, Callable]], calls: _Calls) -> grpc.GenericRpcHandler:

@@ -13,16 +13,23 @@ import math
 import numpy as np
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow.core.protobuf import meta_graph_pb2
-from tensorflow_serving.apis import classification_pb2, get_model_metadata_pb2, input_pb2, model_pb2
+from tensorflow_serving.apis import (
+    classification_pb2,
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    input_pb2,
+    model_pb2,
+    status_pb2,
+)
 
 from imageclf.errors import echo_list
 from imageclf.serving.engine import Answer
-from imageclf.serving.signatures import CLASSES, SCORES, Signature
+from imageclf.serving.signatures import CLASSES, IMAGE_FEATURES, SCORES, Signature
+from service.tfs_model import DTYPE_NAMES, UnknownLabelError, VersionStatus, check_label
 
-DTYPES = {"string": types_pb2.DT_STRING, "float32": types_pb2.DT_FLOAT}
-#: tf.Example features that hold an encoded image, in the order they are looked for.
-#: ``image/encoded`` is the name TF-Slim and the Object Detection API write image bytes under.
-IMAGE_FEATURES = ("image/encoded", "image_bytes")
+DTYPES = {dtype: types_pb2.DataType.Value(name) for dtype, name in DTYPE_NAMES.items()}
+#: StatusProto's error codes (tensorflow.error.Code), by name.
+_ERROR_CODES = status_pb2.StatusProto.DESCRIPTOR.fields_by_name["error_code"].enum_type
 
 
 class RequestError(Exception):
@@ -36,8 +43,11 @@ def requested_model(spec: model_pb2.ModelSpec) -> tuple[str, int | None]:
     if not spec.name:
         raise RequestError("model_spec.name is empty: name a model (GET /models lists them)")
     if spec.version_label:
-        raise RequestError("model_spec.version_label is not supported: give model_spec.version, or none "
-                           "for the served version")
+        try:
+            check_label(spec.version_label)
+        except UnknownLabelError as e:
+            raise RequestError(str(e)) from None
+        return spec.name, None  # a known label names the served version
     return spec.name, spec.version.value if spec.HasField("version") else None
 
 
@@ -124,6 +134,15 @@ def signature_def_map(signatures: dict[str, Signature]) -> get_model_metadata_pb
         for output in signature.outputs:
             definition.outputs[output.key].CopyFrom(_tensor_info(output))
     return result
+
+
+def version_status(status: VersionStatus) -> get_model_status_pb2.ModelVersionStatus:
+    """GetModelStatus' entry for one version (the same that REST writes as JSON)."""
+    states = get_model_status_pb2.ModelVersionStatus.State
+    return get_model_status_pb2.ModelVersionStatus(
+        version=status.version, state=states.Value(status.state),
+        status=status_pb2.StatusProto(error_code=_ERROR_CODES.values_by_name[status.error_code].number,
+                                      error_message=status.error_message))
 
 
 def example_images(request_input: input_pb2.Input) -> list[bytes]:

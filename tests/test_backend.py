@@ -228,13 +228,16 @@ def test_answers_through_the_front_equal_local_serving(front, back, local, graph
     body = json.dumps({"instances": instances}).encode()
     status, _, answer = get_json(f"{front.url}/v1/models/{MODEL}:predict", data=body, headers=JSON)
     assert status == 200 and len(answer["predictions"]) == 8
-    np.testing.assert_allclose(answer["predictions"], local.json(f"/v1/models/{MODEL}:predict", data=body,
-                                                                 headers=JSON)[1]["predictions"], rtol=0, atol=1e-5)
+    local_rows = local.json(f"/v1/models/{MODEL}:predict", data=body, headers=JSON)[1]["predictions"]
+    np.testing.assert_allclose([row["scores"] for row in answer["predictions"]],
+                               [row["scores"] for row in local_rows], rtol=0, atol=1e-5)
+    assert answer["predictions"][0]["classes"] == ["circle", "square", "triangle"]
     status, _, answer = get_json(f"{front.url}/v1/models/{MODEL}", headers=JSON)
     assert answer["model_version_status"][0]["version"] == str(version(graphs))
     metadata = get_json(f"{front.url}/v1/models/{MODEL}/metadata")[2]["metadata"]["signature_def"]["signature_def"]
-    assert metadata["serving_default"]["labels"] == ["circle", "square", "triangle"]
-    assert metadata["serving_default"]["image_size"] == [32, 32]
+    assert [d["size"] for d in metadata["predict_images"]["inputs"]["images"]["tensor_shape"]["dim"]] == \
+        ["-1", "32", "32", "3"]
+    assert metadata["serving_default"]["outputs"]["classes"]["tensor_shape"]["dim"][1]["size"] == "3"
 
     # The front's own gRPC API forwards too.
     grpc_request = predict_pb2.PredictRequest()

@@ -161,7 +161,7 @@ def test_predict_answers_as_rest_and_label_image(served, model, capsys):
     body = json.dumps({"instances": [{"b64": base64.b64encode(d).decode()} for d in data]}).encode()
     status, rest = served.http.json(f"/v1/models/{MODEL}:predict", data=body, headers=JSON)
     assert status == 200
-    np.testing.assert_allclose(got, rest["predictions"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got, [row["scores"] for row in rest["predictions"]], rtol=0, atol=1e-5)
     for row, path in zip(got, files, strict=True):
         assert label_image_cli.main(["--graph", str(result.graph), "--image", str(path), "--json", "--top_k", "3"]) == 0
         cli = {p["label"]: p["score"] for p in json.loads(capsys.readouterr().out)["predictions"]}
@@ -230,15 +230,8 @@ def test_metadata_has_the_saved_models_signatures(served, model):
     exported = saved.meta_graphs[0].signature_def
     assert set(ours.signature_def) == set(exported) == {"serving_default", "predict_images"}
     for name, signature in exported.items():
-        mine = ours.signature_def[name]
-        assert mine.inputs["image_bytes" if name == "serving_default" else "images"].name == \
-            {"serving_default": "image_bytes:0", "predict_images": "Placeholder:0"}[name]
-        # Tensor names inside are the graph's business (the SavedModel's ``classes`` is a Tile op
-        # that the frozen graph has no use for); keys, dtypes, shapes and method are the contract.
-        for info in [*mine.inputs.values(), *mine.outputs.values(), *signature.inputs.values(),
-                     *signature.outputs.values()]:
-            info.ClearField("name")
-        assert mine == signature, name
+        # Tensor names too: the SavedModel's ``classes`` is the Tile op its export adds.
+        assert ours.signature_def[name] == signature, name
 
     request.ClearField("metadata_field")
     assert failure(served.prediction.GetModelMetadata, request).code() == Code.INVALID_ARGUMENT
@@ -257,8 +250,14 @@ def test_model_status(served, model):
         assert status.status.error_code == 0
     request.model_spec.version.value = version + 1
     assert failure(served.models.GetModelStatus, request).code() == Code.NOT_FOUND
+    request.model_spec.version_label = "stable"  # names the served version, as REST's /labels/stable
+    (status,) = served.models.GetModelStatus(request, timeout=30).model_version_status
+    assert status.version == version
+    request.model_spec.version_label = "beta"
+    error = failure(served.models.GetModelStatus, request)
+    assert error.code() == Code.INVALID_ARGUMENT and "Unrecognized servable version label: beta" in error.details()
     request.model_spec.name = "nope"
-    request.model_spec.ClearField("version")
+    request.model_spec.ClearField("version_label")  # a oneof with version: neither is set now
     assert failure(served.models.GetModelStatus, request).code() == Code.NOT_FOUND
 
 
@@ -286,7 +285,8 @@ def test_older_graphs_take_pixels_in_0_1_and_failed_loads_show_in_status(poets_l
         encoded = service.prediction.Predict(predict_request(name="defects", image_bytes=[image.read_bytes()]),
                                              timeout=30)
         body = json.dumps({"instances": [{"b64": base64.b64encode(image.read_bytes()).decode()}]}).encode()
-        rest = service.http.json("/v1/models/defects:predict", data=body, headers=JSON)[1]["predictions"]
+        rest = [row["scores"] for row in
+                service.http.json("/v1/models/defects:predict", data=body, headers=JSON)[1]["predictions"]]
         np.testing.assert_allclose(tf.make_ndarray(encoded.outputs["scores"]), rest, rtol=0, atol=1e-5)
 
         request = get_model_status_pb2.GetModelStatusRequest()

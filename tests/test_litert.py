@@ -180,7 +180,7 @@ def test_service_on_litert_answers_reloads_and_says_its_runtime(demo_model, froz
                                      data=json.dumps({"instances": [{"b64": e} for e in encoded]}).encode())
         expected = session.predict([decode_image(p.read_bytes(), size=session.input_size) for p in held_out[:2]])
         assert status == 200
-        np.testing.assert_allclose(answer["predictions"], expected, rtol=0, atol=1e-4)
+        np.testing.assert_allclose([row["scores"] for row in answer["predictions"]], expected, rtol=0, atol=1e-4)
         # Concurrent uploads go through the batcher and the interpreter pool.
         body, headers = multipart("image", "a.jpg", held_out[4].read_bytes())
         with ThreadPoolExecutor(8) as pool:

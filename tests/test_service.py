@@ -112,12 +112,13 @@ def test_tf_serving_rest(served, demo_model):
     status, answer = server.json("/v1/models/shapes")
     assert status == 200 and answer["model_version_status"][0]["state"] == "AVAILABLE"
     status, answer = server.json("/v1/models/shapes/metadata")
-    assert answer["metadata"]["signature_def"]["signature_def"]["serving_default"]["labels"] == \
-        ["circle", "square", "triangle"]
+    outputs = answer["metadata"]["signature_def"]["signature_def"]["serving_default"]["outputs"]
+    assert outputs["classes"]["tensor_shape"]["dim"][1] == {"size": "3", "name": ""}
     body = json.dumps({"instances": [{"b64": base64.b64encode(image).decode()}] * 2}).encode()
     status, answer = server.json("/v1/models/shapes:predict", data=body, headers=JSON)
     expected = GraphModel(demo_model.graph).predict_encoded([image])[0]
-    assert status == 200 and np.allclose(answer["predictions"], [expected, expected], atol=1e-4)
+    assert status == 200 and answer["predictions"][0]["classes"] == ["circle", "square", "triangle"]
+    assert np.allclose([row["scores"] for row in answer["predictions"]], [expected, expected], atol=1e-4)
     status, answer = server.json("/v1/models/shapes:classify", data=body, headers=JSON)
     assert status == 200 and answer["results"][0][2][0] == "triangle"
     assert answer["results"][0][2][1] == pytest.approx(float(expected[2]), abs=1e-4)

@@ -24,6 +24,12 @@ DEFAULT_SIGNATURE = "serving_default"
 PIXELS_SIGNATURE = "predict_images"
 PREDICT_METHOD = "tensorflow/serving/predict"
 SCORES, CLASSES = "scores", "classes"
+#: The tensor behind ``classes`` in the SavedModel: the one tf.tile op that export._build_saved_model
+#: adds (the frozen graph has no such tensor). Metadata names it so it equals the export's own.
+CLASSES_TENSOR = "Tile:0"
+#: tf.Example features that hold an encoded image (Classify), in the order they are looked for.
+#: ``image/encoded`` is the name TF-Slim and the Object Detection API write image bytes under.
+IMAGE_FEATURES = ("image/encoded", "image_bytes")
 
 
 @dataclass(frozen=True)
@@ -58,9 +64,10 @@ def signatures(model: Classifier | None = None) -> dict[str, Signature]:
     number of classes) are -1: enough to check a request before a model is picked."""
     height, width = model.input_size if model else (-1, -1)
     classes = len(model.labels) if model else -1
-    outputs = (TensorSpec(SCORES, "float32", (-1, classes), model.output_name if model else ""),
-               TensorSpec(CLASSES, "string", (-1, classes)))
     encoded = (model.bytes_input_name or "") if model else ""
+    # Only graphs that retrain.py writes (those with an image_bytes input) have an export to name.
+    outputs = (TensorSpec(SCORES, "float32", (-1, classes), model.output_name if model else ""),
+               TensorSpec(CLASSES, "string", (-1, classes), CLASSES_TENSOR if encoded else ""))
     # Graphs from the older scripts take (p - mean) / std; the service scales [0, 1] pixels for them.
     pixels = model.input_name if model and (model.input_mean, model.input_std) == (0.0, 255.0) else ""
     return {

@@ -12,11 +12,13 @@ import json
 import re
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from PIL import Image
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from imageclf.demo_data import draw_shape, make_dataset
@@ -24,6 +26,7 @@ from imageclf.images import decode_image
 from imageclf.preprocess import image_to_model_input
 from imageclf.retrain import retrain
 from imageclf.training import TrainConfig
+from service import v2_protocol
 from service.grpc_api import GrpcServer
 
 from .conftest import quick_options
@@ -287,3 +290,105 @@ def test_infer_is_model_work_counted_in_metrics(served, model):
     assert re.search(r'imageclf_requests_total\{endpoint="/v2/models/<name>/infer",status="200"\} [1-9]', text)
     assert re.search(r'imageclf_requests_total\{endpoint="/inference.GRPCInferenceService/ModelInfer",'
                      r'status="OK"\} [1-9]', text)
+
+
+def _inputs(**item) -> dict:
+    return {"inputs": [{"name": "images", "datatype": "FP32", "shape": [1, *SIZE, 3], **item}]}
+
+
+ZEROS = [0.0] * (SIZE[0] * SIZE[1] * 3)
+BAD_BODIES = {
+    "not JSON": b"{inputs",
+    "not an object": b"[]",
+    "no inputs": b"{}",
+    "input not an object": json.dumps({"inputs": ["x"]}).encode(),
+    "no inputs given": json.dumps({"inputs": []}).encode(),
+    "unknown input": json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]}).encode(),
+    "wrong datatype": json.dumps(_inputs(datatype="FP64", data=ZEROS)).encode(),
+    "negative shape": json.dumps(_inputs(shape=[-1, *SIZE, 3], data=ZEROS)).encode(),
+    "shape of strings": json.dumps(_inputs(shape=["1"], data=ZEROS)).encode(),
+    "no data": json.dumps(_inputs()).encode(),
+    "data of strings": json.dumps(_inputs(data=["a"] * len(ZEROS))).encode(),
+    "ragged data": json.dumps(_inputs(data=[[0.0], [0.0, 1.0]])).encode(),
+    "data an object": json.dumps(_inputs(data={"a": 1})).encode(),
+    "too few values": json.dumps(_inputs(data=ZEROS[:-1])).encode(),
+    "wrong size": json.dumps(_inputs(shape=[1, 16, 16, 3], data=ZEROS[:768])).encode(),
+    "no batch dimension": json.dumps(_inputs(shape=[*SIZE, 3], data=ZEROS)).encode(),
+    "values over 1": json.dumps(_inputs(data=[200.0] * len(ZEROS))).encode(),
+    "zero images": json.dumps(_inputs(shape=[0, *SIZE, 3], data=[])).encode(),
+    "huge shape": json.dumps(_inputs(shape=[1, 10**9, 10**9, 3], data=[0.0])).encode(),
+    "bytes as numbers": json.dumps({"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1],
+                                                "data": [1], "parameters": {"content_type": "base64"}}]}).encode(),
+    "bytes shape [1, 2]": json.dumps({"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1, 2],
+                                                  "data": ["a", "b"]}]}).encode(),
+    "content_type pd": json.dumps({**_inputs(data=ZEROS), "parameters": {"content_type": "pd"}}).encode(),
+    "parameters a list": json.dumps({**_inputs(data=ZEROS), "parameters": []}).encode(),
+    "id a number": json.dumps({**_inputs(data=ZEROS), "id": 7}).encode(),
+    "outputs an object": json.dumps({**_inputs(data=ZEROS), "outputs": {}}).encode(),
+    "classification of labels": json.dumps({**_inputs(data=ZEROS), "outputs": [
+        {"name": "classes", "parameters": {"classification": 2}}]}).encode(),
+    "classification as text": json.dumps({**_inputs(data=ZEROS), "outputs": [
+        {"name": "scores", "parameters": {"classification": "2"}}]}).encode(),
+    "binary_data as text": json.dumps({**_inputs(data=ZEROS), "outputs": [
+        {"name": "scores", "parameters": {"binary_data": "yes"}}]}).encode(),
+    "shared memory": json.dumps(_inputs(parameters={"shared_memory_region": "r"})).encode(),
+    "data and binary": json.dumps(_inputs(data=ZEROS, parameters={"binary_data_size": 4})).encode(),
+}
+
+
+@pytest.mark.parametrize("case", BAD_BODIES)
+def test_bad_requests_are_400_with_a_message(served, case):
+    status, answer = served.http.json(f"/v2/models/{MODEL}/infer", data=BAD_BODIES[case], headers=JSON)
+    assert status == 400 and answer["error"] and "Traceback" not in answer["error"], (status, answer)
+
+
+def test_http_json_needs_a_json_media_type_unless_binary(served, model):
+    body = json.dumps(_inputs(data=ZEROS)).encode()
+    status, answer = served.http.json(f"/v2/models/{MODEL}/infer", data=body, headers={"Content-Type": "text/plain"})
+    assert status == 415 and "application/json" in answer["error"]
+    status, answer = served.http.json(f"/v2/models/{MODEL}/infer", data=body, headers={"Content-Type": "text/plain",
+                                      "Inference-Header-Content-Length": str(len(body))})
+    assert status == 200, answer
+
+
+def test_grpc_raw_contents_must_match_the_inputs(served, model):
+    channel = grpc.insecure_channel(f"127.0.0.1:{served.grpc.port}")
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    request = service_pb2.ModelInferRequest(model_name=MODEL)
+    request.inputs.add(name="image_bytes", datatype="BYTES", shape=[1])
+    request.raw_input_contents.extend([b"", b""])
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(request, timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "raw_input_contents" in info.value.details()
+    # typed contents instead of raw: as some clients send them
+    jpeg = files(model[1])[0].read_bytes()
+    request = service_pb2.ModelInferRequest(model_name=MODEL)
+    request.inputs.add(name="image_bytes", datatype="BYTES", shape=[1]).contents.bytes_contents.append(jpeg)
+    response = stub.ModelInfer(request, timeout=30)
+    scores = np.frombuffer(response.raw_output_contents[0], "<f4").reshape(1, 3)
+    np.testing.assert_allclose(scores, v1_scores(served, [jpeg]), rtol=0, atol=1e-5)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelStreamInfer(iter([request]), timeout=30).next()
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    channel.close()
+
+
+def test_json_parsing_counts_against_the_decode_budget(model, tmp_path):
+    """JSON takes up to ~30 bytes a byte once parsed: a body the budget cannot parse is refused, not parsed."""
+    result, images = model
+    noisy = tmp_path / "noisy.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (500, 500, 3), np.uint8)).save(noisy)
+    data = noisy.read_bytes()
+    # Decoding it takes ~22 MB of the budget (16 MiB of that a fixed allowance); parsing its base64 JSON, more.
+    budget = 24
+    assert v2_protocol.JSON_BYTES_FACTOR * len(base64.b64encode(data)) > budget << 20
+    server = Server(result.graph.parent, images, memory_budget_mb=budget)
+    try:
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{server.port}")
+        assert client.infer(MODEL, [bytes_input(httpclient, [data])]).as_numpy("scores").shape == (1, 3)
+        error = refused(client.infer, MODEL, [bytes_input(httpclient, [base64.b64encode(data)], binary=False)],
+                        parameters={"content_type": "base64"})
+        assert error.status() == "400" and "too large to parse" in error.message()
+        client.close()
+    finally:
+        server.close()

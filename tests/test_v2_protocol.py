@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import threading
 from pathlib import Path
 
 import grpc
@@ -29,7 +30,7 @@ from imageclf.training import TrainConfig
 from service import v2_protocol
 from service.grpc_api import GrpcServer
 
-from .conftest import quick_options
+from .conftest import quick_options, wait_until
 from .service_helpers import Server
 
 MODEL = "shapes"
@@ -391,4 +392,37 @@ def test_json_parsing_counts_against_the_decode_budget(model, tmp_path):
         assert error.status() == "400" and "too large to parse" in error.message()
         client.close()
     finally:
+        server.close()
+
+
+def test_infer_is_admitted_like_other_model_work_and_a_full_budget_is_503(model, tmp_path):
+    """Beyond the queue bound an infer is refused at once (503), as uploads are; a full budget is 503 too."""
+    result, images = model
+    jpeg = files(images)[0].read_bytes()
+    server = Server(result.graph.parent, images, threads=1, http={"max_queued_requests": 0,
+                                                                   "max_connections_per_client": 0})
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{server.port}")
+    budget = server.engine.budget
+    body = json.dumps({"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1],
+                                   "data": [base64.b64encode(jpeg).decode()],
+                                   "parameters": {"content_type": "base64"}}]}).encode()
+    answers = []
+    try:
+        budget.wait_seconds = 120  # the first request waits for the test, however slow the machine
+        with budget.reserve(budget.capacity):
+            first = threading.Thread(target=lambda: answers.append(
+                server.json(f"/v2/models/{MODEL}/infer", data=body, headers=JSON)))
+            first.start()
+            wait_until(lambda: budget._waiting > 0, "the first infer waits for the budget in the one thread")
+            error = refused(client.infer, MODEL, [bytes_input(httpclient, [jpeg])])
+            assert error.status() == "503" and "retry after" in error.message()
+        first.join(60)
+        assert answers and answers[0][0] == 200, answers
+
+        budget.wait_seconds = 0.05
+        with budget.reserve(budget.capacity):
+            status, headers, raw = server.response(f"/v2/models/{MODEL}/infer", data=body, headers=JSON)
+        assert status == 503 and headers["Retry-After"] == "1" and "memory budget" in json.loads(raw)["error"]
+    finally:
+        client.close()
         server.close()

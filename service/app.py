@@ -23,6 +23,7 @@ from imageclf.serving.registry import ModelRegistry
 from imageclf.serving.servable import BatchOptions
 from service.metrics import ServiceMetrics
 from service.security import install_security
+from service.v2_api import v2_blueprint
 
 STATUS = {"bad_image": 400, "not_an_image": 415, "too_large": 413, "too_many_pixels": 400,
           "too_many_instances": 413, "unknown_model": 404, "unknown_version": 404, "unavailable": 503, "busy": 503,
@@ -101,6 +102,7 @@ def create_app(config: ServiceConfig, registry: ModelRegistry | None = None,
     _install_metrics_hooks(app, metrics)
     _install_routes(app, engine, metrics, config)
     _install_tf_serving_routes(app, engine)
+    app.register_blueprint(v2_blueprint(engine, metrics))  # Open Inference Protocol v2: docs/v2-protocol.md
     return app
 
 

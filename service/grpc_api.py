@@ -33,6 +33,7 @@ from imageclf.errors import echo, echo_list
 from imageclf.serving.engine import Engine, EngineError
 from imageclf.serving.signatures import DEFAULT_SIGNATURE, UnknownSignatureError, signature_named, signatures
 from service import tfs_protos as protos
+from service import v2_grpc
 from service.metrics import ServiceMetrics
 from service.tfs_model import version_status
 
@@ -183,6 +184,8 @@ def _service(service, methods: dict[str, tuple[type, Callable]], calls: _Calls) 
     """Every method of ``service`` (a descriptor): those in ``methods``, the others UNIMPLEMENTED."""
     handlers = {}
     for method in service.methods:
+        if method.client_streaming or method.server_streaming:
+            continue  # not registered: gRPC answers UNIMPLEMENTED (ModelStreamInfer)
         request_type, handler = methods.get(method.name) or (None, _unimplemented(
             UNSUPPORTED.get(method.name, f"{method.name} is not supported by this service")))
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
@@ -225,7 +228,8 @@ class GrpcServer:
         calls = _Calls(metrics)
         self._server.add_generic_rpc_handlers((
             _service(PREDICTION_SERVICE, PredictionHandlers(engine).methods(), calls),
-            _service(MODEL_SERVICE, ModelHandlers(engine).methods(), calls)))
+            _service(MODEL_SERVICE, ModelHandlers(engine).methods(), calls),
+            _service(v2_grpc.SERVICE, v2_grpc.V2Handlers(engine).methods(), calls)))
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
             self.port = self._server.add_insecure_port(address)

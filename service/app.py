@@ -28,7 +28,7 @@ from service.metrics import ServiceMetrics
 from service.security import install_security
 
 STATUS = {"bad_image": 400, "not_an_image": 415, "too_large": 413, "too_many_pixels": 400,
-          "too_many_instances": 413, "unknown_model": 404, "unavailable": 503, "busy": 503,
+          "too_many_instances": 413, "unknown_model": 404, "unknown_version": 404, "unavailable": 503, "busy": 503,
           # --backend: unreachable, slow or full (retry), a refusal of the request, anything else.
           "backend_unavailable": 503, "backend_timeout": 503, "backend_busy": 503,
           "backend_invalid_argument": 400, "backend_error": 502}
@@ -50,6 +50,7 @@ class ServiceConfig:
     allowed_hosts: tuple[str, ...] | None = field(default=None)  # Host header values accepted; None: any
     backend: BackendOptions | None = None  # forward inference to a gRPC backend instead of loading graphs_dir
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)  # what runs the graphs: tf or litert
+    keep_versions: dict[str, set[int]] | None = None  # pinned versions kept loaded beside the newest (registry.py)
 
     def limits(self) -> Limits:
         return Limits(max_pixels=self.max_pixels, max_instances=self.max_instances,
@@ -86,7 +87,7 @@ def create_app(config: ServiceConfig, registry: ModelRegistry | None = None,
         registry = remote_registry(config.backend, config.batching(), on_call=metrics.backend_call)
     elif own_registry:
         registry = ModelRegistry(config.graphs_dir, config.poll_seconds, batching=config.batching(),
-                                 runtime=config.runtime)
+                                 runtime=config.runtime, keep_versions=config.keep_versions)
     registry.add_listener(metrics.reloaded)
     if own_registry and start_registry:
         registry.start()

@@ -8,6 +8,9 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +27,7 @@ from imageclf.serving.registry import ModelRegistry
 from imageclf.summary import retrain_summary
 from imageclf.training import TrainConfig
 
-from .conftest import quick_options, wait_until
+from .conftest import REPO, quick_options, wait_until
 from .service_helpers import Server
 
 COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200), "yellow": (220, 210, 40)}
@@ -278,3 +281,28 @@ def test_a_pinned_version_is_served_by_name_and_version(tmp_path, colours, tiny_
             server.engine.classify([image], "colours", version=12345)
     finally:
         server.close()
+
+
+def test_watch_keeps_serving_the_old_graph_and_keeps_watching_after_a_rejection(tmp_path, colours, tiny_module):
+    good = retrain(options(colours, tmp_path, tiny_module), log=lambda line: None)
+    served_bytes = good.graph.read_bytes()
+    command = [sys.executable, str(REPO / "retrain.py"), "--image_dir", str(colours),
+               "--output_graph", str(good.graph), "--bottleneck_dir", str(tmp_path / "bottlenecks"),
+               "--tfhub_module", str(tiny_module), "--testing_percentage", str(TESTING), "--quiet",
+               "--how_many_training_steps", "1", "--learning_rate", "1e-5", "--watch", "--watch_interval", "0.2"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
+    reader.start()
+    try:
+        wait_until(lambda: any(line.startswith("Watching") for line in lines), "the watch going on", timeout=120)
+        assert process.poll() is None
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    reader.join(timeout=10)
+    text = "".join(lines)
+    assert "Not replaced:" in text and "NOT REPLACED" in text
+    assert text.index("Not replaced:") < text.index("Watching")
+    assert good.graph.read_bytes() == served_bytes
+    assert len(list((tmp_path / "graphs" / "rejected").glob("colours-*.pb"))) == 1

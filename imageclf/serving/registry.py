@@ -150,7 +150,7 @@ class ModelRegistry:
         if pinned is None or pinned.served is None:
             kept = sorted(v for (n, v), p in self._pinned.items() if n == served.name and p.served is not None)
             also = f", kept loaded: {', '.join(map(str, kept))}" if kept else ""
-            raise UnknownVersionError(f"model {served.name} version {version} is not loaded (serving version "
+            raise UnknownVersionError(f"model {served.name} has no version {version} loaded (serving version "
                                       f"{served.version}{also}; keep one loaded with --keep_versions "
                                       f"{served.name}={version})")
         return pinned.served

@@ -19,10 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import tensorflow as tf
+from google.protobuf.message import DecodeError
 
 from imageclf.atomic import fsync_dir, fsync_tree, write_bytes_atomic, write_text_atomic
 from imageclf.bases import BaseModel
+from imageclf.history import history_versions
 from imageclf.images import DEFAULT_MAX_PIXELS
+from imageclf.manifest import manifest_path
 from imageclf.preprocess_graph import decode_to_model_input
 from imageclf.training import FinalLayer
 
@@ -79,8 +82,12 @@ def build_graph(base: BaseModel, layer: FinalLayer, labels: list[str], metadata:
 
 
 def write_outputs(graph_def: tf.compat.v1.GraphDef, metadata: dict, evaluation: dict | None,
-                  output_graph: str | Path, output_labels: str | Path) -> Path:
-    """The graph first, then its labels and sidecar JSON, each replaced atomically.
+                  output_graph: str | Path, output_labels: str | Path, manifest_text: str | None = None) -> Path:
+    """The manifest, then the graph, then its labels and sidecar JSON, each replaced atomically.
+
+    The manifest goes first, as the SavedModel does: once the new graph is visible, so is its
+    manifest. It is paired with its graph by the data fingerprint the graph embeds (see
+    manifest.read_for_graph), so a reader never takes an older or newer manifest for the graph's.
 
     The graph carries its own labels and metadata, and readers of our graphs (GraphModel, so
     label_image and the service) take nothing from the files beside it, so a reader that sees
@@ -89,11 +96,30 @@ def write_outputs(graph_def: tf.compat.v1.GraphDef, metadata: dict, evaluation: 
     one when the old graph was another script's, whose settings that sidecar had held.
     """
     output_graph = Path(output_graph)
+    if manifest_text is not None:
+        write_text_atomic(manifest_path(output_graph), manifest_text)
     write_bytes_atomic(output_graph, graph_def.SerializeToString())
     write_text_atomic(output_labels, "".join(f"{label}\n" for label in metadata["labels"]))
     sidecar = output_graph.with_suffix(".json")
     write_text_atomic(sidecar, json.dumps({**metadata, "evaluation": evaluation}, indent=2) + "\n")
     return sidecar
+
+
+def embedded_metadata(graph: str | Path) -> dict | None:
+    """The metadata a graph of ours carries (``metadata:0``), without loading it; None for a
+    missing or unreadable file, or a graph that does not describe itself (another script's)."""
+    try:
+        graph_def = tf.compat.v1.GraphDef.FromString(Path(graph).read_bytes())
+    except (OSError, DecodeError):
+        return None
+    for node in graph_def.node:
+        if node.name == METADATA_TENSOR.split(":")[0] and node.op == "Const":
+            try:
+                metadata = json.loads(tf.make_ndarray(node.attr["value"].tensor).item())
+            except (ValueError, TypeError):
+                return None
+            return metadata if isinstance(metadata, dict) else None
+    return None
 
 
 @dataclass
@@ -167,6 +193,8 @@ def _newest_version(export_dir: str | Path | None, output_graph: str | Path | No
                 versions.append(int(name))
     if output_graph is not None:
         versions.append(_sidecar_version(Path(output_graph).with_suffix(".json")))
+        # After a rollback the graph's version is an old one; the kept versions stay above it.
+        versions += history_versions(output_graph)
     return max(versions)
 
 
@@ -179,14 +207,16 @@ def _sidecar_version(sidecar: Path) -> int:
 
 
 def write_saved_model(graph_def: tf.compat.v1.GraphDef, metadata: dict, export_dir: str | Path,
-                      reservation: VersionReservation | None = None) -> Path:
+                      reservation: VersionReservation | None = None, manifest_text: str | None = None) -> Path:
     """A versioned SavedModel (``export_dir/<version>/``) that TensorFlow Serving can load.
 
     Signatures: ``serving_default`` takes ``image_bytes`` (encoded images), ``predict_images``
     takes ``images`` (float32 [None, H, W, 3] in [0, 1]); both return ``scores`` and, per
     image, all labels as ``classes``. ``reservation`` (from reserve_version) must hold
     ``metadata["version"]``; without one, that exact version is claimed here, and
-    FileExistsError raised when it is taken.
+    FileExistsError raised when it is taken. ``manifest_text`` (the training-data manifest) is
+    saved as ``assets.extra/manifest.jsonl``, beside the metadata (and its data fingerprint) that
+    the graph's ``metadata:0`` constant carries; TF Serving ignores both.
     """
     export_dir = Path(export_dir)
     version = metadata["version"]
@@ -199,6 +229,9 @@ def write_saved_model(graph_def: tf.compat.v1.GraphDef, metadata: dict, export_d
         raise ValueError(f"version {version} is not the one reserved ({reservation.version}) or was released")
     try:
         _build_saved_model(graph_def, metadata, reservation.staging)
+        if manifest_text is not None:
+            (reservation.staging / "assets.extra").mkdir(exist_ok=True)
+            (reservation.staging / "assets.extra" / "manifest.jsonl").write_text(manifest_text, encoding="utf-8")
         return reservation.publish(export_dir / str(version))
     except BaseException:
         reservation.release()

@@ -71,3 +71,19 @@ def format_report(report: dict) -> str:
     for label, row in zip(labels, report["confusion_matrix"], strict=False):
         lines.append(f"{label:<{width}} " + "".join(f"{v:>{cell}d}" for v in row))
     return "\n".join(lines)
+
+
+def mcnemar_worse_p(candidate_correct: Sequence[bool], previous_correct: Sequence[bool]) -> float:
+    """Exact one-sided McNemar test that the candidate is worse than the previous model.
+
+    On paired answers to the same images, only the discordant pairs count: ``b`` images only the
+    previous model gets right, ``c`` only the candidate. Were both equally good, ``b`` would be
+    Binomial(b + c, 1/2); the p-value is P(X >= b), the chance of a split at least this lopsided
+    against the candidate. 1.0 when they never disagree.
+    """
+    b = sum(p and not c for c, p in zip(candidate_correct, previous_correct, strict=True))
+    c = sum(c and not p for c, p in zip(candidate_correct, previous_correct, strict=True))
+    n = b + c
+    if n == 0:
+        return 1.0
+    return min(1.0, sum(math.comb(n, k) for k in range(b, n + 1)) / 2 ** n)

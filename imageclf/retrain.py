@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from imageclf import export
+from imageclf import blessing, export, history, manifest
 from imageclf.bases import BaseModel, FrozenGraphSpec, load_base
 from imageclf.bottlenecks import BottleneckCache, BottleneckReport, feature_function, get_bottlenecks, with_runtime
 from imageclf.dataset import TEST, TRAIN, VALIDATION, ImageFile, check_trainable, scan_image_folder
@@ -56,6 +56,10 @@ class RetrainOptions:
     follow_symlinks: bool = False
     #: Also train the base's top blocks (see fine_tune.py); None trains the new layer only.
     fine_tune: FineTuneConfig | None = None
+    #: Replace the graph even when the blessing gate finds the candidate clearly worse (blessing.py).
+    force: bool = False
+    #: Versions of the graph kept in graphs/history/NAME/ (history.py).
+    keep_versions: int = history.DEFAULT_KEEP
 
     @property
     def distortions(self) -> bool:
@@ -87,6 +91,13 @@ class RetrainResult:
     validation_accuracy: float | None
     seconds: float
     duplicates: DuplicateReport = field(default_factory=DuplicateReport)
+    data: dict = field(default_factory=dict)          # the metadata's "data": fingerprint, images, manifest
+    manifest_file: Path | None = None
+    data_diff: manifest.DataDiff | None = None        # against the graph replaced, when it has a manifest
+    data_note: str | None = None                      # why there is no diff, when there is a previous graph
+    verdict: blessing.Verdict | None = None           # None: no previous graph to compare with
+    rejected: bool = False                            # the candidate went to graphs/rejected/, not in place
+    replaces: Path | None = None                      # the graph it replaced (or, rejected, would have)
 
 
 def retrain(opts: RetrainOptions, log: Callable[[str], None] = tqdm.write) -> RetrainResult:
@@ -139,27 +150,90 @@ def retrain(opts: RetrainOptions, log: Callable[[str], None] = tqdm.write) -> Re
     if len(validation_y):
         correct = int((layer.probabilities(validation_x).argmax(axis=1) == validation_y).sum())
         log(f"Final validation accuracy = {format_accuracy(correct, len(validation_y))}")
-    evaluation = _evaluate(layer, splits[TEST], labels, opts, [f for f in files if f.split == TEST], log)
+    test_files = [f for f in files if f.split == TEST]
+    evaluation = _evaluate(layer, splits[TEST], labels, opts, test_files, log)
     accuracies = {name: _accuracy(layer, *splits[name]) for name in (TRAIN, VALIDATION, TEST)}
+    entries = manifest.entries_for(files, report.keys, opts.image_dir)
+    previous = _previous(opts.graph_path(), entries)
+    verdict = None
+    if previous.exists:
+        predicted = (layer.probabilities(splits[TEST][0]).argmax(axis=1) if len(splits[TEST][1])
+                     else np.zeros(0, np.int64))
+        verdict = blessing.judge(opts.graph_path(), previous.entries, previous.note, test_files, report.keys,
+                                 labels, predicted, opts.file_rules(), opts.max_pixels, log)
+        verdict.forced = not verdict.blessed and opts.force
+        log(f"Blessing: {verdict.line()}")
+    rejected = verdict is not None and not verdict.blessed and not verdict.forced
     # The version is claimed before anything is written, and the SavedModel written before the
     # graph: a clash or a failure then leaves the previous graph in place, never half a release.
-    reservation = export.reserve_version(opts.saved_model_dir, opts.graph_path())
+    # A rejected candidate publishes no SavedModel (TF Serving would serve it).
+    reservation = export.reserve_version(None if rejected else opts.saved_model_dir, opts.graph_path())
+    graph_path, labels_path = opts.graph_path(), opts.labels_path()
+    if rejected:
+        graph_path = rejected_path(opts.graph_path(), reservation.version)
+        labels_path = graph_path.with_suffix(".labels.txt")
+    text = manifest.to_text(entries)
     try:
         metadata = _metadata(opts, base, labels, files, accuracies, report, reservation.version)
         metadata["duplicates"] = duplicates.metadata()
+        metadata["data"] = manifest.summary(entries, manifest.manifest_path(graph_path))
+        if verdict is not None:
+            metadata["blessing"] = verdict.to_json()
         if fine_tuned is not None:
             metadata["fine_tune"] = fine_tuned
         graph_def = export.build_graph(base, layer, labels, metadata, opts.final_tensor_name, opts.max_pixels)
-        saved_model = (export.write_saved_model(graph_def, metadata, opts.saved_model_dir, reservation)
-                       if opts.saved_model_dir else None)
+        saved_model = (export.write_saved_model(graph_def, metadata, opts.saved_model_dir, reservation, text)
+                       if opts.saved_model_dir and not rejected else None)
     finally:
         reservation.release()  # a no-op once the SavedModel is published
-    sidecar = export.write_outputs(graph_def, metadata, evaluation, opts.graph_path(), opts.labels_path())
-    return RetrainResult(graph=opts.graph_path(), labels_file=opts.labels_path(), sidecar=sidecar,
+    if not rejected:
+        _keep_previous(opts.graph_path(), previous.version)
+    sidecar = export.write_outputs(graph_def, metadata, evaluation, graph_path, labels_path, text)
+    if not rejected:
+        history.archive(graph_path, reservation.version, labels_path)
+        history.prune(graph_path, opts.keep_versions, in_place=reservation.version)
+    return RetrainResult(graph=graph_path, labels_file=labels_path, sidecar=sidecar,
                          saved_model=saved_model, labels=labels, bottlenecks=report,
                          split_counts=split_counts, evaluation=evaluation,
                          validation_accuracy=accuracies[VALIDATION], seconds=time.time() - started,
-                         duplicates=duplicates)
+                         duplicates=duplicates, data=metadata["data"],
+                         manifest_file=manifest.manifest_path(graph_path),
+                         data_diff=previous.diff, data_note=previous.note if previous.exists else None,
+                         verdict=verdict, rejected=rejected, replaces=opts.graph_path())
+
+
+@dataclass
+class _Previous:
+    """The graph a retrain would replace: is there one, its version, and its manifest if it has one."""
+
+    exists: bool = False
+    version: int | None = None
+    entries: list[dict] | None = None
+    note: str | None = None                 # why there is no manifest to compare with
+    diff: manifest.DataDiff | None = None   # against the new run's manifest
+
+
+def _previous(graph: Path, entries: list[dict]) -> _Previous:
+    if not graph.is_file():
+        return _Previous()
+    metadata = export.embedded_metadata(graph)
+    version = (metadata or {}).get("version")
+    old, note = manifest.read_for_graph(graph, metadata)
+    return _Previous(True, version if isinstance(version, int) else None, old, note,
+                     manifest.diff(old, entries) if old is not None else None)
+
+
+def _keep_previous(graph: Path, version: int | None) -> None:
+    """Keep the graph about to be replaced in the history, if it is not kept yet (a graph made before
+    history existed, or put in place by hand); one without a version of ours is not kept."""
+    if version is not None:
+        history.archive(graph, version)
+
+
+def rejected_path(graph: Path, version: int) -> Path:
+    """Where a rejected candidate goes: ``graphs/rejected/NAME-<version>.pb``, outside the service's
+    ``graphs/*.pb`` pattern."""
+    return graph.parent / "rejected" / f"{graph.stem}-{version}.pb"
 
 
 def fine_tune_config(opts: RetrainOptions) -> FineTuneConfig:

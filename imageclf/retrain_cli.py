@@ -40,6 +40,18 @@ Base models (--tfhub_module):
   FILE.pb                   a frozen GraphDef; also give --base_input_tensor, --base_bottleneck_tensor,
                             --base_input_mean and --base_input_std
 
+Replacing a graph (docs/training.md):
+  Each graph gets graphs/NAME.manifest.jsonl (every image's SHA-256, label and split) and a data
+  fingerprint in its metadata; the summary lists images added, removed and relabelled since the
+  graph it replaces. A candidate that is clearly worse than that graph on the shared held-out
+  images (exact one-sided McNemar test, p < 0.05) does not replace it: it goes to graphs/rejected/,
+  and retrain.py exits with status 3 (--watch keeps serving the old graph and keeps watching).
+  The last --keep_versions versions are kept in graphs/history/NAME/; to put one back:
+      python -m imageclf.history list NAME
+      python -m imageclf.history rollback NAME [--to VERSION]
+
+Exit status: 0 done, 2 bad input, 3 candidate rejected by the blessing gate (see above).
+
 Examples:
   python retrain.py --image_dir dogs
   python retrain.py --image_dir dogs --how_many_training_steps 8000 --flip_left_right
@@ -72,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="name of the softmax output tensor (default: %(default)s)")
     out.add_argument("--saved_model_dir", help="also write a versioned SavedModel for TensorFlow Serving here")
     out.add_argument("--summaries_dir", help="write TensorBoard summaries of training here")
+    out.add_argument("--force", action="store_true",
+                     help="replace the graph even if the new one is clearly worse than it (see 'Replacing a graph')")
+    out.add_argument("--keep_versions", type=int, default=5,
+                     help="versions of the graph kept in graphs/history/NAME/ for rollback (default: %(default)s)")
     out.add_argument("--print_misclassified_test_images", action="store_true",
                      help="list the test images the new model gets wrong")
 
@@ -197,6 +213,8 @@ def _positive(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
     check_file_arguments(parser, args)
     if args.validation_percentage is None:
         args.validation_percentage = FINE_TUNE_VALIDATION if args.fine_tune else 10
+    if args.keep_versions < 1:
+        parser.error("--keep_versions must be at least 1")
     if args.watch_interval <= 0 or args.watch_settle < 0:
         parser.error("--watch_interval must be positive and --watch_settle not negative")
     for flag in ("learning_rate", "fine_tune_learning_rate", "fine_tune_epochs", "fine_tune_patience"):
@@ -240,19 +258,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         fine_tune=FineTuneConfig(blocks=args.fine_tune_blocks, max_epochs=args.fine_tune_epochs,
                                  patience=args.fine_tune_patience, base_learning_rate=args.fine_tune_learning_rate,
                                  head_learning_rate=10 * args.fine_tune_learning_rate, seed=args.random_seed,
-                                 progress=not args.quiet) if args.fine_tune else None)
+                                 progress=not args.quiet) if args.fine_tune else None,
+        force=args.force, keep_versions=args.keep_versions)
     if args.watch:
         from imageclf.errors import UserError
         from imageclf.watch import watch
 
         if not os.path.isdir(args.image_dir):
             raise UserError(f"--image_dir {args.image_dir}: no such folder")
-        watch(args.image_dir, lambda: print(retrain_summary(retrain(opts)), flush=True),
-              lambda line: print(line, flush=True), interval=args.watch_interval, settle=args.watch_settle)
+        watch(args.image_dir, lambda: _watched_run(opts), lambda line: print(line, flush=True),
+              interval=args.watch_interval, settle=args.watch_settle)
         return 0
     result = retrain(opts)
     print(retrain_summary(result))
-    return 0
+    return REJECTED if result.rejected else 0
+
+
+#: Exit status of a retrain whose candidate the blessing gate rejected (the old graph stays in place).
+REJECTED = 3
+
+
+def _watched_run(opts) -> None:
+    """One retrain of --watch: a rejected candidate is said, and the watch goes on serving the old graph."""
+    from imageclf.retrain import retrain
+    from imageclf.summary import retrain_summary
+
+    result = retrain(opts)
+    print(retrain_summary(result), flush=True)
+    if result.rejected:
+        print(f"Not replaced: {result.replaces} stays in place; the candidate is {result.graph}", flush=True)
 
 
 def entry_point() -> None:

@@ -41,6 +41,9 @@ As a front for TensorFlow Serving (or another python -m service) serving the exp
 With LiteRT (XNNPACK) instead of a TensorFlow session: same answers, faster, a fraction of the memory:
   python -m service --runtime litert --grpc_port 0   # gRPC needs TensorFlow's protos; HTTP alone does not
 
+Keep older versions loaded beside the newest (kept by retrain.py in graphs/history/NAME/):
+  python -m service --keep_versions dogs=1765000000   # then /v1/models/dogs/versions/1765000000:predict
+
 On a machine with many cores (see docs/serving.md, "Big machines"):
   python -m service --workers 4 --threads 8     # 4 processes on one port, cores split between them
 
@@ -167,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     # Internal: how the --workers parent starts each worker (see service/workers.py).
     p.add_argument("--listen_fd", type=int, default=-1, help=argparse.SUPPRESS)
     p.add_argument("--worker_index", type=int, default=-1, help=argparse.SUPPRESS)
+    p.add_argument("--keep_versions", action="append", default=[], metavar="NAME=V[,V...]",
+                   help="also keep these versions of model NAME loaded, from graphs/history/NAME/ (kept by "
+                        "retrain.py), for /v1/models/NAME/versions/V requests; repeat for other models "
+                        "(default: only the newest version of each model is served)")
     p.add_argument("--allowed_hosts", default=_env("allowed_hosts", ""),
                    help="comma-separated Host names the service answers to (others get 400, which stops "
                         "DNS rebinding); default: localhost names when --host is a loopback address, "
@@ -269,6 +276,22 @@ def _check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         parse_networks(_split(args.trusted_proxies))
     except ValueError as e:
         parser.error(f"--trusted_proxies: {e}")
+    try:
+        args.pinned = kept_versions(args.keep_versions)
+    except ValueError as e:
+        parser.error(f"--keep_versions: {e}")
+
+
+def kept_versions(values: Sequence[str]) -> dict[str, set[int]]:
+    """``["dogs=3,4", "cats=7"]`` -> ``{"dogs": {3, 4}, "cats": {7}}``; ValueError naming a bad value."""
+    kept: dict[str, set[int]] = {}
+    for value in values:
+        name, _, versions = value.partition("=")
+        numbers = _split(versions)
+        if not name.strip() or not numbers or not all(v.isdigit() for v in numbers):
+            raise ValueError(f"{value[:60]!r} is not NAME=VERSION[,VERSION...] (e.g. dogs=3,4)")
+        kept.setdefault(name.strip(), set()).update(int(v) for v in numbers)
+    return kept
 
 
 def _split(value: str) -> tuple[str, ...]:
@@ -317,7 +340,7 @@ def _service_config(args: argparse.Namespace, backend):
                          max_instances=args.max_instances, memory_budget_mb=args.memory_budget_mb,
                          batch_size=args.batch_size or args.threads, batch_wait_ms=args.batch_wait_ms,
                          batch_timeout_s=args.batch_timeout_s, allowed_hosts=allowed, backend=backend,
-                         runtime=_runtime_options(args))
+                         runtime=_runtime_options(args), keep_versions=args.pinned)
 
 
 def _runtime_options(args: argparse.Namespace):

@@ -48,6 +48,7 @@ class ServiceConfig:
     allowed_hosts: tuple[str, ...] | None = field(default=None)  # Host header values accepted; None: any
     backend: BackendOptions | None = None  # forward inference to a gRPC backend instead of loading graphs_dir
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)  # what runs the graphs: tf or litert
+    keep_versions: dict[str, set[int]] | None = None  # pinned versions kept loaded beside the newest (registry.py)
 
     def limits(self) -> Limits:
         return Limits(max_pixels=self.max_pixels, max_instances=self.max_instances,
@@ -84,7 +85,7 @@ def create_app(config: ServiceConfig, registry: ModelRegistry | None = None,
         registry = remote_registry(config.backend, config.batching(), on_call=metrics.backend_call)
     elif own_registry:
         registry = ModelRegistry(config.graphs_dir, config.poll_seconds, batching=config.batching(),
-                                 runtime=config.runtime)
+                                 runtime=config.runtime, keep_versions=config.keep_versions)
     registry.add_listener(metrics.reloaded)
     if own_registry and start_registry:
         registry.start()

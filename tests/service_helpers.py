@@ -20,7 +20,7 @@ class Server:
         config.setdefault("batch_size", threads)
         self.config = ServiceConfig(graphs_dir=str(graphs), image_root=str(root), **config)
         self.registry = ModelRegistry(graphs, poll_seconds=0.2, batching=self.config.batching(),
-                                      runtime=self.config.runtime)
+                                      runtime=self.config.runtime, keep_versions=self.config.keep_versions)
         self.app = create_app(self.config, self.registry)
         self.registry.start()
         self.server = create_server(self.app, host="127.0.0.1", port=0, threads=threads,

@@ -21,7 +21,7 @@ from imageclf.errors import BadImageError, ImageTooLargeError, NotAnImageError, 
 from imageclf.images import DEFAULT_MAX_PIXELS, decode_opened, decoded_nbytes, open_image
 from imageclf.serving.batching import BatchFailedError, BatchTimeoutError
 from imageclf.serving.budget import BudgetBusyError, BudgetExceededError, MemoryBudget
-from imageclf.serving.registry import ModelRegistry, NoModelError, UnknownModelError
+from imageclf.serving.registry import ModelRegistry, NoModelError, UnknownModelError, UnknownVersionError
 from imageclf.serving.servable import RetiredError, Servable
 from imageclf.serving.trim import BIG_BYTES, BurstTrimmer
 
@@ -175,7 +175,7 @@ class Engine:
         With ``version``, only that version will do: the served one is checked while held, so a
         reload in between cannot answer from another version.
         """
-        servable = self._acquire(model)
+        servable = self._acquire(model, version)
         try:
             if version is not None and version != servable.version:
                 raise VersionNotFoundError(f"model {servable.name} has no version {version} "
@@ -184,13 +184,17 @@ class Engine:
         finally:
             servable.release()
 
-    def _acquire(self, model: str | None) -> Servable:
+    def _acquire(self, model: str | None, version: int | None = None) -> Servable:
         try:
+            if version is not None and isinstance(self.registry, ModelRegistry):
+                return self.registry.acquire(model, version)  # the served version, or a pinned one
             return self.registry.acquire(model)
         except NoModelError as e:
             raise UnavailableError(str(e)) from None
         except UnknownModelError as e:
             raise ModelNotFoundError(str(e)) from None
+        except UnknownVersionError as e:
+            raise VersionNotFoundError(str(e)) from None
 
     def _open(self, data: bytes, name: str, size: Sequence[int]):
         """Parse the header only (format, size; a JPEG set to decode at the scale the model needs)."""

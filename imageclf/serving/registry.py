@@ -8,6 +8,13 @@ that fails to load changes nothing that is served: the previous version, its num
 choice of default model stay as they were, and the error is shown. A removed graph stops
 being served. A change of the ``.json`` alone reloads nothing when the served graph
 describes itself (ours take nothing from it).
+
+Pinned versions (TF Serving's "specific" version policy): ``keep_versions={"dogs": {3, 4}}``
+also keeps versions 3 and 4 of ``dogs`` loaded, from the history retrain keeps
+(``graphs/history/dogs/<version>/dogs.pb``, see imageclf/history.py), beside the served latest.
+Route code reaches one with ``registry.serve(name, version=V)`` / ``acquire(name, version=V)``
+(Engine.hold(name, version) does so): the served version if it is V, else the pinned V, else
+UnknownVersionError (a 404). A pinned version whose folder disappears (pruned) is retired.
 """
 
 from __future__ import annotations
@@ -18,10 +25,11 @@ import re
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from imageclf.errors import UserError, echo
+from imageclf.history import version_dir
 from imageclf.runtimes import RuntimeOptions
 from imageclf.serving.servable import BatchOptions, Servable
 
@@ -36,6 +44,23 @@ class NoModelError(LookupError):
     """No model is being served at all (yet)."""
 
 
+class UnknownVersionError(LookupError):
+    """The model is served, but the version asked for is neither the served one nor a pinned one."""
+
+
+@dataclass
+class PinnedVersion:
+    """A version kept loaded on request (``--keep_versions NAME=V``), beside the served one."""
+
+    version: int
+    served: Servable | None = None
+    state: str = "missing"      # missing (no such kept version on disk) | ready | failed
+    error: str | None = None
+
+    def describe(self) -> dict:
+        return {"version": self.version, "state": self.state, "last_error": self.error}
+
+
 @dataclass
 class ModelStatus:
     """What the registry knows of one name: the served version and the last load attempt."""
@@ -46,13 +71,16 @@ class ModelStatus:
     state: str = "loading"          # loading | ready | failed
     error: str | None = None        # the last load's error, if it failed
     seen: tuple = ()                # the files' signature at the last load attempt
+    pinned: list[dict] = field(default_factory=list)  # PinnedVersion.describe() of each pinned version
 
     def describe(self) -> dict:
         s = self.served
         model = s.model if s else None
+        data = ((model.metadata or {}).get("data") or {}) if model else {}
         return {
             "name": self.name, "file": self.file, "state": self.state,
             "version": s.version if s else None, "last_error": self.error,
+            "data_fingerprint": data.get("fingerprint"), "pinned_versions": self.pinned,
             "loaded_at": s.loaded_at if s else None, "load_seconds": s.load_seconds if s else None,
             "runtime": model.runtime if model else None,
             "runtime_note": model.runtime_note if model else None,
@@ -68,8 +96,10 @@ Loader = Callable[[str, Path], Servable]
 class ModelRegistry:
     def __init__(self, graphs_dir: str | Path, poll_seconds: float = 1.0,
                  batching: BatchOptions | None = None, loader: Loader | None = None,
-                 runtime: RuntimeOptions | None = None):
+                 runtime: RuntimeOptions | None = None, keep_versions: dict[str, set[int]] | None = None):
         self.graphs_dir = Path(graphs_dir)
+        self._pinned = {(name, v): PinnedVersion(v) for name, versions in (keep_versions or {}).items()
+                        for v in sorted(versions)}
         self.poll_seconds = poll_seconds
         options = batching or BatchOptions()
         self._loader = loader or (lambda name, path: Servable.load(name, path, options, runtime=runtime))
@@ -83,16 +113,21 @@ class ModelRegistry:
     # -- serving ------------------------------------------------------------------------
 
     @contextmanager
-    def serve(self, name: str | None = None) -> Iterator[Servable]:
-        """Hold the served version of ``name`` (None: the newest model) for the ``with`` block."""
-        servable = self.acquire(name)
+    def serve(self, name: str | None = None, version: int | None = None) -> Iterator[Servable]:
+        """Hold the served version of ``name`` (None: the newest model), or its ``version``, for the
+        ``with`` block."""
+        servable = self.acquire(name, version)
         try:
             yield servable
         finally:
             servable.release()
 
-    def acquire(self, name: str | None = None) -> Servable:
-        """Take a reference to the served version of ``name``; the caller must ``release()`` it."""
+    def acquire(self, name: str | None = None, version: int | None = None) -> Servable:
+        """Take a reference to the served version of ``name``; the caller must ``release()`` it.
+
+        With ``version``: that version, the served one or a pinned one (see the module doc);
+        UnknownVersionError when neither is it.
+        """
         with self._lock:
             served = {n: m.served for n, m in self._models.items() if m.served is not None}
             if not served:
@@ -103,10 +138,22 @@ class ModelRegistry:
                 servable = served[name]
             else:
                 raise UnknownModelError(f"unknown model '{echo(name)}' (serving: {', '.join(sorted(served))})")
+            if version is not None and servable.version != version:
+                servable = self._pinned_servable(servable, version)
             # Under the registry's lock the registry's own reference is still held, so this succeeds.
             if not servable.acquire():
                 raise NoModelError(f"model {servable.name} was just retired")
             return servable
+
+    def _pinned_servable(self, served: Servable, version: int) -> Servable:
+        pinned = self._pinned.get((served.name, version))
+        if pinned is None or pinned.served is None:
+            kept = sorted(v for (n, v), p in self._pinned.items() if n == served.name and p.served is not None)
+            also = f", kept loaded: {', '.join(map(str, kept))}" if kept else ""
+            raise UnknownVersionError(f"model {served.name} has no version {version} loaded (serving version "
+                                      f"{served.version}{also}; keep one loaded with --keep_versions "
+                                      f"{served.name}={version})")
+        return pinned.served
 
     def statuses(self) -> list[ModelStatus]:
         with self._lock:
@@ -137,7 +184,10 @@ class ModelRegistry:
             self._thread.join()
         with self._lock:
             retired = [m.served for m in self._models.values() if m.served is not None]
+            retired += [p.served for p in self._pinned.values() if p.served is not None]
             self._models.clear()
+            for pinned in self._pinned.values():
+                pinned.served, pinned.state = None, "missing"
         for servable in retired:
             servable.release()
 
@@ -168,6 +218,43 @@ class ModelRegistry:
                             status.seen = signature
                     else:
                         self._load(name, path, signature)
+            self._scan_pinned()
+
+    def _scan_pinned(self) -> None:
+        """Load pinned versions that appeared in the history, retire those that went (pruned)."""
+        for (name, version), pinned in self._pinned.items():
+            path = version_dir(self.graphs_dir, name, version) / f"{name}.pb"
+            present = path.is_file()
+            if present and pinned.state == "missing":
+                self._load_pinned(name, path, pinned)
+            elif not present and pinned.state != "missing":
+                with self._lock:
+                    retired, pinned.served, pinned.state, pinned.error = pinned.served, None, "missing", None
+                if retired is not None:
+                    log.info("model %s version %s (pinned) removed", name, version)
+                    retired.release()
+        with self._lock:
+            for name, status in self._models.items():
+                status.pinned = [p.describe() for (n, _), p in self._pinned.items() if n == name]
+
+    def _load_pinned(self, name: str, path: Path, pinned: PinnedVersion) -> None:
+        # Kept versions never change on disk: loaded once (a failed one is not retried until it goes away).
+        try:
+            servable = self._loader(name, path)
+        except Exception as e:  # noqa: BLE001 - any broken graph is reported, never fatal
+            message = self._public_message(e)
+            log.warning("model %s version %s (pinned) failed to load: %s", name, pinned.version, message)
+            with self._lock:
+                pinned.state, pinned.error = "failed", message
+            return
+        if servable.version != pinned.version:
+            servable.release()
+            with self._lock:
+                pinned.state, pinned.error = "failed", f"{path.name} there is version {servable.version}"
+            return
+        with self._lock:
+            pinned.served, pinned.state, pinned.error = servable, "ready", None
+        log.info("model %s version %s (pinned) loaded in %.2f s", name, servable.version, servable.load_seconds)
 
     def _retire(self, name: str) -> None:
         with self._lock:

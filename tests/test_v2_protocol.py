@@ -92,7 +92,7 @@ def v1_scores(served: Service, data: list[bytes]) -> np.ndarray:
     body = json.dumps({"instances": [{"b64": base64.b64encode(d).decode()} for d in data]}).encode()
     status, answer = served.http.json(f"/v1/models/{MODEL}:predict", data=body, headers=JSON)
     assert status == 200, answer
-    return np.array(answer["predictions"], np.float32)
+    return np.array([row["scores"] for row in answer["predictions"]], np.float32)
 
 
 def bytes_input(client, data: list[bytes], binary: bool = True, shape: tuple | None = None):

@@ -66,6 +66,10 @@ def main() -> int:
     parser.add_argument("--bases", default=OPTIONS["bases"],
                         help="bases part: the --tfhub_module values to compare; NAME@SIZE gives one another "
                              "input size, e.g. efficientnet_lite0@160 (default: %(default)s)")
+    parser.add_argument("--finetune_flags", default="",
+                        help="finetune part: retrain.py flags added to --fine_tune (default: none, its defaults)")
+    parser.add_argument("--finetune_tasks", default="orientation,photo quality,dog breeds",
+                        help="finetune part: which tasks (default: %(default)s)")
     parser.add_argument("--orientation_tune", default=ORIENTATION_TUNE,
                         help="orientation part: the fine-tune flags (default: %(default)s)")
     args = parser.parse_args()
@@ -234,19 +238,20 @@ def finetune_part(work: Path, quick: bool) -> dict:
         return {"skipped": "../shared not found"}
     handle, _, size = OPTIONS["bases"].split(",")[0].partition("@")
     steps, every = (300 if quick else 4000), OPTIONS["orientation_every"]
-    tasks = {"orientation": write_orientations(work / "orientation", DEFAULT_IMAGE_DIR, every),
-             "photo quality": write_qualities(work / "quality", DEFAULT_IMAGE_DIR, every),
-             "dog breeds": DEFAULT_IMAGE_DIR}
+    writers = {"orientation": lambda: write_orientations(work / "orientation", DEFAULT_IMAGE_DIR, every),
+               "photo quality": lambda: write_qualities(work / "quality", DEFAULT_IMAGE_DIR, every),
+               "dog breeds": lambda: DEFAULT_IMAGE_DIR}
+    tasks = {task: writers[task]() for task in OPTIONS["finetune_tasks"].split(",")}
+    tune = ["--fine_tune", *OPTIONS["finetune_flags"].split(), *(["--fine_tune_epochs", "1"] if quick else [])]
     flags = ["--tfhub_module", handle, "--how_many_training_steps", str(steps), "--validation_percentage", "20",
              "--testing_percentage", "25", *(["--base_input_size", size, size] if size else [])]
-    out = {"base": OPTIONS["bases"].split(",")[0], "flags": flags, "tasks": {}}
+    out = {"base": OPTIONS["bases"].split(",")[0], "flags": flags, "fine_tune_flags": tune, "tasks": {}}
     for task, image_dir in tasks.items():
         cache = work / f"bottlenecks-{task}"
         runs = {"head only": run_retrain(work / "runs" / task / "head", image_dir, flags, bottlenecks=cache),
-                "fine-tuned": run_retrain(work / "runs" / task / "tuned", image_dir,
-                                          [*flags, "--fine_tune", *(["--fine_tune_epochs", "1"] if quick else [])],
+                "fine-tuned": run_retrain(work / "runs" / task / "tuned", image_dir, [*flags, *tune],
                                           bottlenecks=cache)}
-        out["tasks"][task] = _report(f"finetune, {task}: {out['base']}, default --fine_tune flags", runs, {},
+        out["tasks"][task] = _report(f"finetune, {task}: {out['base']}, {' '.join(tune)}", runs, {},
                                      paired=("head only", "fine-tuned"))
     return out
 
@@ -287,7 +292,8 @@ def _retrain_and_latency(out: Path, base: str, steps: int) -> dict:
 PARTS = {"poets": poets_part, "default": default_part, "digits": digits_part, "orientation": orientation_part,
          "bases": bases_part, "finetune": finetune_part}
 ORIENTATION_TUNE = "--fine_tune_blocks 4 --fine_tune_learning_rate 3e-5 --random_crop 10 --random_brightness 10"
-OPTIONS: dict = {"orientation_every": 3, "orientation_tune": ORIENTATION_TUNE,
+OPTIONS: dict = {"orientation_every": 3, "orientation_tune": ORIENTATION_TUNE, "finetune_flags": "",
+                 "finetune_tasks": "orientation,photo quality,dog breeds",
                  "bases": "builtin,efficientnet_lite0"}
 
 

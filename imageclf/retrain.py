@@ -13,6 +13,7 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from imageclf import blessing, export, history, manifest
+from imageclf.base_names import DEFAULT_BASE
 from imageclf.bases import BaseModel, FrozenGraphSpec, load_base
 from imageclf.bottlenecks import BottleneckCache, BottleneckReport, feature_function, get_bottlenecks, with_runtime
 from imageclf.dataset import TEST, TRAIN, VALIDATION, ImageFile, check_trainable, scan_image_folder
@@ -33,7 +34,7 @@ class RetrainOptions:
     output_graph: str | None = None
     output_labels: str | None = None
     bottleneck_dir: str | None = "bottlenecks"
-    tfhub_module: str = "builtin"
+    tfhub_module: str = DEFAULT_BASE
     frozen_base: FrozenGraphSpec = field(default_factory=FrozenGraphSpec)
     #: What runs the base for the cached bottlenecks (bottlenecks.with_runtime); the graph is the same.
     runtime: str = "litert"

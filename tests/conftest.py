@@ -64,6 +64,7 @@ def tiny_module(tmp_path_factory) -> Path:
 
 def quick_options(image_dir: Path, out: Path, **overrides) -> RetrainOptions:
     training = overrides.pop("training", TrainConfig(steps=300, eval_step_interval=100, progress=False))
+    overrides.setdefault("tfhub_module", "builtin")  # the fastest real base; tests choose another by name
     return RetrainOptions(image_dir=str(image_dir), output_graph=str(out / "model.pb"),
                           bottleneck_dir=str(out / "bottlenecks"), training=training, **overrides)
 
@@ -106,7 +107,7 @@ def shapes_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_model(tmp_path_factory):
-    """Our real product: the built-in MobileNetV2 retrained on the sample_images demo set."""
+    """Our real product: the default base (EfficientNet-Lite0) retrained on the sample_images demo set."""
     out = tmp_path_factory.mktemp("demo_model")
     opts = RetrainOptions(image_dir=str(REPO / "sample_images"), output_graph=str(out / "shapes.pb"),
                           bottleneck_dir=str(out / "bottlenecks"),

@@ -33,7 +33,7 @@ def test_watch_with_fine_tune_frees_what_each_retrain_traced(tmp_path):
     data = tmp_path / "data"
     make_dataset(data, per_class=4)
     opts = RetrainOptions(image_dir=str(data), output_graph=str(tmp_path / "graphs" / "m.pb"),
-                          bottleneck_dir=str(tmp_path / "bottlenecks"),
+                          bottleneck_dir=str(tmp_path / "bottlenecks"), tfhub_module="builtin",
                           training=TrainConfig(steps=20, eval_step_interval=20, progress=False),
                           fine_tune=FineTuneConfig(blocks=1, max_epochs=1, patience=1, batch_size=8, progress=False))
     after = []

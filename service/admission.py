@@ -6,8 +6,8 @@ request waits behind every other, health probes included. Here each completed re
 before it is queued, in the manner of TensorFlow Serving's bounded batch queue
 (``max_enqueued_batches``):
 
-- probes (``/healthz``, ``/readyz``) and error answers are answered at once in the event loop:
-  they never wait behind model work;
+- probes (``/healthz``, ``/readyz`` and the Open Inference Protocol's ``/v2/health/*``) and
+  error answers are answered at once in the event loop: they never wait behind model work;
 - model work (uploads, ``?file=``, ``:predict``...) joins the queue only while fewer than
   ``max_queued`` requests wait there; beyond that it is answered 503 with ``Retry-After`` at once;
 - everything else (``/models``, ``/metrics``, metadata, the page) goes to the front of the queue.
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import enum
 
-PROBE_PATHS = frozenset({"/healthz", "/readyz"})
+PROBE_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
 MODEL_WORK_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 

@@ -21,7 +21,7 @@ from flask import Flask, abort, request
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
 # Answered whatever the Host: read-only, asked for by probes and scrapers that know the pod's IP only.
-ANY_HOST_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+ANY_HOST_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/metrics"})
 
 
 def default_allowed_hosts(bind_host: str) -> tuple[str, ...] | None:

@@ -153,7 +153,7 @@ def test_beyond_the_queue_bound_model_work_is_refused_at_once_and_probes_never_w
             assert len(refused) == 6 and all(_status(a) == 503 for a in refused)
             assert all(b"Retry-After: 1" in a and b"retry after" in a for a in refused)
             # Both threads are taken and the queue is full: the probes still answer, at once.
-            for probe in (b"/healthz", b"/readyz"):
+            for probe in (b"/healthz", b"/readyz", b"/v2/health/live", b"/v2/health/ready"):
                 answer = _exchange(server.port, b"GET " + probe + b" HTTP/1.1\r\nHost: localhost\r\n"
                                                                b"Connection: close\r\n\r\n")
                 assert _status(answer) == 200, answer[:200]

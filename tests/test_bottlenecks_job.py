@@ -25,9 +25,9 @@ from imageclf.bases import load_base  # noqa: E402
 from imageclf.bottlenecks import BottleneckCache, get_bottlenecks, with_runtime  # noqa: E402
 from imageclf.cli_common import run  # noqa: E402
 from imageclf.dataset import scan_image_dir, scan_image_folder  # noqa: E402
-from imageclf.demo_data import make_dataset  # noqa: E402
 from imageclf.image_files import FileRules  # noqa: E402
 from tests.conftest import REPO, write_frozen_base  # noqa: E402
+from tests.demo_data import make_dataset  # noqa: E402
 from tests.open_watch import OpenWatch  # noqa: E402
 
 BATCH = 8  # several batches and a short last one, with the corrupt file inside one of them

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from imageclf.demo_data import make_dataset
+from tests.demo_data import make_dataset
 
 from .conftest import REPO
 

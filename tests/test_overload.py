@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from imageclf.demo_data import make_dataset
 from imageclf.serving.budget import MemoryBudget
 from imageclf.serving.engine import Engine, Limits
 from imageclf.serving.registry import ModelRegistry
 from imageclf.serving.trim import BIG_BYTES, BurstTrimmer
+from tests.demo_data import make_dataset
 
 from .conftest import REPO, free_port, tiny_graphs_dir, wait_until
 from .service_helpers import Server

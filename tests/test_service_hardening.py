@@ -23,11 +23,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imageclf.demo_data import make_dataset
 from imageclf.images import decoded_nbytes, open_image
 from imageclf.retrain import retrain
 from imageclf.serving.engine import Engine, Limits, UnavailableError, _model_input_overhead
 from imageclf.serving.registry import ModelRegistry
+from tests.demo_data import make_dataset
 
 from .conftest import REPO, quick_options
 from .service_helpers import Server, multipart

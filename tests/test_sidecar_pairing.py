@@ -7,10 +7,10 @@ import json
 import shutil
 
 from imageclf import export
-from imageclf.demo_data import make_dataset
 from imageclf.retrain import retrain
 from imageclf.serving.registry import ModelRegistry
 from imageclf.training import TrainConfig
+from tests.demo_data import make_dataset
 
 from .conftest import quick_options
 

@@ -441,5 +441,10 @@ def _grpc_server(args: argparse.Namespace, app):
         raise UserError(f"--grpc_port {args.grpc_port}: {e}; pick another port, or 0 to turn gRPC off") from None
 
 
-if __name__ == "__main__":
+def entry_point() -> None:
+    """``python -m service`` and the ``imageclf-serve`` command."""
     sys.exit(run("python -m service", main))
+
+
+if __name__ == "__main__":
+    entry_point()

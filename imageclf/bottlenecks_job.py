@@ -94,6 +94,7 @@ from imageclf.cli_args import (  # noqa: E402
 from imageclf.errors import BadImageError, UserError  # noqa: E402
 from imageclf.image_files import FileRules, content_key, read_image_bytes  # noqa: E402
 from imageclf.images import decode_image  # noqa: E402
+from imageclf.install import child_env  # noqa: E402
 from imageclf.preprocess import pack_images  # noqa: E402
 
 PROG = "python -m imageclf.bottlenecks_job"
@@ -121,6 +122,7 @@ Examples:
   python -m imageclf.bottlenecks_job --image_dir gs://BUCKET/dogs --bottleneck_dir gs://BUCKET/bottlenecks \\
       --runner DataflowRunner --project PROJECT --region REGION --temp_location gs://BUCKET/tmp \\
       --sdk_container_image REGISTRY/imageclf-beam:TAG
+  (or, instead of a container image: pip wheel . --no-deps -w dist, then --extra_package dist/imageclf-*.whl)
 """
 
 
@@ -493,11 +495,10 @@ def summary(metrics: JobMetrics, seconds: float, cache: CacheFolder, skipped_lis
 
 
 def _importable_by_local_workers() -> None:
-    """Local worker processes start a fresh Python: let them import imageclf from any working folder."""
-    root = str(Path(__file__).resolve().parent.parent)
-    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if root not in paths:
-        os.environ["PYTHONPATH"] = os.pathsep.join([root, *paths])
+    """Local worker processes start a fresh Python with this environment: installed, imageclf is importable
+    there as it is; from a clone, its root goes on PYTHONPATH (install.child_env). Remote workers need the
+    package itself: --sdk_container_image, or --extra_package with the wheel of `pip wheel . --no-deps`."""
+    os.environ.update(child_env())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

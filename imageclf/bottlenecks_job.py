@@ -39,9 +39,25 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from imageclf.cli_common import quiet_tensorflow, run
+from imageclf.cli_common import OneLineErrorParser, quiet_tensorflow, run, unknown_flag_message
 
 quiet_tensorflow()
+
+
+class _BeamNoise(logging.Filter):
+    """Beam warnings that tell a user of this job nothing: the BigQuery client it never uses is absent
+    ("apitools not found", once per process, so once per worker too), and the flags it does not know,
+    which check_beam_flags reports itself, in one line naming the closest flag."""
+
+    NOISE = ("apitools not found", "Discarding unparseable args")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.NOISE)
+
+
+# On the loggers that say them: Beam's BigQuery package logs on the root logger, its options on their own.
+for _logger in (logging.getLogger(), logging.getLogger("apache_beam.options.pipeline_options")):
+    _logger.addFilter(_BeamNoise())
 
 try:
     import apache_beam as beam
@@ -67,12 +83,19 @@ from imageclf.bottlenecks import (  # noqa: E402
     vector_from_bytes,
     with_runtime,
 )
+from imageclf.cli_args import (  # noqa: E402
+    DEFAULT_BATCH_SIZE,
+    add_base_arguments,
+    add_file_arguments,
+    check_file_arguments,
+    file_rules,
+    frozen_spec,
+)
 from imageclf.errors import BadImageError, UserError  # noqa: E402
 from imageclf.image_files import FileRules, content_key, read_image_bytes  # noqa: E402
 from imageclf.images import decode_image  # noqa: E402
+from imageclf.install import child_env  # noqa: E402
 from imageclf.preprocess import pack_images  # noqa: E402
-from imageclf.retrain_cli import add_base_arguments, add_file_arguments, check_file_arguments, file_rules, frozen_spec  # noqa: E402  # noqa: E402
-from imageclf.retrain_cli import build_parser as retrain_parser  # noqa: E402
 
 PROG = "python -m imageclf.bottlenecks_job"
 NAMESPACE = "imageclf.bottlenecks"
@@ -99,20 +122,20 @@ Examples:
   python -m imageclf.bottlenecks_job --image_dir gs://BUCKET/dogs --bottleneck_dir gs://BUCKET/bottlenecks \\
       --runner DataflowRunner --project PROJECT --region REGION --temp_location gs://BUCKET/tmp \\
       --sdk_container_image REGISTRY/imageclf-beam:TAG
+  (or, instead of a container image: pip wheel . --no-deps -w dist, then --extra_package dist/imageclf-*.whl)
 """
 
 
 # ---------------------------------------------------------------- flags and pipeline options
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    retrain_defaults = retrain_parser()
+    p = OneLineErrorParser(prog=PROG, description=__doc__.split("\n\n")[0], epilog=EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--image_dir", required=True,
                    help="folder with one subfolder of images per class: a local path or gs://...")
     p.add_argument("--bottleneck_dir", required=True,
                    help="the cache to fill: what you give retrain.py as --bottleneck_dir (or gs://... to copy down)")
-    p.add_argument("--batch_size", type=int, default=retrain_defaults.get_default("batch_size"),
+    p.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE,
                    help="images per forward pass; keep retrain.py's for bit-identical vectors (default: %(default)s)")
     add_file_arguments(p.add_argument_group("reading files (the same flags as retrain.py)"))
     p.add_argument("--skipped_list", help="also write the skipped files, one reason a line, to this file")
@@ -128,9 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    """Our flags, and the rest for Beam."""
+    """Our flags, and the rest for Beam; a flag that is neither ours nor Beam's is named first (with the
+    closest one), so that a mistyped --image_dir is not reported as a missing one."""
     parser = build_parser()
+    required = [action for action in parser._actions if action.required]
+    for action in required:
+        action.required = False
     args, beam_argv = parser.parse_known_args(argv)
+    check_beam_flags(PipelineOptions(beam_argv), parser)
+    missing = [action.option_strings[0] for action in required if getattr(args, action.dest) is None]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
     for flag in ("batch_size", "num_workers"):
         value = getattr(args, flag)
         if value is not None and value <= 0:
@@ -155,12 +186,18 @@ def pipeline_options(args: argparse.Namespace, beam_argv: Sequence[str]) -> Pipe
     elif args.num_workers:
         flags.append(f"--num_workers={args.num_workers}")
     options = PipelineOptions([*flags, *beam_argv])
-    # Beam drops flags it does not know with a warning; a mistyped --project would then go unnoticed.
-    unknown = sorted(set(options.get_all_options(retain_unknown_options=True)) - set(options.get_all_options()))
-    if unknown:
-        raise UserError(f"unknown option(s): {', '.join('--' + name for name in unknown)} "
-                        "(neither this job's nor a Beam pipeline option; see --help)")
+    check_beam_flags(options)
     return options
+
+
+def check_beam_flags(options: PipelineOptions, parser: argparse.ArgumentParser | None = None) -> None:
+    """UserError naming a flag that is neither this job's nor a Beam pipeline option, and the closest flag of
+    either: Beam drops flags it does not know with a warning, and a mistyped --project would go unnoticed."""
+    known = set(options.get_all_options())
+    unknown = sorted(set(options.get_all_options(retain_unknown_options=True)) - known)
+    if unknown:
+        ours = [option for action in (parser or build_parser())._actions for option in action.option_strings]
+        raise UserError(unknown_flag_message(PROG, "--" + unknown[0], [*ours, *("--" + name for name in known)]))
 
 
 # ---------------------------------------------------------------- paths and files through tf.io.gfile
@@ -458,11 +495,10 @@ def summary(metrics: JobMetrics, seconds: float, cache: CacheFolder, skipped_lis
 
 
 def _importable_by_local_workers() -> None:
-    """Local worker processes start a fresh Python: let them import imageclf from any working folder."""
-    root = str(Path(__file__).resolve().parent.parent)
-    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if root not in paths:
-        os.environ["PYTHONPATH"] = os.pathsep.join([root, *paths])
+    """Local worker processes start a fresh Python with this environment: installed, imageclf is importable
+    there as it is; from a clone, its root goes on PYTHONPATH (install.child_env). Remote workers need the
+    package itself: --sdk_container_image, or --extra_package with the wheel of `pip wheel . --no-deps`."""
+    os.environ.update(child_env())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -69,6 +69,12 @@ def read_sidecar(graph_path: Path) -> GraphSettings:
         raise UserError(f"{path}: cannot read settings: {e}") from None
 
 
+def graph_version(metadata: dict | None, modified_ns: int) -> int:
+    """A graph's version: the one retrain.py writes into its metadata, else its file's mtime in seconds
+    (graphs from other tools); the service and label_image.py's --json report the same number."""
+    return int((metadata or {}).get("version") or modified_ns // 10**9)
+
+
 class Classifier:
     """The part of a loaded model that does not depend on its runtime.
 
@@ -94,6 +100,11 @@ class Classifier:
     @property
     def name(self) -> str:
         return (self.metadata or {}).get("name") or self.path.stem
+
+    @property
+    def version(self) -> int:
+        """The version the service reports for this graph (see graph_version)."""
+        return graph_version(self.metadata, self.path.stat().st_mtime_ns)
 
     def model_input(self, pixels: np.ndarray) -> np.ndarray:
         """Decoded RGB uint8 ``[h, w, 3]`` -> what this model's input takes for it."""

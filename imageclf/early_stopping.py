@@ -1,6 +1,7 @@
 """Keeping the best checkpoint seen on validation, and knowing when to stop looking.
 
-Used by the head's training and by fine-tuning alike. A checkpoint is better when its
+Used by fine-tuning (fine_tune.py), to keep its best epoch; the head's training (training.py) runs
+its fixed number of steps and keeps the last. A checkpoint is better when its
 validation accuracy is higher, or equal with a lower validation cross entropy: accuracy is
 what users are told, and on a small validation set many checkpoints tie on it.
 """

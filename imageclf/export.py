@@ -20,6 +20,7 @@ from pathlib import Path
 
 import tensorflow as tf
 from google.protobuf.message import DecodeError
+from tensorflow.core.protobuf import meta_graph_pb2
 
 from imageclf.atomic import fsync_dir, fsync_tree, write_bytes_atomic, write_text_atomic
 from imageclf.bases import BaseModel
@@ -238,6 +239,20 @@ def write_saved_model(graph_def: tf.compat.v1.GraphDef, metadata: dict, export_d
         raise
 
 
+def _predict_signature(inputs: dict[str, tf.Tensor], outputs: dict[str, tf.Tensor]) -> meta_graph_pb2.SignatureDef:
+    """tf.compat.v1.saved_model.predict_signature_def's SignatureDef, built directly: that function goes
+    through build_tensor_info, which prints a deprecation warning (TF1 API) on every export."""
+    def info(tensor: tf.Tensor) -> meta_graph_pb2.TensorInfo:
+        return meta_graph_pb2.TensorInfo(name=tensor.name, dtype=tensor.dtype.as_datatype_enum,
+                                         tensor_shape=tensor.shape.as_proto())
+    signature = meta_graph_pb2.SignatureDef(method_name=tf.saved_model.PREDICT_METHOD_NAME)
+    for key, tensor in inputs.items():
+        signature.inputs[key].CopyFrom(info(tensor))
+    for key, tensor in outputs.items():
+        signature.outputs[key].CopyFrom(info(tensor))
+    return signature
+
+
 def _build_saved_model(graph_def: tf.compat.v1.GraphDef, metadata: dict, staging: Path) -> None:
     graph = tf.Graph()
     with graph.as_default():
@@ -245,7 +260,7 @@ def _build_saved_model(graph_def: tf.compat.v1.GraphDef, metadata: dict, staging
         scores = graph.get_tensor_by_name(metadata["output_tensor"])
         classes = tf.tile(graph.get_tensor_by_name(LABELS_TENSOR)[None, :], [tf.shape(scores)[0], 1])
         outputs = {"scores": scores, "classes": classes}
-        signature = tf.compat.v1.saved_model.predict_signature_def
+        signature = _predict_signature
         signatures = {
             "serving_default": signature({"image_bytes": graph.get_tensor_by_name(BYTES_TENSOR)}, outputs),
             "predict_images": signature({"images": graph.get_tensor_by_name(INPUT_TENSOR)}, outputs),

@@ -172,8 +172,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def entry_point() -> None:
     from imageclf.cli_common import quiet_tensorflow, run
 
     quiet_tensorflow()
     sys.exit(run("python -m imageclf.history", main))
+
+
+if __name__ == "__main__":
+    entry_point()

@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from imageclf.cli_common import run
+from imageclf.cli_common import OneLineErrorParser, run
 from imageclf.images import DEFAULT_MAX_PIXELS
 from imageclf.runtimes import RUNTIMES
 
@@ -30,7 +30,7 @@ Examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="label_image.py", description=DESCRIPTION, epilog=EPILOG,
+    p = OneLineErrorParser(prog="label_image.py", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--graph", required=True, help="frozen graph (.pb) to use")
     p.add_argument("--image", required=True, help="image file to classify (any common format)")
@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     seconds = time.perf_counter() - started
     top = model.top_k(probabilities, args.top_k)
     if args.json:
-        print(json.dumps({"image": args.image, "model": model.name,
+        print(json.dumps({"image": args.image, "model": {"name": model.name, "version": model.version},
                           "predictions": [{"label": label, "score": score} for label, score in top],
                           "seconds": round(seconds, 4)}, indent=2))
     else:

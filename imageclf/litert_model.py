@@ -26,6 +26,7 @@ import numpy as np
 from imageclf.atomic import write_text_atomic
 from imageclf.classifier import Classifier, GraphSettings, read_sidecar, sidecar_path
 from imageclf.cli_common import stderr_silenced
+from imageclf.install import child_env
 from imageclf.litert_convert import FORMAT
 
 log = logging.getLogger(__name__)
@@ -203,9 +204,7 @@ def _convert(graph_path: Path, settings: GraphSettings, model_file: Path) -> Non
 
 
 def _convert_in_child(graph_path: Path, settings: GraphSettings, model_file: Path) -> None:
-    package_root = str(Path(__file__).resolve().parent.parent)
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
-               PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+    env = dict(child_env(), TF_CPP_MIN_LOG_LEVEL="3")  # imports this imageclf, installed or from a clone
     command = [sys.executable, "-m", "imageclf.litert_convert", str(graph_path), str(model_file),
                "--settings", settings.to_json()]
     log.info("%s: converting to LiteRT (once; cached in %s)", graph_path.name, model_file.parent)

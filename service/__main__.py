@@ -11,9 +11,11 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from imageclf.cli_common import OneLineErrorParser, quiet_tensorflow, run
-from imageclf.images import DEFAULT_MAX_PIXELS
-from imageclf.runtimes import RUNTIMES
+from imageclf.cli_common import OneLineErrorParser, missing_packages_exit, quiet_tensorflow, run
+
+with missing_packages_exit("python -m service"):  # outside the project's virtualenv: one line, not a traceback
+    from imageclf.images import DEFAULT_MAX_PIXELS
+    from imageclf.runtimes import RUNTIMES
 
 SHUTDOWN_GRACE_S = 5.0
 
@@ -439,5 +441,10 @@ def _grpc_server(args: argparse.Namespace, app):
         raise UserError(f"--grpc_port {args.grpc_port}: {e}; pick another port, or 0 to turn gRPC off") from None
 
 
-if __name__ == "__main__":
+def entry_point() -> None:
+    """``python -m service`` and the ``imageclf-serve`` command."""
     sys.exit(run("python -m service", main))
+
+
+if __name__ == "__main__":
+    entry_point()

@@ -21,10 +21,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import tensorflow as tf  # noqa: E402
 
 from imageclf.bases import FrozenGraphSpec  # noqa: E402
-from imageclf.demo_data import draw_shape, make_dataset  # noqa: E402
 from imageclf.fine_tune import FineTuneConfig  # noqa: E402
 from imageclf.retrain import RetrainOptions, retrain  # noqa: E402
 from imageclf.training import TrainConfig  # noqa: E402
+from tests.demo_data import draw_shape, make_dataset  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"

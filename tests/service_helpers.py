@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import urllib.error
@@ -11,6 +12,17 @@ from pathlib import Path
 from imageclf.serving.registry import ModelRegistry
 from service.app import ServiceConfig, create_app
 from service.server import create_server
+
+
+@contextlib.contextmanager
+def held(registry: ModelRegistry, name: str | None = None, version: int | None = None):
+    """The served version of ``name`` (None: the newest model), or its ``version``, held for the ``with``
+    block, as Engine.hold holds it for a request."""
+    servable = registry.acquire(name, version)
+    try:
+        yield servable
+    finally:
+        servable.release()
 
 
 class Server:

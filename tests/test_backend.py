@@ -42,10 +42,10 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from imageclf.demo_data import draw_shape, make_dataset
 from imageclf.preprocess import image_to_model_input
 from imageclf.serving.backend_config import BackendOptions
 from service.app import ServiceConfig, create_app
+from tests.demo_data import draw_shape, make_dataset
 
 from .conftest import REPO, free_port, tiny_graphs_dir, wait_until
 from .service_helpers import Server, multipart

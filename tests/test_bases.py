@@ -17,10 +17,10 @@ from imageclf import retrain_cli
 from imageclf.bases import FrozenGraphSpec, classifier_features, load_base
 from imageclf.bottlenecks import feature_function
 from imageclf.cli_common import run
-from imageclf.demo_data import make_dataset
 from imageclf.errors import UserError
 from imageclf.graph_model import GraphModel
 from imageclf.images import read_image
+from tests.demo_data import make_dataset
 
 from .conftest import FROZEN_BASE, TinyFeatures, needs_shared, run_tool, write_frozen_base
 

@@ -9,9 +9,9 @@ import pytest
 
 from imageclf.bases import load_base
 from imageclf.bottlenecks import BottleneckCache, cache_key, get_bottlenecks, with_runtime
-from imageclf.demo_data import make_dataset
 from imageclf.retrain import retrain
 from imageclf.training import TrainConfig
+from tests.demo_data import make_dataset
 
 from .conftest import quick_options
 

@@ -25,9 +25,9 @@ from imageclf.bases import load_base  # noqa: E402
 from imageclf.bottlenecks import BottleneckCache, get_bottlenecks, with_runtime  # noqa: E402
 from imageclf.cli_common import run  # noqa: E402
 from imageclf.dataset import scan_image_dir, scan_image_folder  # noqa: E402
-from imageclf.demo_data import make_dataset  # noqa: E402
 from imageclf.image_files import FileRules  # noqa: E402
 from tests.conftest import REPO, write_frozen_base  # noqa: E402
+from tests.demo_data import make_dataset  # noqa: E402
 from tests.open_watch import OpenWatch  # noqa: E402
 
 BATCH = 8  # several batches and a short last one, with the corrupt file inside one of them
@@ -206,7 +206,8 @@ def test_job_reads_files_by_retrains_rules(base, tmp_path, capsys):
 
 @pytest.mark.parametrize(("flags", "message"), [
     (["--image_dir", "missing"], "--image_dir missing: no such folder"),
-    (["--projet", "my-project"], "unknown option(s): --projet"),
+    (["--projet", "my-project"], "unknown flag --projet; did you mean --project?"),
+    (["--bottleneck_directory", "x"], "unknown flag --bottleneck_directory; did you mean --bottleneck_dir?"),
     (["--tfhub_module", "nothing_here.pb"], "--tfhub_module: no such file or directory: nothing_here.pb"),
 ])
 def test_mistakes_are_one_line_and_status_2(job_run, flags, message, capsys):
@@ -234,3 +235,28 @@ def test_the_default_base_job_fills_the_cache_retrain_then_reuses(tmp_path, caps
     out = capsys.readouterr().out
     assert status == 0 and "Bottlenecks: computed 0, reused 12" in out
     assert "EfficientNet-Lite0 48x48" in out
+
+
+def test_a_mistyped_required_flag_is_named_not_reported_missing(capsys):
+    assert run("bottlenecks_job", bottlenecks_job.main, ["--image_directory", "x", "--bottleneck_dir", "y"]) == 2
+    err = capsys.readouterr().err
+    assert err == "bottlenecks_job: error: unknown flag --image_directory; did you mean --image_dir?\n"
+
+
+def test_beams_noise_is_left_out(capsys):
+    """Beam's "apitools not found" (it has no BigQuery client here, which the job never uses) and its
+    "Discarding unparseable args" (the job names the flag itself, with the closest one)."""
+    result = subprocess.run([sys.executable, "-m", "imageclf.bottlenecks_job", "--help"], capture_output=True,
+                            text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0 and "--image_dir" in result.stdout
+    assert result.stderr == ""
+    argv = ["--image_dir", "x", "--bottleneck_dir", "y", "--projet", "p"]
+    assert run("bottlenecks_job", bottlenecks_job.main, argv) == 2
+    assert "Discarding" not in capsys.readouterr().err
+
+
+def test_the_job_does_not_import_the_retrain_command_line():
+    code = "import sys, imageclf.bottlenecks_job; print(sorted(m for m in sys.modules if m.endswith('_cli')))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "imageclf.retrain_cli" not in result.stdout and "imageclf.label_image_cli" not in result.stdout

@@ -9,8 +9,8 @@ from PIL import features
 
 from imageclf.bases import load_base
 from imageclf.bottlenecks import cache_key
-from imageclf.demo_data import make_dataset
 from imageclf.retrain import retrain
+from tests.demo_data import make_dataset
 
 from .conftest import quick_options
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from imageclf.dataset import TEST, TRAIN, VALIDATION, scan_image_dir, split_for
-from imageclf.demo_data import ALL_SHAPES, draw_shape, make_dataset
 from imageclf.errors import UserError
+from tests.demo_data import ALL_SHAPES, draw_shape, make_dataset
 
 from .conftest import run_tool
 

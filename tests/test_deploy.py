@@ -23,6 +23,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import zipfile
 from fnmatch import fnmatch
 from importlib import metadata
 from pathlib import Path, PurePosixPath
@@ -32,16 +33,17 @@ import grpc
 import kubernetes_validate
 import pytest
 import tensorflow as tf
+import tomllib
 import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
 
-from imageclf.demo_data import make_dataset
 from imageclf.retrain_cli import build_parser as retrain_parser
 from imageclf.retrain_cli import main as retrain_main
 from service.__main__ import build_parser as service_parser
+from tests.demo_data import make_dataset
 
 from .conftest import REPO, free_port
 
@@ -287,7 +289,14 @@ def test_image_installs_its_requirements_file_and_the_weights_as_setup_sh_does()
     healthcheck = _one(_dockerfile_run_stage(), "HEALTHCHECK")
     assert healthcheck.value[:2] == ("CMD", "python")
     assert copies["deploy/healthcheck.py"].rstrip("/") == str(PurePosixPath(healthcheck.value[2]).parent)
-    assert _one(_dockerfile_run_stage(), "WORKDIR").value == (copies["service"].rsplit("/", 1)[0],)
+    assert _one(_dockerfile_run_stage(), "WORKDIR").value == (copies["retrain.py"].rstrip("/"),)
+    # The code is the package, installed as pip installs it (no path workaround): the tree pyproject.toml
+    # describes, copied whole, then installed without its requirements (the layer above has them).
+    source = copies["pyproject.toml"].rstrip("/")
+    for package in ("imageclf", "service"):
+        assert copies[package] == f"{source}/{package}", package
+    assert f"pip install --no-cache-dir --no-deps {source}" in runs
+    assert "PYTHONPATH" not in _image_env()
 
 
 def test_runtime_requirements_are_requirements_txt_less_the_dev_tools():
@@ -296,6 +305,55 @@ def test_runtime_requirements_are_requirements_txt_less_the_dev_tools():
     for name, req in runtime.items():
         assert name in full and req.specifier == full[name].specifier, f"{name}: differs from requirements.txt"
     assert set(full) - set(runtime) == DEV_ONLY
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def test_package_requirements_are_the_images_and_the_extras_the_rest():
+    """pyproject.toml's dependencies are what the image installs; its extras are requirements.txt's dev tools
+    and requirements-beam.txt: one set of pins in three files, kept equal."""
+    project = _pyproject()["project"]
+    declared = {canonicalize_name(Requirement(line).name): Requirement(line) for line in project["dependencies"]}
+    runtime = _requirements(DEPLOY / "requirements-runtime.txt")
+    assert {name: (str(r.specifier), r.extras) for name, r in declared.items()} == \
+        {name: (str(r.specifier), r.extras) for name, r in runtime.items()}
+    extras = project["optional-dependencies"]
+    assert {canonicalize_name(Requirement(line).name) for line in extras["test"]} == DEV_ONLY | {"tritonclient"}
+    assert [Requirement(line).name for line in extras["beam"]] == list(_requirements(REPO / "requirements-beam.txt"))
+
+
+def test_the_wheel_holds_the_packages_and_commands_and_no_test_data(tmp_path):
+    """A wheel of what the Dockerfile copies to install (setuptools from this environment: offline) holds
+    imageclf, imageclf.serving and service with its page, the commands, and nothing of tests/ (demo_data)."""
+    commands = dockerfile.parse_file(str(DEPLOY / "Dockerfile"))
+    source = tmp_path / "src"
+    for copy in [c for c in commands if c.cmd == "COPY" and not c.flags and c.value[-1].startswith("/src/")]:
+        destination = source / PurePosixPath(copy.value[-1]).relative_to("/src")
+        for name in copy.value[:-1]:
+            # Docker's rule: into a destination ending in "/"; a folder's contents into the destination itself.
+            target = destination / Path(name).name if copy.value[-1].endswith("/") else destination
+            if (REPO / name).is_dir():
+                shutil.copytree(REPO / name, target, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(REPO / name, target)
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                             "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True, timeout=300,
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (wheel,) = (tmp_path / "dist").glob("imageclf-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+        entry_points = zf.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
+    code = {str(p.relative_to(REPO)) for p in [*REPO.glob("imageclf/**/*.py"), *REPO.glob("service/**/*.py")]}
+    assert code | {"service/page.html"} <= names
+    assert not {n for n in names if n.startswith("tests/") or "demo_data" in n}
+    for command, target in _pyproject()["project"]["scripts"].items():
+        assert f"{command} = {target}" in entry_points
+        module, function = target.split(":")
+        assert f"def {function}(" in (REPO / (module.replace(".", "/") + ".py")).read_text(), target
 
 
 def _third_party_imports() -> dict[str, list[str]]:

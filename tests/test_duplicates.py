@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from imageclf.dataset import TEST, TRAIN, VALIDATION, ImageFile, split_for
-from imageclf.demo_data import make_dataset
 from imageclf.duplicates import near_duplicates
 from imageclf.retrain import retrain
+from tests.demo_data import make_dataset
 
 from .conftest import quick_options
 

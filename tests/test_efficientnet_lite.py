@@ -106,12 +106,12 @@ def test_its_imagenet_head_knows_dogs():
 
 
 def test_retrain_on_efficientnet_lite0_serves_on_both_runtimes(tmp_path):
-    from imageclf.demo_data import make_dataset
     from imageclf.graph_model import GraphModel
     from imageclf.images import decode_image
     from imageclf.litert_model import LiteModel, LiteOptions
     from imageclf.retrain import retrain
     from imageclf.training import TrainConfig
+    from tests.demo_data import make_dataset
 
     from .conftest import quick_options
 

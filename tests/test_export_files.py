@@ -17,10 +17,10 @@ import tensorflow as tf
 import imageclf.retrain as retrain_module
 from imageclf import export
 from imageclf.atomic import write_bytes_atomic, write_text_atomic
-from imageclf.demo_data import make_dataset
 from imageclf.graph_model import GraphModel
 from imageclf.retrain import retrain
 from imageclf.training import TrainConfig
+from tests.demo_data import make_dataset
 
 from .conftest import quick_options
 

@@ -13,7 +13,6 @@ import tensorflow as tf
 from imageclf import export
 from imageclf.bases import BaseModel, load_base
 from imageclf.bottlenecks import feature_function
-from imageclf.demo_data import SHAPES, make_dataset
 from imageclf.early_stopping import EarlyStopping
 from imageclf.errors import UserError
 from imageclf.fine_tune import (
@@ -30,6 +29,7 @@ from imageclf.images import read_file, read_image
 from imageclf.preprocess import image_to_model_input
 from imageclf.retrain import RetrainOptions, fine_tune_config
 from imageclf.training import FinalLayer, TrainConfig, sampler_from_arrays, train_final_layer
+from tests.demo_data import SHAPES, make_dataset
 
 SIZE = (160, 160)
 QUIET = dict(progress=False)
@@ -274,7 +274,7 @@ def test_config_values_out_of_range_are_user_errors(field, value, message):
 
 
 def test_retrain_refuses_to_fine_tune_a_frozen_graph_base_before_any_work(frozen_base, tmp_path):
-    from imageclf.demo_data import make_dataset
+    from tests.demo_data import make_dataset
 
     from .conftest import run_tool
 

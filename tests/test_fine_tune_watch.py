@@ -13,11 +13,11 @@ import threading
 import tensorflow as tf
 
 from imageclf.bases import BaseModel
-from imageclf.demo_data import make_dataset
 from imageclf.fine_tune import FineTuneConfig
 from imageclf.retrain import RetrainOptions, retrain
 from imageclf.training import TrainConfig
 from imageclf.watch import watch
+from tests.demo_data import make_dataset
 
 
 def alive() -> dict[str, int]:

@@ -10,10 +10,10 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from imageclf.demo_data import draw_shape, make_dataset
 from imageclf.graph_model import GraphModel
 from imageclf.images import decode_image, read_image
 from imageclf.preprocess import image_to_model_input
+from tests.demo_data import draw_shape, make_dataset
 
 from .conftest import REPO, run_tool
 

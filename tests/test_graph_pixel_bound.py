@@ -14,10 +14,10 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from imageclf.demo_data import make_dataset
 from imageclf.graph_model import GraphModel
 from imageclf.retrain import retrain
 from imageclf.training import TrainConfig
+from tests.demo_data import make_dataset
 
 from .conftest import quick_options
 

@@ -41,7 +41,6 @@ from tensorflow_serving.apis import (
 )
 
 from imageclf import label_image_cli
-from imageclf.demo_data import draw_shape, make_dataset
 from imageclf.graph_model import GraphModel
 from imageclf.images import decode_image
 from imageclf.preprocess import image_to_model_input
@@ -49,6 +48,7 @@ from imageclf.retrain import retrain
 from imageclf.serving.engine import Engine, Limits
 from imageclf.training import TrainConfig
 from service.grpc_api import GrpcServer
+from tests.demo_data import draw_shape, make_dataset
 
 from .conftest import REPO, free_port, quick_options
 from .service_helpers import Server

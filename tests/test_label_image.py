@@ -17,7 +17,8 @@ from imageclf.cli_common import run
 from imageclf.graph_model import GraphModel, GraphSettings
 from imageclf.images import read_image
 
-from .conftest import POETS, REPO, needs_shared, reference_input, run_tool
+from .conftest import POETS, REPO, needs_shared, reference_input, run_tool, wait_until
+from .service_helpers import Server
 
 POETS_FLAGS = ["--graph", str(POETS / "retrained_graph.pb"), "--labels", str(POETS / "retrained_labels.txt"),
                "--input_layer", "input", "--output_layer", "final_result"]
@@ -213,3 +214,22 @@ def test_wrong_tensor_name_on_our_graph(demo_model):
     result = run_tool("label_image.py", "--graph", str(demo_model.graph), "--output_layer", "nope",
                       "--image", str(REPO / "sample_images" / "circle" / "circle_000.jpg"))
     assert result.returncode == 2 and "no output tensor named 'nope:0'" in result.stderr
+
+
+def test_json_names_the_model_as_the_service_does(demo_model, tmp_path):
+    """--json's "model" is the service's object, {"name", "version"}, with the same values for the same graph."""
+    image = REPO / "sample_images" / "circle" / "circle_000.jpg"
+    result = run_tool("label_image.py", "--graph", str(demo_model.graph), "--image", str(image), "--json")
+    assert result.returncode == 0, result.stderr
+    ours = json.loads(result.stdout)["model"]
+    graphs = tmp_path / "graphs"
+    graphs.mkdir()
+    shutil.copy2(demo_model.graph, graphs / demo_model.graph.name)
+    server = Server(graphs, REPO)
+    try:
+        wait_until(lambda: any(m["version"] for m in server.json("/models")[1]["models"]), "the graph to load")
+        status, answer = server.json(f"/?file={image.relative_to(REPO)}")
+    finally:
+        server.close()
+    assert status == 200 and answer["model"] == ours
+    assert ours["name"] == demo_model.graph.stem and isinstance(ours["version"], int)

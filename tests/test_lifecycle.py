@@ -28,7 +28,7 @@ from imageclf.summary import retrain_summary
 from imageclf.training import TrainConfig
 
 from .conftest import REPO, quick_options, wait_until
-from .service_helpers import Server
+from .service_helpers import Server, held
 
 COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200), "yellow": (220, 210, 40)}
 TESTING = 40  # percent: enough held-out images (about 6 a class) for the gate to decide on
@@ -168,7 +168,7 @@ def test_a_clearly_worse_candidate_is_kept_aside_with_exit_3_and_the_old_graph_s
         verdict = json.loads(rejected[0].with_suffix(".json").read_text())["blessing"]
         assert not verdict["blessed"] and verdict["p_value"] < blessing.ALPHA and verdict["n"] >= blessing.MIN_SHARED
         registry.scan()
-        with registry.serve("colours") as servable:
+        with held(registry, "colours") as servable:
             assert servable.version == old_version
 
         assert cli(colours, tmp_path, tiny_module, "--how_many_training_steps", "1", "--learning_rate", "1e-5",
@@ -176,7 +176,7 @@ def test_a_clearly_worse_candidate_is_kept_aside_with_exit_3_and_the_old_graph_s
         assert "replaced anyway (--force)" in capsys.readouterr().out
         assert version_of(good.graph) > old_version
         registry.scan()
-        with registry.serve("colours") as servable:
+        with held(registry, "colours") as servable:
             assert servable.version == version_of(good.graph)
     finally:
         registry.stop()
@@ -239,7 +239,7 @@ def test_rollback_never_shows_the_service_a_graph_without_its_own_labels(tmp_pat
 
     def scan():
         registry.scan()
-        with registry.serve("colours") as servable:
+        with held(registry, "colours") as servable:
             served.append((servable.version, tuple(servable.labels)))
 
     def then_scan(path, data, *args, **kwargs):

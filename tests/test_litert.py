@@ -17,13 +17,13 @@ import pytest
 import tensorflow as tf
 
 from imageclf.classifier import GraphSettings
-from imageclf.demo_data import SHAPES, draw_shape, make_dataset
 from imageclf.graph_model import GraphModel
 from imageclf.images import decode_image
 from imageclf.litert_model import LiteModel, LiteOptions, cache_key
 from imageclf.retrain import retrain
 from imageclf.runtimes import RuntimeOptions, load_classifier
 from imageclf.training import TrainConfig
+from tests.demo_data import SHAPES, draw_shape, make_dataset
 
 from .conftest import REPO, free_port, quick_options, run_tool, wait_until
 from .service_helpers import Server, multipart

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from imageclf.demo_data import make_dataset
 from imageclf.serving.budget import MemoryBudget
 from imageclf.serving.engine import Engine, Limits
 from imageclf.serving.registry import ModelRegistry
 from imageclf.serving.trim import BIG_BYTES, BurstTrimmer
+from tests.demo_data import make_dataset
 
 from .conftest import REPO, free_port, tiny_graphs_dir, wait_until
 from .service_helpers import Server
@@ -370,7 +370,7 @@ def test_a_port_in_use_is_one_line_and_exit_2(graphs, which):
     ([], {"IMAGECLF_PORT": "eighty"}, "IMAGECLF_PORT='eighty' is not a whole number"),
     ([], {"IMAGECLF_BATCH_WAIT_MS": "2ms"}, "IMAGECLF_BATCH_WAIT_MS='2ms' is not a number"),
     (["--trusted_proxies", "10.0.0.0/33"], {}, "--trusted_proxies: '10.0.0.0/33' is not an IP address"),
-    (["--no_such_flag"], {}, "unrecognized arguments: --no_such_flag"),
+    (["--no_such_flag"], {}, "unknown flag --no_such_flag (see python -m service --help)"),
 ])
 def test_bad_settings_are_one_line_and_exit_2(graphs, args, env, message):
     result = _service("--graphs_dir", str(graphs), "--grpc_port", "0", *args, env=env)

@@ -13,9 +13,9 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from imageclf.demo_data import draw_shape
 from imageclf.graph_model import GraphModel
 from imageclf.images import decode_image, jpeg_scale
+from tests.demo_data import draw_shape
 
 # Display transform of each EXIF orientation, and how a camera stores an upright picture for it.
 STORE = {1: [], 2: [Image.Transpose.FLIP_LEFT_RIGHT], 3: [Image.Transpose.ROTATE_180],

@@ -17,13 +17,13 @@ from imageclf.atomic import write_bytes_atomic
 from imageclf.bases import load_base
 from imageclf.bottlenecks import BottleneckCache, get_bottlenecks, with_runtime
 from imageclf.dataset import TEST, TRAIN, scan_image_dir, split_for
-from imageclf.demo_data import make_dataset
 from imageclf.errors import UserError
 from imageclf.graph_model import GraphModel
 from imageclf.images import read_image
 from imageclf.preprocess_graph import distort
 from imageclf.retrain import retrain
 from imageclf.training import TrainConfig
+from tests.demo_data import make_dataset
 
 from .conftest import quick_options, run_tool, write_frozen_base
 

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imageclf.demo_data import make_dataset
 from imageclf.graph_model import GraphModel
 from imageclf.retrain import retrain
+from tests.demo_data import make_dataset
 
 from .conftest import POETS, REPO, needs_shared, quick_options, reference_input, run_tool
 from .service_helpers import Server, multipart

@@ -13,8 +13,8 @@ import shutil
 import pytest
 from packaging.requirements import Requirement
 
-from imageclf.demo_data import make_dataset
 from service.security import ANY_HOST_PATHS
+from tests.demo_data import make_dataset
 
 from .conftest import REPO, tiny_graphs_dir
 from .service_helpers import Server

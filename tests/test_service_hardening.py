@@ -23,14 +23,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imageclf.demo_data import make_dataset
 from imageclf.images import decoded_nbytes, open_image
 from imageclf.retrain import retrain
 from imageclf.serving.engine import Engine, Limits, UnavailableError, _model_input_overhead
 from imageclf.serving.registry import ModelRegistry
+from tests.demo_data import make_dataset
 
 from .conftest import REPO, quick_options
-from .service_helpers import Server, multipart
+from .service_helpers import Server, held, multipart
 
 CIRCLE = (REPO / "sample_images" / "circle" / "circle_000.jpg").read_bytes()
 
@@ -105,7 +105,7 @@ def test_reloads_free_every_retired_model_without_failing_a_request(tiny_graphs,
     try:
         # 40 reloads under two clients: each retired model must be freed (a leak shows at the first).
         for i in range(40):
-            with registry.serve("live") as servable:
+            with held(registry, "live") as servable:
                 model = servable.model
                 retired.append((weakref.ref(model), weakref.ref(model.graph), weakref.ref(model.session)))
                 del model
@@ -129,10 +129,10 @@ def test_a_request_holding_a_retired_version_finishes_on_it(tiny_graphs, tmp_pat
     _swap_in(tiny_graphs[0], graphs / "live.pb")
     registry = ModelRegistry(graphs, poll_seconds=3600)
     registry.scan()
-    with registry.serve("live") as old:
+    with held(registry, "live") as old:
         _swap_in(tiny_graphs[1], graphs / "live.pb")
         registry.scan()
-        with registry.serve("live") as new:
+        with held(registry, "live") as new:
             assert len(new.labels) == 4 and new is not old
         assert not old.closed and len(old.predict([np.zeros((32, 32, 3), np.float32)])[0]) == 3
     assert old.closed  # the last holder let go
@@ -196,7 +196,7 @@ def test_too_many_instances_is_refused_before_any_work(served):
     (3,000 x 160 x 160 x 3 float32 = 879 MiB), so the peak RSS must stay far below that.
     """
     server, _ = served
-    with server.registry.serve("shapes") as servable:
+    with held(server.registry, "shapes") as servable:
         height, width = servable.model.input_size
     decoded_cost_mib = 3000 * height * width * 3 * 4 / 2**20
     body = _predict_body([TINY_PNG] * 3000)
@@ -256,7 +256,7 @@ def test_many_instances_are_split_into_batches_no_larger_than_batch_size(served,
     server, _ = served
     images = [(REPO / "sample_images" / k / f"{k}_{i:03d}.jpg").read_bytes()
               for k in ("circle", "square", "triangle") for i in range(20)]
-    with server.registry.serve("shapes") as servable:
+    with held(server.registry, "shapes") as servable:
         batcher = servable.batcher
         before = dict(batcher.stats)
     status, answer = server.json("/v1/models/shapes:predict", data=_predict_body(images), headers=JSON)
@@ -290,7 +290,7 @@ def test_decode_budget_bounds_memory_of_concurrent_pixel_bombs(demo_model, tmp_p
     budget_mb = 1024
     server = Server(graphs, tmp_path, max_pixels=40_000_000, memory_budget_mb=budget_mb)
     try:
-        with server.registry.serve("shapes") as servable:
+        with held(server.registry, "shapes") as servable:
             opened = open_image(bomb, size=servable.model.input_size)
         reserved = decoded_nbytes(opened) + _model_input_overhead(opened)
         assert reserved <= budget_mb << 20 < 2 * reserved  # room for one bomb at a time, not two

@@ -7,12 +7,13 @@ import json
 import shutil
 
 from imageclf import export
-from imageclf.demo_data import make_dataset
 from imageclf.retrain import retrain
 from imageclf.serving.registry import ModelRegistry
 from imageclf.training import TrainConfig
+from tests.demo_data import make_dataset
 
 from .conftest import quick_options
+from .service_helpers import held
 
 
 class Polling:
@@ -35,7 +36,7 @@ class Polling:
 
     def scan(self) -> None:
         self.registry.scan()
-        with self.registry.serve() as servable:
+        with held(self.registry) as servable:
             self.served.append((servable.version, list(servable.labels)))
 
     def close(self) -> None:

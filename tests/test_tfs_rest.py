@@ -20,13 +20,13 @@ import tensorflow as tf
 from google.protobuf.json_format import MessageToDict
 from tensorflow_serving.apis import get_model_metadata_pb2, prediction_service_pb2_grpc
 
-from imageclf.demo_data import make_dataset
 from imageclf.graph_model import GraphModel
 from imageclf.images import decode_image
 from imageclf.preprocess import image_to_model_input
 from imageclf.retrain import retrain
 from imageclf.training import TrainConfig
 from service.grpc_api import GrpcServer
+from tests.demo_data import make_dataset
 
 from .conftest import quick_options
 from .service_helpers import Server, multipart

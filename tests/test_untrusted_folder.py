@@ -20,11 +20,11 @@ import imageclf.bottlenecks as bottlenecks_module
 from imageclf.bases import load_base
 from imageclf.bottlenecks import BottleneckCache, get_bottlenecks
 from imageclf.dataset import scan_image_folder
-from imageclf.demo_data import make_dataset
 from imageclf.errors import FileTooLargeError, NotAnImageError
 from imageclf.image_files import FileRules, content_key, read_image_bytes
 from imageclf.retrain import retrain
 from imageclf.summary import retrain_summary
+from tests.demo_data import make_dataset
 
 from .conftest import REPO, quick_options
 from .open_watch import OpenWatch

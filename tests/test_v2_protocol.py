@@ -22,13 +22,13 @@ from PIL import Image
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from imageclf.demo_data import draw_shape, make_dataset
 from imageclf.images import decode_image
 from imageclf.preprocess import image_to_model_input
 from imageclf.retrain import retrain
 from imageclf.training import TrainConfig
 from service import v2_protocol
 from service.grpc_api import GrpcServer
+from tests.demo_data import draw_shape, make_dataset
 
 from .conftest import quick_options, wait_until
 from .service_helpers import Server

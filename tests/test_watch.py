@@ -8,10 +8,10 @@ import sys
 import threading
 import time
 
-from imageclf.demo_data import make_dataset
 from imageclf.graph_model import GraphModel
 from imageclf.retrain import retrain
 from imageclf.watch import tree_signature, watch
+from tests.demo_data import make_dataset
 
 from .conftest import REPO, quick_options
 

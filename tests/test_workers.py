@@ -24,7 +24,7 @@ import grpc
 import pytest
 from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
 
-from imageclf.demo_data import make_dataset
+from tests.demo_data import make_dataset
 
 from .conftest import REPO, free_port, tiny_graphs_dir
 

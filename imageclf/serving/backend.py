@@ -8,7 +8,9 @@ another ``python -m service``: both answer ``ModelService.GetModelStatus``,
 One long-lived channel per backend; every call has a deadline and takes one of a bounded number
 of call slots. gRPC failures become the engine's typed errors, so front ends answer them as they
 answer everything else (HTTP 503 with Retry-After for an unreachable or slow backend, 404 for a
-model it does not serve, 400 for a request it refused, 502 for anything else), never a traceback.
+model it does not serve, 502 for anything else), never a traceback. A refusal (INVALID_ARGUMENT) is
+never the client's fault here, since the front makes every request to the backend's own metadata:
+remote.py answers it 503 (the metadata is fetched again) or, when the fresh metadata is refused, 502.
 """
 
 from __future__ import annotations
@@ -73,7 +75,8 @@ class BackendBusyError(BusyError):
 
 
 class BackendRejectedError(EngineError):
-    """The backend refused the request as invalid (INVALID_ARGUMENT)."""
+    """The backend refused the request as invalid (INVALID_ARGUMENT); remote.py turns it into a 503 or a 502
+    before any client sees it (see the module doc)."""
 
     kind = "backend_invalid_argument"
 

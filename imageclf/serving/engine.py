@@ -40,10 +40,6 @@ class NotAnImageInputError(EngineError):
     kind = "not_an_image"
 
 
-class TooLargeInputError(EngineError):
-    kind = "too_large"
-
-
 class TooManyPixelsError(EngineError):
     kind = "too_many_pixels"
 

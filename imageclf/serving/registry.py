@@ -12,7 +12,7 @@ describes itself (ours take nothing from it).
 Pinned versions (TF Serving's "specific" version policy): ``keep_versions={"dogs": {3, 4}}``
 also keeps versions 3 and 4 of ``dogs`` loaded, from the history retrain keeps
 (``graphs/history/dogs/<version>/dogs.pb``, see imageclf/history.py), beside the served latest.
-Route code reaches one with ``registry.serve(name, version=V)`` / ``acquire(name, version=V)``
+Route code reaches one with ``acquire(name, version=V)`` (and ``release()``)
 (Engine.hold(name, version) does so): the served version if it is V, else the pinned V, else
 UnknownVersionError (a 404). A pinned version whose folder disappears (pruned) is retired.
 """
@@ -23,8 +23,7 @@ import json
 import logging
 import re
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,16 +110,6 @@ class ModelRegistry:
         self._thread: threading.Thread | None = None
 
     # -- serving ------------------------------------------------------------------------
-
-    @contextmanager
-    def serve(self, name: str | None = None, version: int | None = None) -> Iterator[Servable]:
-        """Hold the served version of ``name`` (None: the newest model), or its ``version``, for the
-        ``with`` block."""
-        servable = self.acquire(name, version)
-        try:
-            yield servable
-        finally:
-            servable.release()
 
     def acquire(self, name: str | None = None, version: int | None = None) -> Servable:
         """Take a reference to the served version of ``name``; the caller must ``release()`` it.

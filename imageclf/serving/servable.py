@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imageclf.classifier import Classifier
+from imageclf.classifier import Classifier, graph_version
 from imageclf.runtimes import RuntimeOptions, load_classifier
 from imageclf.serving.batching import MicroBatcher
 
@@ -66,7 +66,7 @@ class Servable:
         batcher = MicroBatcher(model.run, options.max_batch, options.max_wait_ms / 1000, options.timeout_s,
                                max_running=model.concurrency)
         modified = path.stat().st_mtime_ns
-        return cls(name=name, version=version or int((model.metadata or {}).get("version") or modified // 10**9),
+        return cls(name=name, version=version or graph_version(model.metadata, modified),
                    file=path.name, model=model, batcher=batcher, modified_ns=modified,
                    load_seconds=round(time.perf_counter() - started, 3))
 

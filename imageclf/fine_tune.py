@@ -57,7 +57,7 @@ class FineTuneConfig:
     base_learning_rate: float = 3e-5
     head_learning_rate: float = 3e-4
     batch_size: int = 32
-    flip_left_right: bool = True
+    flip_left_right: bool = False  # mirroring changes what some pictures mean (text, which way up)
     random_crop: float = 10
     random_scale: float = 0
     random_brightness: float = 10

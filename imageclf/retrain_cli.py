@@ -120,8 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune = p.add_argument_group("fine-tuning (built-in base only; minutes on a CPU)")
     tune.add_argument("--fine_tune", action="store_true",
                       help="after training the new layer, also train the base's last blocks with it on "
-                           "distorted images (flip, crop 10%%, brightness 10%%, or the distortion flags if "
-                           "given); the epoch with the best validation result is kept")
+                           "distorted images (crop 10%%, brightness 10%%, or the distortion flags if given: "
+                           "add --flip_left_right where a mirrored picture means the same); the epoch with the "
+                           "best validation result is kept")
     tune.add_argument("--fine_tune_blocks", type=int, default=4,
                       help="how many of the base's blocks to train, from the top (MobileNetV2 and "
                            "EfficientNet-Lite0 have 16, Lite1 and Lite2 21; default: %(default)s)")

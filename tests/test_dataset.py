@@ -106,7 +106,7 @@ def test_cli_reports_folder_errors_without_traceback(tmp_path):
     ("--learning_rate", "-1", "--learning_rate must be positive"),
     ("--fine_tune_learning_rate", "0", "--fine_tune_learning_rate must be positive"),
     ("--fine_tune_epochs", "0", "--fine_tune_epochs must be positive"),
-    ("--fine_tune_blocks", "17", "--fine_tune_blocks must be from 1 to 16"),
+    ("--fine_tune_blocks", "22", "--fine_tune_blocks must be from 1 to the base"),
 ])
 def test_cli_rejects_bad_flag_values(flag, value, message):
     result = run_tool("retrain.py", "--image_dir", "x", flag, value)

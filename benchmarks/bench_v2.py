@@ -78,7 +78,7 @@ def requests(model: str, image: bytes) -> dict[str, tuple[str, bytes, dict]]:
 
 def scores(kind: str, response: http.client.HTTPResponse, body: bytes) -> list[float]:
     if kind == "v1":
-        return json.loads(body)["predictions"][0]
+        return json.loads(body)["predictions"][0]["scores"]
     length = response.getheader("Inference-Header-Content-Length")
     if length is None:
         return json.loads(body)["outputs"][0]["data"]

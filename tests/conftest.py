@@ -118,12 +118,12 @@ def demo_model(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def fine_tuned_demo_model(tmp_path_factory):
-    """The same, with the base's top block fine-tuned too (kept short: two epochs)."""
+    """The same, with the base's top block fine-tuned too (kept short: one epoch)."""
     out = tmp_path_factory.mktemp("fine_tuned_model")
     opts = RetrainOptions(image_dir=str(REPO / "sample_images"), output_graph=str(out / "tuned.pb"),
                           bottleneck_dir=str(out / "bottlenecks"), saved_model_dir=str(out / "saved_model"),
                           training=TrainConfig(steps=1000, eval_step_interval=500, progress=False),
-                          fine_tune=FineTuneConfig(blocks=1, max_epochs=2, progress=False))
+                          fine_tune=FineTuneConfig(blocks=1, max_epochs=1, progress=False))
     return retrain(opts, log=lambda line: None)
 
 

@@ -84,3 +84,43 @@ def multipart(field: str, filename: str, data: bytes) -> tuple[bytes, dict]:
     body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\n"
             "Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
     return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+class HttpAndGrpc:
+    """The HTTP service and the gRPC server over its engine and metrics, as ``python -m service`` wires them."""
+
+    def __init__(self, graphs: Path, root: Path, **config):
+        from service.grpc_api import GrpcServer
+
+        self.http = Server(graphs, root, **config)
+        shared = self.http.app.extensions["imageclf"]
+        self.engine, self.metrics = shared["engine"], shared["metrics"]
+        self.grpc = GrpcServer(self.engine, self.metrics, host="127.0.0.1", port=0, threads=4,
+                               max_message_bytes=self.http.config.max_upload_bytes + 65536, max_concurrent_rpcs=16)
+        self.grpc.start()
+
+    def close(self) -> None:
+        self.grpc.stop(grace=1)
+        self.http.close()
+
+
+def retrained_with_pictures(tiny_module: Path, out: Path, model: str, **options):
+    """A graph retrained on the tiny base into ``out/graphs/<model>.pb`` and the pictures it was trained on,
+    plus two more beside them: a PNG of a class and a gray PNG over 1,000,000 pixels."""
+    import numpy as np
+    from PIL import Image
+
+    from imageclf.retrain import retrain
+    from imageclf.training import TrainConfig
+    from tests.conftest import quick_options
+    from tests.demo_data import draw_shape, make_dataset
+
+    images = out / "images"
+    make_dataset(images, per_class=8)
+    opts = quick_options(images, out, tfhub_module=str(tiny_module),
+                         training=TrainConfig(steps=100, eval_step_interval=100, progress=False), **options)
+    opts.output_graph = str(out / "graphs" / f"{model}.pb")
+    result = retrain(opts, log=lambda line: None)
+    draw_shape("triangle", np.random.default_rng(5), (90, 70)).save(images / "triangle.png")
+    Image.new("RGB", (1100, 1000), "gray").save(images / "huge.png")
+    return result, images

@@ -26,7 +26,6 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
-from PIL import Image
 from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import (
     classification_pb2,
@@ -44,14 +43,11 @@ from imageclf import label_image_cli
 from imageclf.graph_model import GraphModel
 from imageclf.images import decode_image
 from imageclf.preprocess import image_to_model_input
-from imageclf.retrain import retrain
 from imageclf.serving.engine import Engine, Limits
-from imageclf.training import TrainConfig
 from service.grpc_api import GrpcServer
-from tests.demo_data import draw_shape, make_dataset
 
-from .conftest import REPO, free_port, quick_options
-from .service_helpers import Server
+from .conftest import REPO, free_port
+from .service_helpers import HttpAndGrpc, retrained_with_pictures
 
 MODEL = "shapes"
 SIZE = (32, 32)  # the tiny base's input
@@ -64,35 +60,21 @@ Code = grpc.StatusCode
 def model(tiny_module, tmp_path_factory):
     """A retrained graph in ``graphs/``, its SavedModel, and the pictures it was trained on (plus a PNG)."""
     out = tmp_path_factory.mktemp("grpc_model")
-    images = out / "images"
-    make_dataset(images, per_class=8)
-    opts = quick_options(images, out, tfhub_module=str(tiny_module), saved_model_dir=str(out / "saved_model"),
-                         training=TrainConfig(steps=100, eval_step_interval=100, progress=False))
-    opts.output_graph = str(out / "graphs" / f"{MODEL}.pb")
-    result = retrain(opts, log=lambda line: None)
-    draw_shape("triangle", np.random.default_rng(5), (90, 70)).save(images / "triangle.png")
-    Image.new("RGB", (1100, 1000), "gray").save(images / "huge.png")  # over the fixture's max_pixels
-    return result, images
+    return retrained_with_pictures(tiny_module, out, MODEL, saved_model_dir=str(out / "saved_model"))
 
 
-class Service:
-    """The HTTP service and the gRPC server over its engine and metrics, as ``python -m service`` wires them."""
+class Service(HttpAndGrpc):
+    """HTTP and gRPC over one engine, with TF Serving's gRPC stubs."""
 
     def __init__(self, graphs: Path, root: Path, **config):
-        self.http = Server(graphs, root, **config)
-        shared = self.http.app.extensions["imageclf"]
-        self.engine, self.metrics = shared["engine"], shared["metrics"]
-        self.grpc = GrpcServer(self.engine, self.metrics, host="127.0.0.1", port=0, threads=4,
-                               max_message_bytes=self.http.config.max_upload_bytes + 65536, max_concurrent_rpcs=16)
-        self.grpc.start()
+        super().__init__(graphs, root, **config)
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.grpc.port}")
         self.prediction = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
         self.models = model_service_pb2_grpc.ModelServiceStub(self.channel)
 
     def close(self) -> None:
         self.channel.close()
-        self.grpc.stop(grace=1)
-        self.http.close()
+        super().close()
 
 
 @pytest.fixture(scope="module")

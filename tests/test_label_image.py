@@ -7,6 +7,7 @@ import functools
 import io
 import json
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from imageclf.cli_common import run
 from imageclf.graph_model import GraphModel, GraphSettings
 from imageclf.images import read_image
 
-from .conftest import POETS, REPO, needs_shared, reference_input, run_tool, wait_until
+from .conftest import POETS, REPO, needs_shared, reference_input, wait_until
 from .service_helpers import Server
 
 POETS_FLAGS = ["--graph", str(POETS / "retrained_graph.pb"), "--labels", str(POETS / "retrained_labels.txt"),
@@ -37,6 +38,12 @@ def top(result) -> list[dict]:
     return json.loads(result.stdout)["predictions"]
 
 
+def label_image_run(*args: str) -> subprocess.CompletedProcess:
+    """label_image.py's main in this process (TensorFlow is loaded once for the module, not per run)."""
+    status, out, err = label_image(*args)
+    return subprocess.CompletedProcess(["label_image.py", *args], status, out, err)
+
+
 def poets_top(mean: str, std: str, image: str = "scratch2.png") -> list[dict]:
     """label_image's ranked answer for a Poets sample image with the given scaling."""
     return _poets_top(mean, std, image)
@@ -45,8 +52,8 @@ def poets_top(mean: str, std: str, image: str = "scratch2.png") -> list[dict]:
 @functools.cache
 def _poets_top(mean: str, std: str, image: str) -> list[dict]:
     # One run per arguments: three tests compare against the same 127.5/127.5 answer for scratch2.png.
-    return top(run_tool("label_image.py", *POETS_FLAGS, "--input_mean", mean, "--input_std", std,
-                        "--image", str(POETS / "sample_images" / image), "--json"))
+    return top(label_image_run(*POETS_FLAGS, "--input_mean", mean, "--input_std", std,
+                               "--image", str(POETS / "sample_images" / image), "--json"))
 
 
 @needs_shared
@@ -71,7 +78,7 @@ def test_input_mean_zero_is_a_real_value():
 
 @needs_shared
 def test_foreign_graph_without_scaling_is_refused_not_guessed():
-    result = run_tool("label_image.py", *POETS_FLAGS, "--image", str(POETS / "sample_images" / "scratch2.png"))
+    result = label_image_run(*POETS_FLAGS, "--image", str(POETS / "sample_images" / "scratch2.png"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "give --input_mean and --input_std" in result.stderr
 
@@ -84,8 +91,8 @@ def test_sidecar_settings_make_a_foreign_graph_need_no_flags(tmp_path):
     (tmp_path / "defects.json").write_text(json.dumps({
         "input_tensor": "input:0", "output_tensor": "final_result:0", "input_mean": 127.5, "input_std": 127.5,
         "labels_file": "retrained_labels.txt"}))
-    best = top(run_tool("label_image.py", "--graph", str(graph), "--json",
-                        "--image", str(POETS / "sample_images" / "scratch2.png")))[0]
+    best = top(label_image_run("--graph", str(graph), "--json",
+                               "--image", str(POETS / "sample_images" / "scratch2.png")))[0]
     assert best["label"] == "61326 wrinkle"
 
 
@@ -96,7 +103,10 @@ def label_image(*args: str) -> tuple[int, str, str]:
     """label_image.py in this process (TensorFlow is already loaded): (status, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = run("label_image.py", label_image_cli.main, list(args))
+        try:
+            status = run("label_image.py", label_image_cli.main, list(args))
+        except SystemExit as e:  # argparse's own errors end the process, as they do for a user
+            status = e.code
     return status, out.getvalue(), err.getvalue()
 
 
@@ -204,14 +214,15 @@ def test_batch_of_one_graph_is_run_one_image_at_a_time(poets_like_graph):
     (["--graph", "x.pb", "--image", "requirements.txt"], "not an image"),
     (["--graph", "x.pb", "--image", "y.jpg", "--input_height", "3"], "give both --input_height and --input_width"),
 ])
-def test_clear_errors(args, message):
-    result = run_tool("label_image.py", *args, cwd=REPO)
+def test_clear_errors(args, message, monkeypatch):
+    monkeypatch.chdir(REPO)
+    result = label_image_run(*args)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
 def test_wrong_tensor_name_on_our_graph(demo_model):
-    result = run_tool("label_image.py", "--graph", str(demo_model.graph), "--output_layer", "nope",
+    result = label_image_run("--graph", str(demo_model.graph), "--output_layer", "nope",
                       "--image", str(REPO / "sample_images" / "circle" / "circle_000.jpg"))
     assert result.returncode == 2 and "no output tensor named 'nope:0'" in result.stderr
 
@@ -219,7 +230,7 @@ def test_wrong_tensor_name_on_our_graph(demo_model):
 def test_json_names_the_model_as_the_service_does(demo_model, tmp_path):
     """--json's "model" is the service's object, {"name", "version"}, with the same values for the same graph."""
     image = REPO / "sample_images" / "circle" / "circle_000.jpg"
-    result = run_tool("label_image.py", "--graph", str(demo_model.graph), "--image", str(image), "--json")
+    result = label_image_run("--graph", str(demo_model.graph), "--image", str(image), "--json")
     assert result.returncode == 0, result.stderr
     ours = json.loads(result.stdout)["model"]
     graphs = tmp_path / "graphs"

@@ -24,14 +24,10 @@ from tritonclient.utils import InferenceServerException
 
 from imageclf.images import decode_image
 from imageclf.preprocess import image_to_model_input
-from imageclf.retrain import retrain
-from imageclf.training import TrainConfig
 from service import v2_protocol
-from service.grpc_api import GrpcServer
-from tests.demo_data import draw_shape, make_dataset
 
-from .conftest import quick_options, wait_until
-from .service_helpers import Server
+from .conftest import wait_until
+from .service_helpers import HttpAndGrpc, Server, retrained_with_pictures
 
 MODEL = "shapes"
 SIZE = (32, 32)  # the tiny base's input
@@ -43,35 +39,21 @@ MAX_UPLOAD = 300_000
 @pytest.fixture(scope="module")
 def model(tiny_module, tmp_path_factory):
     """A retrained graph in ``graphs/`` and pictures: a JPEG and a PNG of the classes, a huge PNG."""
-    out = tmp_path_factory.mktemp("v2_model")
-    images = out / "images"
-    make_dataset(images, per_class=8)
-    opts = quick_options(images, out, tfhub_module=str(tiny_module),
-                         training=TrainConfig(steps=100, eval_step_interval=100, progress=False))
-    opts.output_graph = str(out / "graphs" / f"{MODEL}.pb")
-    result = retrain(opts, log=lambda line: None)
-    draw_shape("triangle", np.random.default_rng(5), (90, 70)).save(images / "triangle.png")
-    Image.new("RGB", (1100, 1000), "gray").save(images / "huge.png")  # over the service's max_pixels
-    return result, images
+    return retrained_with_pictures(tiny_module, tmp_path_factory.mktemp("v2_model"), MODEL)
 
 
-class Service:
+class Service(HttpAndGrpc):
     """HTTP and gRPC over one engine, as ``python -m service`` runs them, and tritonclient for each."""
 
     def __init__(self, graphs: Path, root: Path, **config):
-        self.http = Server(graphs, root, **config)
-        shared = self.http.app.extensions["imageclf"]
-        self.grpc = GrpcServer(shared["engine"], shared["metrics"], host="127.0.0.1", port=0, threads=4,
-                               max_message_bytes=MAX_UPLOAD + 65536, max_concurrent_rpcs=16)
-        self.grpc.start()
+        super().__init__(graphs, root, **config)
         self.client = httpclient.InferenceServerClient(f"127.0.0.1:{self.http.port}", network_timeout=60)
         self.grpc_client = grpcclient.InferenceServerClient(f"127.0.0.1:{self.grpc.port}")
 
     def close(self) -> None:
         self.client.close()
         self.grpc_client.close()
-        self.grpc.stop(grace=1)
-        self.http.close()
+        super().close()
 
 
 @pytest.fixture(scope="module")

@@ -40,6 +40,22 @@ def run_tool(script: str, *args: str, cwd: Path | None = None) -> subprocess.Com
                           cwd=cwd or REPO, timeout=600)
 
 
+def run_in_process(script: str, main, *args: str) -> subprocess.CompletedProcess:
+    """A command line's ``main`` run in this process, as ``script`` would run it (no new TensorFlow start-up)."""
+    import contextlib
+    import io
+
+    from imageclf.cli_common import run
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = run(script, main, list(args))
+        except SystemExit as e:  # argparse's own errors end the process, as they do for a user
+            status = e.code
+    return subprocess.CompletedProcess([script, *args], status, out.getvalue(), err.getvalue())
+
+
 class TinyFeatures(tf.Module):
     """A small fixed-weight convolutional feature extractor (fast stand-in for a real base)."""
 

@@ -10,12 +10,13 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from imageclf import label_image_cli
 from imageclf.graph_model import GraphModel
 from imageclf.images import decode_image, read_image
 from imageclf.preprocess import image_to_model_input
 from tests.demo_data import draw_shape, make_dataset
 
-from .conftest import REPO, run_tool
+from .conftest import REPO, run_in_process, run_tool
 
 
 @pytest.fixture(scope="module", params=["head-only", "fine-tuned"])
@@ -143,12 +144,14 @@ def test_image_bytes_takes_a_batch(model):
 def test_label_image_prints_what_the_graph_computes(model, trained):
     image = REPO / "sample_images" / "circle" / "circle_004.jpg"
     expected = model.predict_encoded([image.read_bytes()])[0]
-    result = run_tool("label_image.py", "--graph", str(trained.graph), "--image", str(image), "--json")
+    result = run_in_process("label_image.py", label_image_cli.main, "--graph", str(trained.graph),
+                            "--image", str(image), "--json")
     assert result.returncode == 0, result.stderr
     answer = json.loads(result.stdout)
     assert answer["predictions"][0]["label"] == "circle"
     for row in answer["predictions"]:
         assert row["score"] == pytest.approx(float(expected[model.labels.index(row["label"])]), abs=1e-4)
+    # The plain text, as a user runs it: its own process.
     plain = run_tool("label_image.py", "--graph", str(trained.graph), "--image", str(image), "--top_k", "2")
     lines = plain.stdout.splitlines()
     assert len(lines) == 2 and lines[0].split()[0] == "circle"

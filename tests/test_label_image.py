@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import io
 import json
 import shutil
 import subprocess
@@ -14,11 +12,10 @@ import pytest
 import tensorflow as tf
 
 from imageclf import label_image_cli
-from imageclf.cli_common import run
 from imageclf.graph_model import GraphModel, GraphSettings
 from imageclf.images import read_image
 
-from .conftest import POETS, REPO, needs_shared, reference_input, wait_until
+from .conftest import POETS, REPO, needs_shared, reference_input, run_in_process, wait_until
 from .service_helpers import Server
 
 POETS_FLAGS = ["--graph", str(POETS / "retrained_graph.pb"), "--labels", str(POETS / "retrained_labels.txt"),
@@ -40,8 +37,7 @@ def top(result) -> list[dict]:
 
 def label_image_run(*args: str) -> subprocess.CompletedProcess:
     """label_image.py's main in this process (TensorFlow is loaded once for the module, not per run)."""
-    status, out, err = label_image(*args)
-    return subprocess.CompletedProcess(["label_image.py", *args], status, out, err)
+    return run_in_process("label_image.py", label_image_cli.main, *args)
 
 
 def poets_top(mean: str, std: str, image: str = "scratch2.png") -> list[dict]:
@@ -101,13 +97,8 @@ def test_sidecar_settings_make_a_foreign_graph_need_no_flags(tmp_path):
 
 def label_image(*args: str) -> tuple[int, str, str]:
     """label_image.py in this process (TensorFlow is already loaded): (status, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            status = run("label_image.py", label_image_cli.main, list(args))
-        except SystemExit as e:  # argparse's own errors end the process, as they do for a user
-            status = e.code
-    return status, out.getvalue(), err.getvalue()
+    result = run_in_process("label_image.py", label_image_cli.main, *args)
+    return result.returncode, result.stdout, result.stderr
 
 
 def ranked(poets, image, mean="127.5", std="127.5") -> list[dict]:

@@ -192,6 +192,7 @@ def make_graphs_child(out: Path, repo: Path) -> int:
         started = time.perf_counter()
         result = retrain(RetrainOptions(image_dir=str(image_dir), output_graph=str(out / f"variant{i}.pb"),
                                         bottleneck_dir=str(out / "bottlenecks"),
+                                        follow_symlinks=True,  # the variants link to our own sample folders
                                         training=TrainConfig(steps=steps, learning_rate=rate,
                                                              eval_step_interval=max(steps // 2, 1),
                                                              progress=False)),

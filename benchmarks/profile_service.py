@@ -58,8 +58,8 @@ def instrument() -> None:
     import waitress.channel
     import waitress.task
 
+    import imageclf.engine.classify as engine
     import imageclf.graph_model as graph_model
-    import imageclf.serving.engine as engine
     import service.app as app
 
     patches = [

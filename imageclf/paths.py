@@ -15,36 +15,36 @@ import stat
 from collections import deque
 from pathlib import Path
 
-from imageclf.errors import echo
+from imageclf.errors import ServingError, echo
 
 #: Symlinks followed in one lookup before giving up, as Linux does (ELOOP).
 MAX_SYMLINKS = 40
 
 
-class PathError(OSError):
-    """A user-given path that cannot be read; ``status`` is the HTTP status that fits."""
+class PathError(OSError, ServingError):
+    """A user-given path that cannot be read; as a ``ServingError``, the service's answer to it."""
 
-    status = 400
+    kind, http_status, grpc_code = "bad_path", 400, "INVALID_ARGUMENT"
 
 
 class PathEscapeError(PathError, PermissionError):
     """The path points outside the root (``..``, absolute elsewhere, a symlink out)."""
 
-    status = 403
+    kind, http_status, grpc_code = "forbidden_path", 403, "PERMISSION_DENIED"
 
 
 class PathNotFoundError(PathError, FileNotFoundError):
-    status = 404
+    kind, http_status, grpc_code = "file_not_found", 404, "NOT_FOUND"
 
 
 class PathForbiddenError(PathError, PermissionError):
     """The file exists but the service may not read it."""
 
-    status = 403
+    kind, http_status, grpc_code = "forbidden_path", 403, "PERMISSION_DENIED"
 
 
 class FileTooLargeError(PathError):
-    status = 413
+    kind, http_status = "too_large", 413
 
 
 def read_confined(root: str | Path, user_path: str, max_bytes: int) -> bytes:

@@ -406,7 +406,7 @@ def _stop_on_signals(stop: threading.Event, server) -> None:
 
 def _backend(parser: argparse.ArgumentParser, args: argparse.Namespace):
     """The --backend settings, checked; None without --backend."""
-    from imageclf.serving.backend_config import BackendOptions, parse_backend_url
+    from imageclf.engine.backend_config import BackendOptions, parse_backend_url
 
     models = tuple(dict.fromkeys(m.strip() for m in args.backend_models.split(",") if m.strip()))
     if not args.backend:

@@ -1,6 +1,6 @@
 """Routes: classify by path, by upload, the browser page, TF Serving REST, health and metrics.
 
-A thin skin over ``imageclf.serving.Engine``: parse the request, call the engine, shape JSON.
+A thin skin over ``imageclf.engine.Engine``: parse the request, call the engine, shape JSON.
 """
 
 from __future__ import annotations
@@ -13,23 +13,18 @@ from flask import Flask, Response, current_app, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from imageclf.errors import echo
+from imageclf.engine.backend_config import BackendOptions
+from imageclf.engine.classify import Answer, Engine, Limits
+from imageclf.engine.registry import ModelRegistry
+from imageclf.engine.servable import BatchOptions
+from imageclf.errors import BadRequestError, ServingError, TooLargeError, echo
 from imageclf.images import DEFAULT_MAX_PIXELS
-from imageclf.paths import PathError, read_confined
+from imageclf.paths import read_confined
 from imageclf.runtimes import RuntimeOptions
-from imageclf.serving.backend_config import BackendOptions
-from imageclf.serving.engine import Answer, BusyError, Engine, EngineError, Limits, UnavailableError
-from imageclf.serving.registry import ModelRegistry
-from imageclf.serving.servable import BatchOptions
 from service.metrics import ServiceMetrics
 from service.security import install_security
+from service.tfs_rest import install_routes
 from service.v2_api import v2_blueprint
-
-STATUS = {"bad_image": 400, "not_an_image": 415, "too_large": 413, "too_many_pixels": 400,
-          "too_many_instances": 413, "unknown_model": 404, "unknown_version": 404, "unavailable": 503, "busy": 503,
-          # --backend: unreachable, slow or full (retry), a refusal of the request, anything else.
-          "backend_unavailable": 503, "backend_timeout": 503, "backend_busy": 503,
-          "backend_invalid_argument": 400, "backend_error": 502}
 
 
 @dataclass(frozen=True)
@@ -63,12 +58,6 @@ class ServiceConfig:
 MAX_FORM_PARTS = 1000
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str):
-        super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
-
-
 def create_app(config: ServiceConfig, registry: ModelRegistry | None = None,
                start_registry: bool = True) -> Flask:
     """A Flask app over ``config.graphs_dir``, or over the models of ``config.backend``.
@@ -80,7 +69,7 @@ def create_app(config: ServiceConfig, registry: ModelRegistry | None = None,
     metrics = ServiceMetrics()
     own_registry = registry is None
     if own_registry and config.backend is not None:
-        from imageclf.serving.remote import remote_registry  # TensorFlow Serving's protos: loaded only here
+        from imageclf.engine.remote import remote_registry  # TensorFlow Serving's protos: loaded only here
 
         registry = remote_registry(config.backend, config.batching(), on_call=metrics.backend_call)
     elif own_registry:
@@ -103,7 +92,7 @@ def create_app(config: ServiceConfig, registry: ModelRegistry | None = None,
     _install_metrics_hooks(app, metrics)
     _install_routes(app, engine, metrics, config)
     _install_tf_serving_routes(app, engine)
-    app.register_blueprint(v2_blueprint(engine, metrics))  # Open Inference Protocol v2: docs/v2-protocol.md
+    app.register_blueprint(v2_blueprint(engine))  # Open Inference Protocol v2: docs/v2-protocol.md
     return app
 
 
@@ -117,8 +106,8 @@ def _install_routes(app: Flask, engine: Engine, metrics: ServiceMetrics, config:
             return jsonify(_formatted(_classify_file(engine, config, request.args["file"]), answer_format))
         if request.accept_mimetypes.best_match(["application/json", "text/html"]) == "text/html":
             return Response(page, mimetype="text/html")
-        raise ApiError(400, "missing 'file' parameter: GET /?file=PATH (under the image root), "
-                            "or POST an image to /classify", "missing_parameter")
+        raise BadRequestError("missing 'file' parameter: GET /?file=PATH (under the image root), "
+                              "or POST an image to /classify", kind="missing_parameter")
 
     @app.post("/")
     @app.post("/classify")
@@ -148,19 +137,13 @@ def _install_routes(app: Flask, engine: Engine, metrics: ServiceMetrics, config:
 
 def _install_tf_serving_routes(app: Flask, engine: Engine) -> None:
     """The TensorFlow Serving REST API, for our graphs (see tfs_rest)."""
-    from service.tfs_rest import install_routes  # imported here: it takes ApiError from this module
-
     install_routes(app, engine)
 
 
 def _classify_file(engine: Engine, config: ServiceConfig, user_path: str) -> dict:
     if not user_path:
-        raise ApiError(400, "empty 'file' parameter", "missing_parameter")
-    try:
-        data = read_confined(config.image_root, user_path, config.max_upload_bytes)
-    except PathError as e:
-        kind = {403: "forbidden_path", 404: "file_not_found", 413: "too_large"}.get(e.status, "bad_path")
-        raise ApiError(e.status, f"refused: {e}" if e.status == 403 else str(e), kind) from None
+        raise BadRequestError("empty 'file' parameter", kind="missing_parameter")
+    data = read_confined(config.image_root, user_path, config.max_upload_bytes)  # PathError: 400/403/404/413
     return _classify(engine, config, data, user_path)
 
 
@@ -189,8 +172,8 @@ ANSWER_FORMATS = ("full", "lists")
 def _answer_format() -> str:
     value = request.args.get("format", ANSWER_FORMATS[0])
     if value not in ANSWER_FORMATS:
-        raise ApiError(400, f"unknown format '{echo(value)}': use 'full' (the default) or 'lists' "
-                            "([[labels...], [probabilities...]], highest first, top_k of them)", "bad_parameter")
+        raise BadRequestError(f"unknown format '{echo(value)}': use 'full' (the default) or 'lists' "
+                              "([[labels...], [probabilities...]], highest first, top_k of them)", kind="bad_parameter")
     return value
 
 
@@ -211,7 +194,7 @@ def _top_k(config: ServiceConfig) -> int:
     except ValueError:
         value = 0
     if value <= 0:
-        raise ApiError(400, f"top_k must be a positive integer, not '{echo(raw)}'", "bad_parameter")
+        raise BadRequestError(f"top_k must be a positive integer, not '{echo(raw)}'", kind="bad_parameter")
     return value
 
 
@@ -219,12 +202,12 @@ def _upload() -> tuple[bytes, str]:
     if request.mimetype == "multipart/form-data":
         upload = _form_file("image")
         if upload is None:
-            raise ApiError(400, "multipart upload has no 'image' file field", "missing_parameter")
+            raise BadRequestError("multipart upload has no 'image' file field", kind="missing_parameter")
         return upload.read(), upload.filename or "upload"
     data = request.get_data(cache=False)
     if not data:
-        raise ApiError(400, "empty upload: send the image as the body or as a multipart 'image' field",
-                       "bad_image")
+        raise BadRequestError("empty upload: send the image as the body or as a multipart 'image' field",
+                              kind="bad_image")
     return data, "upload"
 
 
@@ -235,23 +218,19 @@ def _form_file(name: str):
     except RequestEntityTooLarge:
         length, limit = request.content_length, current_app.config["MAX_CONTENT_LENGTH"]
         if length is not None and length <= limit:
-            raise ApiError(413, f"multipart upload has more than {MAX_FORM_PARTS:,} parts: send the image as "
-                                f"one '{name}' file field", "too_many_parts") from None
+            raise TooLargeError(f"multipart upload has more than {MAX_FORM_PARTS:,} parts: send the image as "
+                                f"one '{name}' file field", kind="too_many_parts") from None
         raise
 
 
 def _install_error_handlers(app: Flask, metrics: ServiceMetrics) -> None:
-    @app.errorhandler(ApiError)
-    def api_error(e: ApiError):
-        metrics.errors.labels(e.kind).inc()
-        return jsonify({"error": e.message}), e.status
-
-    @app.errorhandler(EngineError)
-    def engine_error(e: EngineError):
+    @app.errorhandler(ServingError)
+    def serving_error(e: ServingError):
+        """Every route's typed errors, /v1, TF Serving REST and /v2 alike: the class says the status."""
         metrics.errors.labels(e.kind).inc()
         response = jsonify({"error": str(e)})
-        response.status_code = STATUS.get(e.kind, 400)
-        if isinstance(e, BusyError | UnavailableError):
+        response.status_code = e.http_status
+        if e.retry:
             response.headers["Retry-After"] = "1"
         return response
 

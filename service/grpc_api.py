@@ -1,6 +1,6 @@
 """TensorFlow Serving's gRPC API (``PredictionService``, ``ModelService``) over the engine.
 
-A thin skin like app.py: read the request (tfs_protos), call ``imageclf.serving.Engine`` (so
+A thin skin like app.py: read the request (tfs_protos), call ``imageclf.engine.Engine`` (so
 limits, batching, the decode budget and hot reload are the HTTP path's), shape the answer.
 Errors become gRPC status codes, never a traceback; every call is counted in the service's
 Prometheus metrics under its method path (``/tensorflow.serving.PredictionService/Predict``)
@@ -29,9 +29,9 @@ from tensorflow_serving.apis import (
     prediction_service_pb2,
 )
 
-from imageclf.errors import echo, echo_list
-from imageclf.serving.engine import Engine, EngineError
-from imageclf.serving.signatures import DEFAULT_SIGNATURE, UnknownSignatureError, signature_named, signatures
+from imageclf.engine.classify import Engine
+from imageclf.engine.signatures import DEFAULT_SIGNATURE, signature_named, signatures
+from imageclf.errors import ServingError, UnimplementedError, echo, echo_list
 from service import tfs_protos as protos
 from service import v2_grpc
 from service.metrics import ServiceMetrics
@@ -52,24 +52,6 @@ Code = grpc.StatusCode
 #: The longest error text sent back: it travels in the trailers, and clients refuse more than
 #: 8-16 KB of metadata (they would see a transport error instead of the real one).
 MAX_DETAILS_CHARS = 2000
-#: Engine error kinds -> status codes. Limits that retrying the same request can never pass
-#: (too many instances, too many pixels) are INVALID_ARGUMENT, as TF Serving answers a batch
-#: over its maximum; a busy service is UNAVAILABLE, the code gRPC clients retry.
-CODES = {"bad_image": Code.INVALID_ARGUMENT, "not_an_image": Code.INVALID_ARGUMENT,
-         "too_many_pixels": Code.INVALID_ARGUMENT, "bad_input": Code.INVALID_ARGUMENT,
-         "too_many_instances": Code.INVALID_ARGUMENT, "too_large": Code.INVALID_ARGUMENT,
-         "unknown_model": Code.NOT_FOUND, "unknown_version": Code.NOT_FOUND,
-         "unavailable": Code.UNAVAILABLE, "busy": Code.UNAVAILABLE,
-         # --backend: what HTTP answers 503 and 502 (gRPC's own mapping of 502) is UNAVAILABLE.
-         "backend_unavailable": Code.UNAVAILABLE, "backend_timeout": Code.UNAVAILABLE,
-         "backend_busy": Code.UNAVAILABLE, "backend_invalid_argument": Code.INVALID_ARGUMENT,
-         "backend_error": Code.UNAVAILABLE}
-
-
-class Unimplemented(Exception):
-    kind = "unimplemented"
-
-
 class _Calls:
     """Runs one RPC's handler: errors to status codes, and the call counted in the metrics."""
 
@@ -105,14 +87,9 @@ def _parsed(request_type, data: bytes):
 
 
 def _failure(error: Exception) -> tuple[grpc.StatusCode, str, str]:
-    if isinstance(error, EngineError):
-        return CODES.get(error.kind, Code.INVALID_ARGUMENT), error.kind, str(error)
-    if isinstance(error, protos.RequestError):
-        return Code.INVALID_ARGUMENT, error.kind, str(error)
-    if isinstance(error, UnknownSignatureError):
-        return Code.INVALID_ARGUMENT, "unknown_signature", str(error.args[0])
-    if isinstance(error, Unimplemented):
-        return Code.UNIMPLEMENTED, error.kind, str(error)
+    """A handler's error as its status code (declared by the error's class), metrics kind and text."""
+    if isinstance(error, ServingError):
+        return Code[error.grpc_code], error.kind, str(error)
     log.error("unexpected error in a gRPC call", exc_info=error)
     return Code.INTERNAL, "internal", f"internal error: {type(error).__name__}"
 
@@ -202,7 +179,7 @@ def _behaviour(calls: _Calls, path: str, request_type, handler: Callable) -> Cal
 
 def _unimplemented(message: str) -> Callable:
     def handler(request):
-        raise Unimplemented(message)
+        raise UnimplementedError(message)
     return handler
 
 

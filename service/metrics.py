@@ -6,7 +6,7 @@ import os
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from imageclf.serving.budget import MemoryBudget
+from imageclf.engine.budget import MemoryBudget
 
 
 class ServiceMetrics:

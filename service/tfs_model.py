@@ -1,7 +1,7 @@
 """What TensorFlow Serving tells about a served model, shared by its REST and gRPC APIs.
 
 One source for both: a model's version status, its version labels, and its SignatureDefs (from
-``imageclf.serving.signatures``). gRPC turns them into protos (tfs_protos); REST writes them as
+``imageclf.engine.signatures``). gRPC turns them into protos (tfs_protos); REST writes them as
 the proto3 JSON TF Serving writes (``MessageToJsonString`` with ``always_print_primitive_fields``
 and ``preserve_proto_field_names``: int64 as strings, enums by name, empty fields printed).
 No TensorFlow import here, so HTTP alone (``--runtime litert --grpc_port 0``) stays without it.
@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from imageclf.errors import echo
-from imageclf.serving.engine import Engine, ModelNotFoundError, VersionNotFoundError
-from imageclf.serving.signatures import Signature, TensorSpec
+from imageclf.engine.classify import Engine, ModelNotFoundError, VersionNotFoundError
+from imageclf.engine.signatures import Signature, TensorSpec
+from imageclf.errors import BadRequestError, echo
 
 #: DataType enum names of the dtypes signatures use.
 DTYPE_NAMES = {"string": "DT_STRING", "float32": "DT_FLOAT"}
@@ -22,8 +22,10 @@ DTYPE_NAMES = {"string": "DT_STRING", "float32": "DT_FLOAT"}
 VERSION_LABELS = ("stable", "canary")
 
 
-class UnknownLabelError(LookupError):
+class UnknownLabelError(BadRequestError):
     """A version label this service does not know (TF Serving: INVALID_ARGUMENT)."""
+
+    kind = "unknown_label"
 
 
 def check_label(label: str) -> None:

@@ -22,20 +22,18 @@ from tensorflow_serving.apis import (
     status_pb2,
 )
 
-from imageclf.errors import echo_list
-from imageclf.serving.engine import Answer
-from imageclf.serving.signatures import CLASSES, IMAGE_FEATURES, SCORES, Signature
-from service.tfs_model import DTYPE_NAMES, UnknownLabelError, VersionStatus, check_label
+from imageclf.engine.classify import Answer
+from imageclf.engine.signatures import CLASSES, IMAGE_FEATURES, SCORES, Signature
+from imageclf.errors import BadRequestError, echo_list
+from service.tfs_model import DTYPE_NAMES, VersionStatus, check_label
 
 DTYPES = {dtype: types_pb2.DataType.Value(name) for dtype, name in DTYPE_NAMES.items()}
 #: StatusProto's error codes (tensorflow.error.Code), by name.
 _ERROR_CODES = status_pb2.StatusProto.DESCRIPTOR.fields_by_name["error_code"].enum_type
 
 
-class RequestError(Exception):
+class RequestError(BadRequestError):
     """A malformed request, or one that does not fit the signature (INVALID_ARGUMENT)."""
-
-    kind = "bad_request"
 
 
 def requested_model(spec: model_pb2.ModelSpec) -> tuple[str, int | None]:
@@ -43,10 +41,7 @@ def requested_model(spec: model_pb2.ModelSpec) -> tuple[str, int | None]:
     if not spec.name:
         raise RequestError("model_spec.name is empty: name a model (GET /models lists them)")
     if spec.version_label:
-        try:
-            check_label(spec.version_label)
-        except UnknownLabelError as e:
-            raise RequestError(str(e)) from None
+        check_label(spec.version_label)
         return spec.name, None  # a known label names the served version
     return spec.name, spec.version.value if spec.HasField("version") else None
 

@@ -20,20 +20,18 @@ import re
 import numpy as np
 from flask import Flask, jsonify, request
 
-from imageclf.errors import echo, echo_list
-from imageclf.serving.engine import Answer, Engine
-from imageclf.serving.signatures import (
+from imageclf.engine.classify import Answer, Engine
+from imageclf.engine.signatures import (
     CLASSES,
     DEFAULT_SIGNATURE,
     IMAGE_FEATURES,
     SCORES,
     Signature,
-    UnknownSignatureError,
     signature_named,
     signatures,
 )
-from service.app import ApiError
-from service.tfs_model import UnknownLabelError, check_label, signature_def_map_json, version_status
+from imageclf.errors import BadRequestError, UnsupportedMediaTypeError, echo, echo_list
+from service.tfs_model import check_label, signature_def_map_json, version_status
 
 #: Model versions are int64, as in TF Serving's ModelSpec.
 MAX_VERSION = 2**63 - 1
@@ -88,8 +86,8 @@ def _classify_view(engine: Engine):
         body = _json_body()
         signature = _signature(body)
         if signature.name != DEFAULT_SIGNATURE:
-            raise ApiError(400, f":classify reads encoded images: use the signature '{DEFAULT_SIGNATURE}' (or none), "
-                                f"not '{signature.name}'", "bad_request")
+            raise BadRequestError(f":classify reads encoded images: use the signature '{DEFAULT_SIGNATURE}' (or none), "
+                                  f"not '{signature.name}'")
         answer = engine.classify(_classify_images(engine, body), name, version=number)
         return jsonify({"results": [[[label, float(s)] for label, s in zip(answer.labels, row, strict=True)]
                                     for row in answer.scores]})
@@ -101,61 +99,52 @@ def _regress_view(engine: Engine):
         name, number = _model_spec(name, version, label)
         with engine.hold(name, number):  # an unknown model or version is 404 first, as in TF Serving
             pass
-        raise ApiError(400, "Expected regression signature method_name to be tensorflow/serving/regress. "
-                            "Was: tensorflow/serving/predict (these models are classifiers: use :predict or "
-                            ":classify)", "bad_request")
+        raise BadRequestError("Expected regression signature method_name to be tensorflow/serving/regress. "
+                              "Was: tensorflow/serving/predict (these models are classifiers: use :predict or "
+                              ":classify)")
     return regress
 
 
 def _model_spec(name: str, version: str | None, label: str | None) -> tuple[str, int | None]:
     """The model and version a URL names; a label names the served version (None)."""
     if label is not None:
-        try:
-            check_label(label)
-        except UnknownLabelError as e:
-            raise ApiError(400, str(e), "unknown_label") from None
+        check_label(label)
         return name, None
     if version is None:
         return name, None
     if not re.fullmatch(r"[0-9]+", version):
-        raise ApiError(400, f"Malformed request: the version in /versions/{echo(version)} must be a number",
-                       "bad_request")
+        raise BadRequestError(f"Malformed request: the version in /versions/{echo(version)} must be a number")
     if int(version) > MAX_VERSION:
-        raise ApiError(400, f"Failed to convert version: {echo(version)} to numeric.", "bad_request")
+        raise BadRequestError(f"Failed to convert version: {echo(version)} to numeric.")
     return name, int(version)
 
 
 def _json_body() -> dict:
     if not request.is_json:
         # Only JSON bodies: a web page can send text/plain or form bodies cross-site without asking.
-        raise ApiError(415, "send the request body as JSON with 'Content-Type: application/json'",
-                       "unsupported_media_type")
+        raise UnsupportedMediaTypeError("send the request body as JSON with 'Content-Type: application/json'")
     try:
         body = json.loads(request.get_data(cache=False))
     except (ValueError, RecursionError):
-        raise ApiError(400, "the request body is not valid JSON (or is nested too deeply)", "bad_request") from None
+        raise BadRequestError("the request body is not valid JSON (or is nested too deeply)") from None
     if not isinstance(body, dict):
-        raise ApiError(400, 'the request body must be a JSON object: {"instances": [{"b64": "..."}, ...]}',
-                       "bad_request")
+        raise BadRequestError('the request body must be a JSON object: {"instances": [{"b64": "..."}, ...]}')
     return body
 
 
 def _signature(body: dict) -> Signature:
     name = body.get("signature_name", "")
     if not isinstance(name, str):
-        raise ApiError(400, "'signature_name' key must be a string value.", "bad_request")
-    try:
-        return signature_named(name)
-    except UnknownSignatureError as e:
-        raise ApiError(400, str(e.args[0]), "unknown_signature") from None
+        raise BadRequestError("'signature_name' key must be a string value.")
+    return signature_named(name)
 
 
 def _layout(body: dict) -> str:
     present = [key for key in (ROW, COLUMNAR) if key in body]
     if len(present) != 1:
         problem = "has both" if present else "is missing"
-        raise ApiError(400, f"the request {problem} 'instances' (rows) and 'inputs' (columns): send one, e.g. "
-                            '{"instances": [{"b64": "..."}, ...]}', "bad_request")
+        raise BadRequestError(f"the request {problem} 'instances' (rows) and 'inputs' (columns): send one, e.g. "
+                              '{"instances": [{"b64": "..."}, ...]}')
     return present[0]
 
 
@@ -163,11 +152,11 @@ def _batch(layout: str, value, key: str) -> list:
     """The one input's value, one item per image: rows unwrapped from ``{key: value}``, or the column."""
     if layout == ROW:
         if not isinstance(value, list):
-            raise ApiError(400, "'instances' must be a list, one item per image", "bad_request")
+            raise BadRequestError("'instances' must be a list, one item per image")
         return [_unwrapped(value=item, key=key, where=f"instance {i}") for i, item in enumerate(value)]
     value = _unwrapped(value=value, key=key, where="'inputs'")
     if not isinstance(value, list):
-        raise ApiError(400, f"input '{key}' must be a list, one item per image", "bad_request")
+        raise BadRequestError(f"input '{key}' must be a list, one item per image")
     return value
 
 
@@ -176,8 +165,8 @@ def _unwrapped(value, key: str, where: str):
     if not isinstance(value, dict) or "b64" in value:
         return value
     if set(value) != {key}:
-        raise ApiError(400, f"{where} names the inputs {echo_list(sorted(value))}; the signature has one "
-                            f"input, '{key}'", "bad_request")
+        raise BadRequestError(f"{where} names the inputs {echo_list(sorted(value))}; the signature has one "
+                              f"input, '{key}'")
     return value[key]
 
 
@@ -208,18 +197,18 @@ def _pixels(items: list, shape: tuple[int, ...], key: str) -> np.ndarray:
     except ValueError:  # ragged lists
         array = None
     if array is None or array.shape != shape or array.dtype.kind not in "fiu":
-        raise ApiError(400, f"input '{key}' must be numbers nested as [n, height, width, 3], each list as long as "
-                            f"the first of its level {list(shape)}", "bad_request")
+        raise BadRequestError(f"input '{key}' must be numbers nested as [n, height, width, 3], each list as long as "
+                              f"the first of its level {list(shape)}")
     return array.astype(np.float32)
 
 
 def _image_bytes(where: str, item) -> bytes:
     if not isinstance(item, dict) or set(item) != {"b64"} or not isinstance(item["b64"], str):
-        raise ApiError(400, f'{where}: expected {{"b64": "<base64 image>"}}', "bad_request")
+        raise BadRequestError(f'{where}: expected {{"b64": "<base64 image>"}}')
     try:
         return base64.b64decode(item["b64"], validate=True)
     except (binascii.Error, ValueError):
-        raise ApiError(400, f"{where}: invalid base64", "bad_request") from None
+        raise BadRequestError(f"{where}: invalid base64") from None
 
 
 def _classify_images(engine: Engine, body: dict) -> list[bytes]:
@@ -230,7 +219,7 @@ def _classify_images(engine: Engine, body: dict) -> list[bytes]:
         return [_image_bytes(f"instance {i}", item) for i, item in enumerate(items)]
     examples, context = body["examples"], body.get("context") or {}
     if not isinstance(examples, list) or not all(isinstance(e, dict) for e in [*examples, context]):
-        raise ApiError(400, "'examples' must be a list of objects (and 'context' an object)", "bad_request")
+        raise BadRequestError("'examples' must be a list of objects (and 'context' an object)")
     engine.check_count(len(examples))
     return [_example_image(i, example, context) for i, example in enumerate(examples)]
 
@@ -240,8 +229,8 @@ def _example_image(i: int, example: dict, context: dict) -> bytes:
         for feature in IMAGE_FEATURES:
             if feature in features:
                 return _image_bytes(f"example {i} feature '{feature}'", features[feature])
-    raise ApiError(400, f"example {i} has no image: put it in a feature named '{IMAGE_FEATURES[0]}' "
-                        f"(or '{IMAGE_FEATURES[1]}') as {{\"b64\": \"...\"}}", "bad_request")
+    raise BadRequestError(f"example {i} has no image: put it in a feature named '{IMAGE_FEATURES[0]}' "
+                          f"(or '{IMAGE_FEATURES[1]}') as {{\"b64\": \"...\"}}")
 
 
 def output_values(answer: Answer, signature: Signature) -> dict[str, list]:

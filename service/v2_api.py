@@ -22,27 +22,18 @@ import json
 
 from flask import Blueprint, Response, jsonify, request
 
-from imageclf.errors import echo
-from imageclf.serving.engine import BusyError, Engine, EngineError, UnavailableError
+from imageclf.engine.classify import Engine
+from imageclf.errors import UnavailableError, UnsupportedMediaTypeError, echo
 from service import v2_protocol as v2
-from service.metrics import ServiceMetrics
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
-#: Engine error kinds -> status. Everything else a client can get wrong is 400, as in Triton.
-STATUS = {"unknown_model": 404, "unknown_version": 404, "unavailable": 503, "busy": 503,
-          "backend_unavailable": 503, "backend_timeout": 503, "backend_busy": 503, "backend_error": 502}
 #: Bodies a web page may send cross-site without asking first (see _install_tf_serving_routes).
 FORM_TYPES = frozenset({"text/plain", "application/x-www-form-urlencoded", "multipart/form-data"})
 
 
-class HttpError(v2.ProtocolError):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-
-
-def v2_blueprint(engine: Engine, metrics: ServiceMetrics) -> Blueprint:
-    """The /v2 routes over ``engine``; errors counted in ``metrics`` like the app's."""
+def v2_blueprint(engine: Engine) -> Blueprint:
+    """The /v2 routes over ``engine``. Their errors are the app's (``imageclf.errors.ServingError``):
+    the same JSON ``{"error"}``, statuses and metrics as /v1."""
     bp = Blueprint("v2", __name__, url_prefix="/v2")
 
     @bp.get("")
@@ -75,20 +66,6 @@ def v2_blueprint(engine: Engine, metrics: ServiceMetrics) -> Blueprint:
     def infer(name: str, version: str = ""):
         return _infer(engine, name, v2.parse_version(version))
 
-    @bp.errorhandler(v2.ProtocolError)
-    def protocol_error(e: v2.ProtocolError):
-        metrics.errors.labels(e.kind).inc()
-        return jsonify({"error": str(e)}), getattr(e, "status", 400)
-
-    @bp.errorhandler(EngineError)
-    def engine_error(e: EngineError):
-        metrics.errors.labels(e.kind).inc()
-        response = jsonify({"error": str(e)})
-        response.status_code = STATUS.get(e.kind, 400)
-        if isinstance(e, BusyError | UnavailableError) or response.status_code == 503:
-            response.headers["Retry-After"] = "1"
-        return response
-
     return bp
 
 
@@ -112,10 +89,10 @@ def _body() -> tuple[bytes, memoryview]:
     raw_length = request.headers.get(HEADER_LENGTH)
     if raw_length is None and request.mimetype in FORM_TYPES:
         # A web page could post these cross-site without asking (a page that sets the header asks first).
-        raise HttpError(415, f"send the request as JSON (Content-Type application/json or none), not "
-                             f"{echo(request.mimetype)}")
+        raise UnsupportedMediaTypeError(f"send the request as JSON (Content-Type application/json or none), not "
+                                         f"{echo(request.mimetype)}")
     if request.headers.get("Content-Encoding", "identity").lower() != "identity":
-        raise HttpError(415, "compressed request bodies are not supported: send the request uncompressed")
+        raise UnsupportedMediaTypeError("compressed request bodies are not supported: send the request uncompressed")
     body = request.get_data(cache=False)
     if raw_length is None:
         return body, memoryview(b"")

@@ -16,9 +16,8 @@ from collections.abc import Callable
 
 from tritonclient.grpc import service_pb2
 
-from imageclf.errors import echo
-from imageclf.serving.engine import Engine, EngineError
-from service import tfs_protos
+from imageclf.engine.classify import Engine
+from imageclf.errors import ServingError, echo
 from service import v2_protocol as v2
 
 SERVICE = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
@@ -31,13 +30,12 @@ class V2Handlers:
         self.engine = engine
 
     def methods(self) -> dict[str, tuple[type, Callable]]:
-        handlers = {"ServerLive": (service_pb2.ServerLiveRequest, self._live),
-                    "ServerReady": (service_pb2.ServerReadyRequest, self._ready),
-                    "ModelReady": (service_pb2.ModelReadyRequest, self._model_ready),
-                    "ServerMetadata": (service_pb2.ServerMetadataRequest, self._server_metadata),
-                    "ModelMetadata": (service_pb2.ModelMetadataRequest, self._model_metadata),
-                    "ModelInfer": (service_pb2.ModelInferRequest, self._infer)}
-        return {name: (request_type, _request_errors(handler)) for name, (request_type, handler) in handlers.items()}
+        return {"ServerLive": (service_pb2.ServerLiveRequest, self._live),
+                "ServerReady": (service_pb2.ServerReadyRequest, self._ready),
+                "ModelReady": (service_pb2.ModelReadyRequest, self._model_ready),
+                "ServerMetadata": (service_pb2.ServerMetadataRequest, self._server_metadata),
+                "ModelMetadata": (service_pb2.ModelMetadataRequest, self._model_metadata),
+                "ModelInfer": (service_pb2.ModelInferRequest, self._infer)}
 
     def _live(self, request):
         return service_pb2.ServerLiveResponse(live=True)
@@ -48,7 +46,7 @@ class V2Handlers:
     def _model_ready(self, request):
         try:
             v2.model_ready(self.engine, request.name, v2.parse_version(request.version))
-        except EngineError:
+        except ServingError:
             return service_pb2.ModelReadyResponse(ready=False)
         return service_pb2.ModelReadyResponse(ready=True)
 
@@ -76,16 +74,6 @@ class V2Handlers:
             response.outputs.add(name=out.name, datatype=out.datatype, shape=out.shape)
             response.raw_output_contents.append(out.raw())
         return response
-
-
-def _request_errors(handler: Callable) -> Callable:
-    """ProtocolError as the gRPC server's request error (INVALID_ARGUMENT, counted as bad_request)."""
-    def run(request):
-        try:
-            return handler(request)
-        except v2.ProtocolError as e:
-            raise tfs_protos.RequestError(str(e)) from None
-    return run
 
 
 def _inputs(request: service_pb2.ModelInferRequest, default_base64: bool) -> list[v2.InputTensor]:

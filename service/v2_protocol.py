@@ -7,7 +7,7 @@ work as for every other front end: ``Engine.classify`` for encoded images, ``Eng
 for pixels, so the limits, the decode budget and batching are those of /v1 and TF Serving's gRPC.
 
 Each model has two inputs, of which a request gives one, and two outputs (the names of our
-TF Serving signatures, see imageclf.serving.signatures):
+TF Serving signatures, see imageclf.engine.signatures):
 
 - ``image_bytes``: BYTES ``[-1]`` (``[n]`` or ``[n, 1]``), encoded images (JPEG, PNG, ...);
 - ``images``: FP32 ``[-1, H, W, 3]``, RGB in [0, 1] at the model's input size;
@@ -30,10 +30,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from imageclf import __version__
-from imageclf.errors import echo, echo_list
-from imageclf.serving.budget import BudgetBusyError, BudgetExceededError
-from imageclf.serving.engine import Answer, BusyError, Engine, TooManyPixelsError, VersionNotFoundError
-from imageclf.serving.signatures import CLASSES, SCORES, signatures
+from imageclf.engine.budget import BudgetBusyError, BudgetExceededError
+from imageclf.engine.classify import Answer, Engine, TooManyPixelsError, VersionNotFoundError
+from imageclf.engine.signatures import CLASSES, SCORES, signatures
+from imageclf.errors import BadRequestError, BusyError, echo, echo_list
 
 SERVER_NAME = "imageclf"
 EXTENSIONS = ("classification", "binary_tensor_data")
@@ -46,10 +46,8 @@ DATATYPES = {"string": "BYTES", "float32": "FP32"}
 JSON_BYTES_FACTOR = 32
 
 
-class ProtocolError(Exception):
+class ProtocolError(BadRequestError):
     """A request that does not follow the protocol or fit the model (HTTP 400, INVALID_ARGUMENT)."""
-
-    kind = "bad_request"
 
 
 @dataclass
@@ -165,8 +163,7 @@ def compact(engine: Engine, tensor: InputTensor) -> InputTensor:
         engine.check_count(tensor.shape[0])
         values = _bytes_elements(tensor)
         return InputTensor(tensor.name, tensor.datatype, tensor.shape, data=values)
-    if tensor.shape:
-        engine.check_count(tensor.shape[0])
+    engine.check_count(tensor.shape[0])
     if tensor.raw is not None:
         return tensor
     try:
@@ -190,6 +187,9 @@ def _check_input(tensor: InputTensor) -> None:
     if tensor.name == BYTES_INPUT and not (len(tensor.shape) == 1 or (len(tensor.shape) == 2 and
                                                                       tensor.shape[1] == 1)):
         raise ProtocolError(f"input '{BYTES_INPUT}' must have the shape [n] or [n, 1] (one encoded image each), "
+                            f"not {list(tensor.shape)}")
+    if tensor.name == PIXELS_INPUT and len(tensor.shape) != 4:
+        raise ProtocolError(f"input '{PIXELS_INPUT}' must have the shape [n, height, width, 3] (n images), "
                             f"not {list(tensor.shape)}")
     if tensor.raw is None and tensor.data is None:
         raise ProtocolError(f"input '{tensor.name}' has no data: give 'data', or binary data "

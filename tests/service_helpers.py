@@ -9,7 +9,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from imageclf.serving.registry import ModelRegistry
+from imageclf.engine.registry import ModelRegistry
 from service.app import ServiceConfig, create_app
 from service.server import create_server
 

@@ -42,8 +42,8 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
+from imageclf.engine.backend_config import BackendOptions
 from imageclf.preprocess import image_to_model_input
-from imageclf.serving.backend_config import BackendOptions
 from service.app import ServiceConfig, create_app
 from tests.demo_data import draw_shape, make_dataset
 
@@ -307,7 +307,8 @@ def test_the_front_refuses_bad_requests_itself(front, back):
         return metric(get(front.url + "/metrics")[2].decode(), "imageclf_backend_calls_total", method="Predict",
                       code="OK")
     before = predict_calls()
-    for path, status, words in [("/?file=../escape.jpg", 403, "refused"), ("/?file=/etc/passwd", 403, "refused"),
+    for path, status, words in [("/?file=../escape.jpg", 403, "outside the image root"),
+                                ("/?file=/etc/passwd", 403, "outside the image root"),
                                 ("/?file=missing.jpg", 404, "missing.jpg"),
                                 ("/?file=circle/circle_001.jpg&model=nope", 404, "unknown model 'nope'"),
                                 ("/?file=circle/circle_001.jpg&top_k=0", 400, "top_k")]:
@@ -600,7 +601,7 @@ def test_stop_does_not_wait_for_a_hung_status_call(hostile):
 def test_a_backend_that_stays_away_does_not_flood_the_log(caplog):
     closed = free_port()
     options = BackendOptions(url=f"grpc://127.0.0.1:{closed}", models=("m",), timeout_s=1, poll_seconds=0.01)
-    with caplog.at_level(logging.WARNING, logger="imageclf.serving.backend"):
+    with caplog.at_level(logging.WARNING, logger="imageclf.engine.backend"):
         app = create_app(ServiceConfig(image_root=str(REPO / "sample_images"), backend=options))
         client = app.test_client()
         try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 
-from imageclf.serving.backend_config import BackendOptions
+from imageclf.engine.backend_config import BackendOptions
 from service.app import ServiceConfig, create_app
 
 from .conftest import REPO

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from imageclf.serving.batching import BatchFailedError, BatchTimeoutError, MicroBatcher
+from imageclf.engine.batching import BatchFailedError, BatchTimeoutError, MicroBatcher
 
 
 def test_concurrent_items_are_batched_and_each_gets_its_own_result():

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from imageclf.serving.budget import BudgetBusyError, BudgetExceededError, MemoryBudget
+from imageclf.engine.budget import BudgetBusyError, BudgetExceededError, MemoryBudget
 
 
 def _hold(budget: MemoryBudget, nbytes: int, release: threading.Event, entered: threading.Event) -> None:

@@ -326,7 +326,7 @@ def test_package_requirements_are_the_images_and_the_extras_the_rest():
 
 def test_the_wheel_holds_the_packages_and_commands_and_no_test_data(tmp_path):
     """A wheel of what the Dockerfile copies to install (setuptools from this environment: offline) holds
-    imageclf, imageclf.serving and service with its page, the commands, and nothing of tests/ (demo_data)."""
+    imageclf, imageclf.engine and service with its page, the commands, and nothing of tests/ (demo_data)."""
     commands = dockerfile.parse_file(str(DEPLOY / "Dockerfile"))
     source = tmp_path / "src"
     for copy in [c for c in commands if c.cmd == "COPY" and not c.flags and c.value[-1].startswith("/src/")]:
@@ -431,7 +431,7 @@ def test_dockerignore_keeps_local_state_out_and_what_the_image_copies_in():
                  "imageclf/__pycache__/images.cpython-311.pyc", "service/__pycache__/app.cpython-311.pyc",
                  "summaries/events", "sample_images/circle/circle_000.jpg"]:
         assert _dockerignored(path, patterns), f"{path} would be sent to the build"
-    assert not _dockerignored("imageclf/serving/engine.py", patterns)
+    assert not _dockerignored("imageclf/engine/classify.py", patterns)
 
 
 # -- Kubernetes wiring ----------------------------------------------------------------------------
@@ -642,7 +642,7 @@ def test_probes_and_health_check_against_the_real_service(compose_retrain, tmp_p
 
 
 def test_compose_front_asks_the_tf_serving_container_for_its_model():
-    from imageclf.serving.backend_config import parse_backend_url
+    from imageclf.engine.backend_config import parse_backend_url
 
     services = _compose()["services"]
     front, tfserving = services["front"], services["tfserving"]

@@ -40,10 +40,10 @@ from tensorflow_serving.apis import (
 )
 
 from imageclf import label_image_cli
+from imageclf.engine.classify import Engine, Limits
 from imageclf.graph_model import GraphModel
 from imageclf.images import decode_image
 from imageclf.preprocess import image_to_model_input
-from imageclf.serving.engine import Engine, Limits
 from service.grpc_api import GrpcServer
 
 from .conftest import REPO, free_port

@@ -19,11 +19,11 @@ from PIL import Image
 
 from imageclf import blessing, export, history, manifest
 from imageclf.dataset import label_for_folder, split_for
+from imageclf.engine.classify import VersionNotFoundError
+from imageclf.engine.registry import ModelRegistry
 from imageclf.retrain import retrain
 from imageclf.retrain_cli import REJECTED
 from imageclf.retrain_cli import main as retrain_main
-from imageclf.serving.engine import VersionNotFoundError
-from imageclf.serving.registry import ModelRegistry
 from imageclf.summary import retrain_summary
 from imageclf.training import TrainConfig
 

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from imageclf.serving.budget import MemoryBudget
-from imageclf.serving.engine import Engine, Limits
-from imageclf.serving.registry import ModelRegistry
-from imageclf.serving.trim import BIG_BYTES, BurstTrimmer
+from imageclf.engine.budget import MemoryBudget
+from imageclf.engine.classify import Engine, Limits
+from imageclf.engine.registry import ModelRegistry
+from imageclf.engine.trim import BIG_BYTES, BurstTrimmer
 from tests.demo_data import make_dataset
 
 from .conftest import REPO, free_port, tiny_graphs_dir, wait_until

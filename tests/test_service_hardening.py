@@ -23,10 +23,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from imageclf.engine.classify import Engine, Limits, UnavailableError, _model_input_overhead
+from imageclf.engine.registry import ModelRegistry
 from imageclf.images import decoded_nbytes, open_image
 from imageclf.retrain import retrain
-from imageclf.serving.engine import Engine, Limits, UnavailableError, _model_input_overhead
-from imageclf.serving.registry import ModelRegistry
 from tests.demo_data import make_dataset
 
 from .conftest import REPO, quick_options
@@ -456,7 +456,7 @@ def test_unreadable_file_is_refused_with_403(tmp_path):
     secret.chmod(0)
     code = ("from imageclf.paths import read_confined, PathForbiddenError\n"
             f"try:\n    read_confined({str(tmp_path)!r}, 'secret.jpg', 10**6)\n"
-            "except PathForbiddenError as e:\n    print('refused', e.status, e)\n")
+            "except PathForbiddenError as e:\n    print('refused', e.http_status, e)\n")
     # Root reads anything; a deployed service does not run as root. Drop the override capabilities.
     prefix = []
     if os.geteuid() == 0:

@@ -7,8 +7,8 @@ import json
 import shutil
 
 from imageclf import export
+from imageclf.engine.registry import ModelRegistry
 from imageclf.retrain import retrain
-from imageclf.serving.registry import ModelRegistry
 from imageclf.training import TrainConfig
 from tests.demo_data import make_dataset
 

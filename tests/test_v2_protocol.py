@@ -22,6 +22,13 @@ from PIL import Image
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from imageclf.engine.classify import (
+    BadInputError,
+    ModelNotFoundError,
+    TooManyInstancesError,
+    TooManyPixelsError,
+    VersionNotFoundError,
+)
 from imageclf.images import decode_image
 from imageclf.preprocess import image_to_model_input
 from service import v2_protocol
@@ -205,32 +212,39 @@ def test_classification_extension_and_requested_outputs(served, model, client_ki
 
 @pytest.mark.parametrize("client_kind", ["http", "grpc"])
 def test_errors_in_the_protocols_shape(served, model, client_kind):
+    """Each error is answered as its class declares (imageclf.errors), on /v2 as on /v1."""
     client = httpclient if client_kind == "http" else grpcclient
     stub = served.client if client_kind == "http" else served.grpc_client
+
+    def status(error_class) -> str:
+        return str(error_class.http_status) if client_kind == "http" else f"StatusCode.{error_class.grpc_code}"
+
     jpeg = files(model[1])[0].read_bytes()
     bad = jpeg[:len(jpeg) // 3]
-    codes = {"bad": ("400", "StatusCode.INVALID_ARGUMENT"), "missing": ("404", "StatusCode.NOT_FOUND")}
-    pick = 0 if client_kind == "http" else 1
-
     error = refused(stub.infer, MODEL, [bytes_input(client, [bad])])
-    assert error.status() == codes["bad"][pick]
-    status, v1 = served.http.json(f"/v1/models/{MODEL}:predict", headers=JSON, data=json.dumps(
+    assert error.status() == status(BadInputError) in ("400", "StatusCode.INVALID_ARGUMENT")
+    code, v1 = served.http.json(f"/v1/models/{MODEL}:predict", headers=JSON, data=json.dumps(
         {"instances": [{"b64": base64.b64encode(bad).decode()}]}).encode())
-    assert status == 400 and error.message() == v1["error"]  # the engine's message, word for word
+    assert code == 400 and error.message() == v1["error"]  # the engine's message, word for word
 
     error = refused(stub.infer, "nope", [bytes_input(client, [jpeg])])
-    assert error.status() == codes["missing"][pick] and "unknown model 'nope'" in error.message()
-    assert refused(stub.get_model_metadata, "nope").status() == codes["missing"][pick]
+    assert error.status() == status(ModelNotFoundError) and "unknown model 'nope'" in error.message()
+    assert refused(stub.get_model_metadata, "nope").status() == status(ModelNotFoundError)
     error = refused(stub.infer, MODEL, [bytes_input(client, [jpeg])], model_version="1")
-    assert error.status() == codes["missing"][pick] and "has no version 1" in error.message()
+    assert error.status() == status(VersionNotFoundError) and "has no version 1" in error.message()
+    assert error.status() in ("404", "StatusCode.NOT_FOUND")
 
-    for inputs, words in [([bytes_input(client, [jpeg] * 5)], "5 images in one request; the limit is 4"),
-                          ([bytes_input(client, [(model[1] / "huge.png").read_bytes()])], "pixels"),
-                          ([bytes_input(client, [jpeg]), bytes_input(client, [jpeg])], "exactly one input")]:
+    for inputs, words, error_class in [
+            ([bytes_input(client, [jpeg] * 5)], "5 images in one request; the limit is 4", TooManyInstancesError),
+            ([bytes_input(client, [(model[1] / "huge.png").read_bytes()])], "pixels", TooManyPixelsError),
+            ([bytes_input(client, [jpeg])] * 2, "exactly one input", v2_protocol.ProtocolError)]:
         error = refused(stub.infer, MODEL, inputs)
-        assert error.status() == codes["bad"][pick] and words in error.message()
+        assert error.status() == status(error_class) and words in error.message()
+    code, v1 = served.http.json(f"/v1/models/{MODEL}:predict", headers=JSON, data=json.dumps(
+        {"instances": [{"b64": base64.b64encode(jpeg).decode()}] * 5}).encode())
+    assert code == TooManyInstancesError.http_status == 413
     error = refused(stub.infer, MODEL, [bytes_input(client, [jpeg])], outputs=[client.InferRequestedOutput("logits")])
-    assert error.status() == codes["bad"][pick] and "unknown output 'logits'" in error.message()
+    assert error.status() == status(v2_protocol.ProtocolError) and "unknown output 'logits'" in error.message()
 
 
 def test_http_json_bytes_need_base64_and_binary_sizes_must_add_up(served, model):

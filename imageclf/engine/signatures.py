@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from imageclf.errors import echo
+from imageclf.errors import BadRequestError, echo
 
 if TYPE_CHECKING:
     from imageclf.classifier import Classifier
@@ -55,8 +55,10 @@ class Signature:
         return next((o for o in self.outputs if o.key == key), None)
 
 
-class UnknownSignatureError(LookupError):
+class UnknownSignatureError(BadRequestError):
     """No signature of that name."""
+
+    kind = "unknown_signature"
 
 
 def signatures(model: Classifier | None = None) -> dict[str, Signature]:

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from imageclf.classifier import Classifier, graph_version
+from imageclf.engine.batching import MicroBatcher
 from imageclf.runtimes import RuntimeOptions, load_classifier
-from imageclf.serving.batching import MicroBatcher
 
 log = logging.getLogger(__name__)
 

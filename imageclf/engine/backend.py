@@ -32,8 +32,9 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from imageclf.serving.engine import BusyError, EngineError, ModelNotFoundError, UnavailableError
-from imageclf.serving.signatures import CLASSES, DEFAULT_SIGNATURE, PIXELS_SIGNATURE, SCORES
+from imageclf.engine.classify import ModelNotFoundError
+from imageclf.engine.signatures import CLASSES, DEFAULT_SIGNATURE, PIXELS_SIGNATURE, SCORES
+from imageclf.errors import BadGatewayError, BusyError, ServingError, UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +75,15 @@ class BackendBusyError(BusyError):
     kind = "backend_busy"
 
 
-class BackendRejectedError(EngineError):
-    """The backend refused the request as invalid (INVALID_ARGUMENT); remote.py turns it into a 503 or a 502
-    before any client sees it (see the module doc)."""
+class BackendRejectedError(BadGatewayError):
+    """The backend refused the request as invalid (INVALID_ARGUMENT). What we send it is made from its own
+    metadata, so this is not the client's fault: remote.py turns it into a 503 (fetch the metadata again)
+    or a 502 before any client sees it (see the module doc)."""
 
     kind = "backend_invalid_argument"
 
 
-class BackendFailedError(EngineError):
+class BackendFailedError(BadGatewayError):
     """The backend failed otherwise, or answered something other than our export's contract."""
 
     kind = "backend_error"
@@ -226,7 +228,7 @@ class _LogLimiter:
         log.warning(message, *args)
 
 
-def _mapped(method: str, code: grpc.StatusCode, details: str, model: str, timeout_s: float) -> EngineError:
+def _mapped(method: str, code: grpc.StatusCode, details: str, model: str, timeout_s: float) -> ServingError:
     """A failed call as the engine's error. Unavailability is told without the backend's own words,
     which name internal addresses; refusals keep them, since they are about the request."""
     if code == Code.DEADLINE_EXCEEDED:

@@ -27,10 +27,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from imageclf.engine.servable import BatchOptions, Servable
 from imageclf.errors import UserError, echo
 from imageclf.history import version_dir
 from imageclf.runtimes import RuntimeOptions
-from imageclf.serving.servable import BatchOptions, Servable
 
 log = logging.getLogger(__name__)
 

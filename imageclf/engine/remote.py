@@ -25,8 +25,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from imageclf.preprocess import image_to_model_input
-from imageclf.serving.backend import (
+from imageclf.engine.backend import (
     BackendBusyError,
     BackendClient,
     BackendFailedError,
@@ -37,11 +36,12 @@ from imageclf.serving.backend import (
     ModelSignature,
     Prediction,
 )
-from imageclf.serving.backend_config import BackendOptions
-from imageclf.serving.batching import BatchFailedError, MicroBatcher
-from imageclf.serving.engine import BusyError, EngineError, UnavailableError
-from imageclf.serving.registry import UnknownModelError
-from imageclf.serving.servable import BatchOptions
+from imageclf.engine.backend_config import BackendOptions
+from imageclf.engine.batching import BatchFailedError, MicroBatcher
+from imageclf.engine.registry import UnknownModelError
+from imageclf.engine.servable import BatchOptions
+from imageclf.errors import BusyError, ServingError, UnavailableError
+from imageclf.preprocess import image_to_model_input
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,11 @@ class RemoteServable:
     this request, which may be newer than the metadata it was acquired with.
     """
 
+    name: str
+    version: int
+    model: RemoteModel
+    labels: list[str]
+
     def __init__(self, served: RemoteVersion, registry: RemoteRegistry):
         self._served, self._registry = served, registry
         self.name, self.version, self.model = served.name, served.version, served.model
@@ -146,7 +151,7 @@ class RemoteServable:
                 self._registry.forget(self._served)
                 raise BackendUnavailableError("the model backend refused pixels of the input size its metadata "
                                               "gave; that metadata is fetched again; retry shortly") from None
-            if isinstance(cause, EngineError):  # each request gets its own error, as its own status
+            if isinstance(cause, ServingError):  # each request gets its own error, as its own status
                 raise type(cause)(str(cause)) from None
             raise
         answered = {(row.version, row.labels) for row in rows}
@@ -187,7 +192,7 @@ class _Model:
     checked_at: float | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)  # one metadata fetch at a time
     fetches: int = 0                        # metadata fetches finished (under ``lock``)
-    fetch_error: EngineError | None = None  # why the last one failed, for those that waited for it
+    fetch_error: ServingError | None = None  # why the last one failed, for those that waited for it
     down: bool = False                      # the last status poll could not reach the backend
 
 
@@ -211,7 +216,9 @@ class RemoteRegistry:
 
     # -- what the engine and the routes use ---------------------------------------------
 
-    def acquire(self, name: str | None = None) -> RemoteServable:
+    def acquire(self, name: str | None = None, version: int | None = None) -> RemoteServable:
+        """The backend's served version of ``name``. The backend keeps its own versions: whether it is
+        ``version`` is known only from its answer, and the engine checks that."""
         model = self._models.get(name or self.default)
         if model is None:
             raise UnknownModelError(f"unknown model '{name}' (serving: {', '.join(self._models)})")
@@ -283,7 +290,7 @@ class RemoteRegistry:
         model = self._models[name]
         try:
             state = self.client.status(name)
-        except EngineError as e:
+        except ServingError as e:
             self._set(model, _state_of(e), str(e))
             # Only unreachable or hung: a backend that refuses a poll because it is busy
             # (RESOURCE_EXHAUSTED) may still answer requests.
@@ -296,7 +303,7 @@ class RemoteRegistry:
         if model.served is None or not model.served.covers(state.version):
             try:
                 self._fetch(model, state.version)
-            except EngineError:
+            except ServingError:
                 return  # _fetch recorded the error
         self._set(model, "ready", None)
 
@@ -321,7 +328,7 @@ class RemoteRegistry:
             started = time.perf_counter()
             try:
                 served = self._load(model.name, self.client.signature(model.name), started)
-            except EngineError as e:
+            except ServingError as e:
                 model.fetches += 1
                 if isinstance(e, BackendRejectedError):  # a refusal of what the front made to the metadata
                     e = BackendFailedError(f"model '{model.name}' on the backend refuses a picture of the input "
@@ -367,7 +374,7 @@ class RemoteRegistry:
             listener(name, ok)
 
 
-def _state_of(error: EngineError) -> str:
+def _state_of(error: ServingError) -> str:
     """A model's state after a failed call: "unavailable" when a retry may succeed, "failed" otherwise."""
     return "unavailable" if isinstance(error, UnavailableError | BusyError) else "failed"
 

@@ -3,8 +3,8 @@
 Every bound that protects the process lives here, so each front end (the Flask app, a gRPC
 server) gets the same behaviour: the pixel limit from the header, the decode memory budget,
 the number of images per request, batching and its timeout, and a served version that stays
-alive until the request is done with it. Errors are typed (see ``EngineError``); front ends
-map them to their own status codes.
+alive until the request is done with it. Errors are typed: each says how every transport answers it
+(``imageclf.errors.ServingError``).
 """
 
 from __future__ import annotations
@@ -17,63 +17,57 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from imageclf.errors import BadImageError, ImageTooLargeError, NotAnImageError, echo
+from imageclf.engine.batching import BatchFailedError, BatchTimeoutError
+from imageclf.engine.budget import BudgetBusyError, BudgetExceededError, MemoryBudget
+from imageclf.engine.interfaces import Registry, Served
+from imageclf.engine.registry import NoModelError, UnknownModelError, UnknownVersionError
+from imageclf.engine.servable import RetiredError
+from imageclf.engine.trim import BIG_BYTES, BurstTrimmer
+from imageclf.errors import (
+    BadImageError,
+    BadRequestError,
+    BusyError,
+    ImageTooLargeError,
+    NotAnImageError,
+    NotFoundError,
+    TooLargeError,
+    UnavailableError,
+    UnsupportedMediaTypeError,
+    echo,
+)
 from imageclf.images import DEFAULT_MAX_PIXELS, decode_opened, decoded_nbytes, open_image
-from imageclf.serving.batching import BatchFailedError, BatchTimeoutError
-from imageclf.serving.budget import BudgetBusyError, BudgetExceededError, MemoryBudget
-from imageclf.serving.registry import ModelRegistry, NoModelError, UnknownModelError, UnknownVersionError
-from imageclf.serving.servable import RetiredError, Servable
-from imageclf.serving.trim import BIG_BYTES, BurstTrimmer
 
 
-class EngineError(Exception):
-    """A request the engine will not or cannot answer. ``kind`` names it for metrics."""
-
-    kind = "error"
-
-
-class BadInputError(EngineError):
+class BadInputError(BadRequestError):
     kind = "bad_image"
 
 
-class NotAnImageInputError(EngineError):
+class NotAnImageInputError(UnsupportedMediaTypeError):
     kind = "not_an_image"
 
 
-class TooManyPixelsError(EngineError):
+class TooManyPixelsError(BadRequestError):
     kind = "too_many_pixels"
 
 
-class TooManyInstancesError(EngineError):
+class TooManyInstancesError(TooLargeError):
     kind = "too_many_instances"
 
 
-class BadTensorError(EngineError):
+class BadTensorError(BadRequestError):
     """Pixels sent as a tensor have the wrong shape or values outside [0, 1]."""
 
     kind = "bad_input"
 
 
-class ModelNotFoundError(EngineError):
+class ModelNotFoundError(NotFoundError):
     kind = "unknown_model"
 
 
-class VersionNotFoundError(EngineError):
+class VersionNotFoundError(NotFoundError):
     """The model is served, but not in the version asked for."""
 
     kind = "unknown_version"
-
-
-class UnavailableError(EngineError):
-    """Nothing to serve right now (no model loaded yet, or a model call failed)."""
-
-    kind = "unavailable"
-
-
-class BusyError(EngineError):
-    """The service is at a bound; the client should retry shortly."""
-
-    kind = "busy"
 
 
 @dataclass(frozen=True)
@@ -101,7 +95,7 @@ class Answer:
 
 
 class Engine:
-    def __init__(self, registry: ModelRegistry, limits: Limits | None = None):
+    def __init__(self, registry: Registry, limits: Limits | None = None):
         self.registry = registry
         self.limits = limits or Limits()
         self.budget = MemoryBudget(self.limits.memory_budget_bytes, self.limits.budget_wait_s)
@@ -150,7 +144,7 @@ class Engine:
                 raise BusyError(str(e)) from None
             return self._answer(servable, inputs, started, time.perf_counter())
 
-    def _answer(self, servable: Servable, inputs: list[np.ndarray], started: float, decoded: float) -> Answer:
+    def _answer(self, servable: Served, inputs: list[np.ndarray], started: float, decoded: float) -> Answer:
         scores = self._predict(servable, inputs)
         return Answer(name=servable.name, version=servable.version, labels=list(servable.labels),
                       scores=np.stack(scores), decode_ms=1000 * (decoded - started),
@@ -165,7 +159,7 @@ class Engine:
                                         f"{self.limits.max_instances:,} (split the request)")
 
     @contextmanager
-    def hold(self, model: str | None = None, version: int | None = None) -> Iterator[Servable]:
+    def hold(self, model: str | None = None, version: int | None = None) -> Iterator[Served]:
         """Hold the served version of ``model`` (None: the default) for the ``with`` block.
 
         With ``version``, only that version will do: the served one is checked while held, so a
@@ -180,11 +174,9 @@ class Engine:
         finally:
             servable.release()
 
-    def _acquire(self, model: str | None, version: int | None = None) -> Servable:
+    def _acquire(self, model: str | None, version: int | None = None) -> Served:
         try:
-            if version is not None and isinstance(self.registry, ModelRegistry):
-                return self.registry.acquire(model, version)  # the served version, or a pinned one
-            return self.registry.acquire(model)
+            return self.registry.acquire(model, version)  # the served version, or a pinned one
         except NoModelError as e:
             raise UnavailableError(str(e)) from None
         except UnknownModelError as e:
@@ -199,7 +191,7 @@ class Engine:
         except BadImageError as e:
             raise _image_error(e) from None
 
-    def _model_input(self, servable: Servable, img, name: str) -> np.ndarray:
+    def _model_input(self, servable: Served, img, name: str) -> np.ndarray:
         """Decode within the budget; only the small model input outlives the reservation."""
         try:
             with self._reserved(decoded_nbytes(img) + _model_input_overhead(img)):
@@ -227,7 +219,7 @@ class Engine:
         finally:
             self.trimmer.released(nbytes)
 
-    def _predict(self, servable: Servable, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    def _predict(self, servable: Served, inputs: list[np.ndarray]) -> list[np.ndarray]:
         try:
             return servable.predict(inputs)
         except BatchTimeoutError as e:
@@ -247,7 +239,7 @@ def _checked_pixels(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return array
 
 
-def _scaled_inputs(servable: Servable, array: np.ndarray) -> list[np.ndarray]:
+def _scaled_inputs(servable: Served, array: np.ndarray) -> list[np.ndarray]:
     """Pixels in [0, 1] -> what the graph's input takes: the scaling step of GraphModel.model_input."""
     model = servable.model
     if (model.input_mean, model.input_std) != (0.0, 255.0):
@@ -265,7 +257,7 @@ def _model_input_overhead(img) -> int:
     return width * height * 15
 
 
-def _image_error(e: BadImageError) -> EngineError:
+def _image_error(e: BadImageError) -> BadRequestError:
     if isinstance(e, NotAnImageError):
         return NotAnImageInputError(str(e))
     if isinstance(e, ImageTooLargeError):

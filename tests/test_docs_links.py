@@ -6,6 +6,7 @@ otherwise leave links that go nowhere. Anchors follow GitHub's heading slugs.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from urllib.parse import unquote
@@ -101,3 +102,44 @@ def test_github_slugs():
     assert github_slug("Quick start (Linux or macOS, Python 3.10–3.12)") == "quick-start-linux-or-macos-python-310312"
     assert github_slug("Runtimes: TensorFlow or LiteRT (`--runtime`)") == "runtimes-tensorflow-or-litert---runtime"
     assert github_slug("`bench_workers.py`: threads or processes") == "bench_workerspy-threads-or-processes"
+
+
+# -- results files: the folder holds the runs the docs cite, and every cited run is there -------------
+
+RESULTS = REPO / "benchmarks" / "results"
+#: Where a results file may be cited: the docs, and deploy/ (which sizes its memory from a soak).
+CITING = [*DOCS, *sorted((REPO / "deploy").rglob("*.yaml"))]
+_RESULTS_FILE = re.compile(r"\b[a-z][a-z0-9_]*(?:-[A-Za-z0-9_]+)*?-\d{8}(?:-[A-Za-z0-9_.]+)*\.json\b")
+
+
+def cited_results(paths: list[Path]) -> set[str]:
+    """The results file names cited in ``paths``, by their whole name."""
+    return {name for path in paths for name in _RESULTS_FILE.findall(path.read_text())}
+
+
+def test_the_results_folder_holds_exactly_the_runs_the_docs_cite():
+    cited, kept = cited_results(CITING), {p.name for p in RESULTS.glob("*.json")}
+    assert not cited - kept, f"cited but not in benchmarks/results/: {sorted(cited - kept)}"
+    assert not kept - cited, f"in benchmarks/results/ but cited nowhere (prune them): {sorted(kept - cited)}"
+
+
+def test_a_results_file_is_found_by_its_whole_name(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("measured (`benchmarks/results/bench_v2-vm-20261206-1733.json`, `soak_service-vm-20261125-"
+                    "prehardening-fcab4ba-quick.json`) and `profile_service-32c-wait50-vm-20261206-0238.json`; "
+                    "not `...-1734.json`\n")
+    assert cited_results([page]) == {"bench_v2-vm-20261206-1733.json",
+                                     "profile_service-32c-wait50-vm-20261206-0238.json",
+                                     "soak_service-vm-20261125-prehardening-fcab4ba-quick.json"}
+
+
+def test_every_results_file_names_the_code_it_measured():
+    """New runs record their commit and whether the tree was clean; older ones the commit that added them."""
+    for path in sorted(RESULTS.glob("*.json")):
+        machine = json.loads(path.read_text())["machine"]
+        assert "commit" in machine and "tree_clean" in machine, path.name
+        if machine["commit"] is None:
+            assert re.fullmatch(r"[0-9a-f]{40}", machine.get("committed_in", "")), path.name
+        else:
+            assert re.fullmatch(r"[0-9a-f]{40}", machine["commit"]), path.name
+            assert machine["tree_clean"] in (True, False), path.name

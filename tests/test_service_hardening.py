@@ -103,8 +103,9 @@ def test_reloads_free_every_retired_model_without_failing_a_request(tiny_graphs,
     for t in clients:
         t.start()
     try:
-        # 40 reloads under two clients: each retired model must be freed (a leak shows at the first).
-        for i in range(40):
+        # 16 reloads under two clients: each retired model must be freed (a leak shows at the first;
+        # the soak benchmark does hundreds, with RSS at checkpoints).
+        for i in range(16):
             with held(registry, "live") as servable:
                 model = servable.model
                 retired.append((weakref.ref(model), weakref.ref(model.graph), weakref.ref(model.session)))

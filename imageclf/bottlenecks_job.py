@@ -39,31 +39,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from imageclf.beam_quiet import quiet_beam
 from imageclf.cli_common import OneLineErrorParser, quiet_tensorflow, run, unknown_flag_message
 
 quiet_tensorflow()
 
 
-class _BeamNoise(logging.Filter):
-    """Beam warnings that tell a user of this job nothing: the BigQuery client it never uses is absent
-    ("apitools not found", once per process, so once per worker too), and the flags it does not know,
-    which check_beam_flags reports itself, in one line naming the closest flag."""
-
-    NOISE = ("apitools not found", "Discarding unparseable args")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.NOISE)
-
-
-# On the loggers that say them: Beam's BigQuery package logs on the root logger, its options on their own.
-for _logger in (logging.getLogger(), logging.getLogger("apache_beam.options.pipeline_options")):
-    _logger.addFilter(_BeamNoise())
+quiet_beam()  # before Beam is imported: it warns as it loads
 
 try:
     import apache_beam as beam
     from apache_beam.metrics import Metrics
     from apache_beam.metrics.metric import MetricsFilter
-    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 except ModuleNotFoundError:
     if __name__ == "__main__":
         sys.exit("python -m imageclf.bottlenecks_job: error: Apache Beam is not installed: "
@@ -188,6 +176,28 @@ def pipeline_options(args: argparse.Namespace, beam_argv: Sequence[str]) -> Pipe
     options = PipelineOptions([*flags, *beam_argv])
     check_beam_flags(options)
     return options
+
+
+def local_runner(options: PipelineOptions):
+    """Beam's local runner, whose worker processes start as ``python -m imageclf.beam_worker`` (Beam's worker,
+    quiet) rather than as Beam's own command; None (Beam's choice) for ``--direct_running_mode`` other than
+    multi_processing. Beam's runner swaps in its own worker command when the mode is multi_processing, and
+    keeps the one given here otherwise, starting ``--direct_num_workers`` workers of it either way: so the
+    mode is set to in_memory once the runner is made."""
+    direct = options.view_as(DirectOptions)
+    if direct.direct_running_mode != "multi_processing":
+        return None
+    from apache_beam.portability.api import beam_provision_api_pb2
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+    from apache_beam.runners.portability.portable_runner import JobServiceHandle
+    from apache_beam.transforms.environments import SubprocessSDKEnvironment
+
+    direct.direct_running_mode = "in_memory"
+    # The workers' options (their log levels among them), handed over as Beam's DirectRunner does.
+    provision = fn_runner.ExtendedProvisionInfo(beam_provision_api_pb2.ProvisionInfo(
+        pipeline_options=JobServiceHandle.encode_pipeline_options(options.get_all_options())))
+    worker = SubprocessSDKEnvironment.from_command_string(f"{sys.executable} -m imageclf.beam_worker")
+    return fn_runner.FnApiRunner(default_environment=worker, provision_info=provision)
 
 
 def check_beam_flags(options: PipelineOptions, parser: argparse.ArgumentParser | None = None) -> None:
@@ -520,7 +530,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The runner forwards each worker's log lines, which the workers already print themselves.
         logging.getLogger("apache_beam.runners.portability.local_job_service").setLevel(logging.ERROR)
     started = time.monotonic()
-    pipeline = beam.Pipeline(options=options)
+    pipeline = beam.Pipeline(runner=local_runner(options) if is_direct(args.runner) else None, options=options)
     build_pipeline(pipeline, args, folders, BaseSpec(args.tfhub_module, spec, cache_key(base), base.runtime), cache,
                    skipped_folders)
     result = pipeline.run()

@@ -109,6 +109,7 @@ def test_job_on_two_worker_processes_writes_retrains_bytes(job_run, reference):
     assert "Bottlenecks: computed 30, reused 0, skipped 1" in result.stdout
     # The same unusable file, skipped for the same reason, worded as retrain.py words it.
     assert report.skipped[0] in result.stderr
+    assert "apitools" not in result.stderr  # Beam's noise, in the job and in its worker processes
     ours, theirs = entries(work / "bottlenecks"), entries(reference_root)
     assert len(theirs) == 27  # 30 images, three of them copies of others
     assert ours.keys() == theirs.keys()

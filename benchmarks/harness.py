@@ -73,16 +73,16 @@ def spread_sample(paths: list[Path], n: int) -> list[Path]:
 
 # ---------------------------------------------------------------- machine and source
 
-def machine_info() -> dict:
+def machine_info(repo_root: Path = REPO_ROOT) -> dict:
     """Host, date, CPUs, memory, versions and the load average now (the start of a run)."""
     import numpy as np
     import tensorflow as tf
 
     return {**_host(), "tensorflow": tf.__version__, "numpy": np.__version__, "platform": platform.platform(),
-            "load_average_start": load_average(), **source_state()}
+            "load_average_start": load_average(), **source_state(repo_root)}
 
 
-def machine_info_light() -> dict:
+def machine_info_light(repo_root: Path = REPO_ROOT) -> dict:
     """``machine_info()`` without importing TensorFlow or NumPy: versions from package metadata.
 
     For drivers that only talk to other processes and should stay small and quiet themselves.
@@ -96,7 +96,7 @@ def machine_info_light() -> dict:
             return None
 
     return {**_host(), "tensorflow": installed("tensorflow"), "numpy": installed("numpy"),
-            "platform": platform.platform(), "load_average_start": load_average(), **source_state()}
+            "platform": platform.platform(), "load_average_start": load_average(), **source_state(repo_root)}
 
 
 def _host() -> dict:
@@ -344,14 +344,14 @@ def dirty_refusal(output: Path | None, allow_dirty: bool, repo_root: Path = REPO
             "(the file name gets -dirty), or write elsewhere with --output")
 
 
-def write_results(benchmark: str, results: dict, output: Path | None) -> Path:
+def write_results(benchmark: str, results: dict, output: Path | None, results_dir: Path = RESULTS_DIR) -> Path:
     """Write ``results`` as JSON, by default under results/ (``-dirty`` when the tree was not clean)."""
     machine = results["machine"]
     if output is None:
         # Host and start time to the minute, so that runs on one machine never overwrite each other.
         stamp = datetime.fromisoformat(machine["date"]).strftime("%Y%m%d-%H%M")
         dirty = "-dirty" if machine.get("tree_clean") is False else ""
-        output = RESULTS_DIR / f"{benchmark}-{machine['hostname']}-{stamp}{dirty}.json"
+        output = results_dir / f"{benchmark}-{machine['hostname']}-{stamp}{dirty}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2) + "\n")
     return output
@@ -362,15 +362,16 @@ class Run:
 
     Refuses (SystemExit, one line) to start a run whose results would go into a dirty results/.
     ``light``: machine details without importing TensorFlow (for drivers of other processes).
+    ``repo_root``: the clone whose state and results/ count (another one only in tests).
     """
 
-    def __init__(self, benchmark: str, args: argparse.Namespace, light: bool = False):
-        self.benchmark = benchmark
+    def __init__(self, benchmark: str, args: argparse.Namespace, light: bool = False, repo_root: Path = REPO_ROOT):
+        self.benchmark, self.repo_root = benchmark, repo_root
         self.output: Path | None = getattr(args, "output", None)
-        refusal = dirty_refusal(self.output, getattr(args, "allow_dirty", False))
+        refusal = dirty_refusal(self.output, getattr(args, "allow_dirty", False), repo_root)
         if refusal:
             raise SystemExit(f"{benchmark}: {refusal}")
-        self.machine = machine_info_light() if light else machine_info()
+        self.machine = (machine_info_light if light else machine_info)(repo_root)
         self.started = time.perf_counter()
 
     def wall_s(self) -> float:
@@ -384,6 +385,7 @@ class Run:
     def write(self, results: dict, name: str | None = None, label: str = "\nWrote ") -> Path:
         """Write the results file (named after ``name`` or the benchmark) and print ``label`` + its path."""
         self.end()
-        path = write_results(name or self.benchmark, results, self.output)
+        path = write_results(name or self.benchmark, results, self.output,
+                             self.repo_root / "benchmarks" / "results")
         print(f"{label}{path}")
         return path

@@ -294,7 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     machine = run.machine
     print(f"Machine: {machine['nproc']} CPUs ({machine['cpu_model']}), load {machine['load_average_start']}",
           flush=True)
-    results: dict = {"benchmark": "bench_overload", "machine": machine, "settings": vars(args) | {
+    flags = {k: v for k, v in vars(args).items() if k != "allow_dirty"}  # the keys the results always had
+    results: dict = {"benchmark": "bench_overload", "machine": machine, "settings": flags | {
         "graph": str(args.graph) if args.graph else None, "output": None,
         "imageclf_env": {k: v for k, v in os.environ.items() if k.startswith("IMAGECLF_") or k.startswith("MALLOC_")}}}
     with tempfile.TemporaryDirectory(prefix="bench_overload_") as tmp:

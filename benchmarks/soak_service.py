@@ -1210,7 +1210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             shutil.rmtree(work, ignore_errors=True)
     arguments = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                 if k not in ("preset", "make_graphs")}
+                 if k not in ("preset", "make_graphs", "allow_dirty")}
     results = {"machine": run.end(), "arguments": arguments, "wall_s": run.wall_s(), **results}
     print(format_report(results))
     run.write(results)

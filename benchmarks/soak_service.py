@@ -1193,7 +1193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.make_graphs:
         return make_graphs_child(args.make_graphs, args.repo)
-    run = Run("soak_service", args, light=True)
+    bench = Run("soak_service", args, light=True)  # not "run": that is the soak itself
     # SIGTERM (e.g. from a CI timeout) unwinds like Ctrl-C, so that the service is stopped; SIGINT is set
     # too, since a shell starts background jobs with it ignored.
     signal.signal(signal.SIGTERM, _interrupt)
@@ -1211,9 +1211,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     arguments = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                  if k not in ("preset", "make_graphs", "allow_dirty")}
-    results = {"machine": run.end(), "arguments": arguments, "wall_s": run.wall_s(), **results}
+    results = {"machine": bench.end(), "arguments": arguments, "wall_s": bench.wall_s(), **results}
     print(format_report(results))
-    run.write(results)
+    bench.write(results)
     return 0
 
 

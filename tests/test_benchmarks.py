@@ -47,9 +47,10 @@ def test_every_benchmark_answers_help_with_the_harness_flag(script):
 
 def test_service_process_starts_a_real_service_reads_its_memory_and_stops_it(tmp_path, shapes_dir, tiny_module):
     graphs = tiny_graphs_dir(shapes_dir, tiny_module, tmp_path / "model", "tiny")
-    with harness.Processes(tmp_path) as procs:
-        service = procs.start_service("service", ["--graphs_dir", str(graphs), "--image_root", str(shapes_dir),
-                                                  "--grpc_port", "0", "--threads", "2"])
+    procs = harness.Processes(tmp_path)
+    service = procs.start_service("service", ["--graphs_dir", str(graphs), "--image_root", str(shapes_dir),
+                                              "--grpc_port", "0", "--threads", "2"])
+    try:
         assert service.wait_ready(timeout=180) is service and service.ready_seconds is not None
         assert service.log == tmp_path / "service.log" and service.log.is_file()  # a file, never a pipe
         with urllib.request.urlopen(f"http://127.0.0.1:{service.port}/models", timeout=30) as answer:
@@ -60,6 +61,10 @@ def test_service_process_starts_a_real_service_reads_its_memory_and_stops_it(tmp
         service.stop()
         assert service.proc.poll() is not None and not Path(f"/proc/{pid}").exists()  # gone, and reaped
         assert service.memory() is None
+    finally:
+        if service.proc.poll() is None:  # the helper failed to stop it: never leave a service behind
+            service.proc.kill()
+            service.proc.wait(30)
 
 
 def test_wait_ready_fails_at_once_with_the_log_tail_when_the_process_exits(tmp_path):
@@ -75,7 +80,13 @@ def test_leaving_the_with_block_stops_every_process_it_started(tmp_path):
     with harness.Processes(tmp_path) as procs:
         started = [procs.start(f"sleeper-{i}", sleeper) for i in range(2)]
         assert all(p.alive() for p in started)
-    assert [p.proc.poll() for p in started] == [-15, -15]  # terminated by the harness, not finished
+    try:
+        assert [p.proc.poll() for p in started] == [-15, -15]  # terminated by the harness, not finished
+    finally:
+        for p in started:
+            if p.proc.poll() is None:
+                p.proc.kill()
+                p.proc.wait(30)
 
 
 # ---------------------------------------------------------------- clean tree or --allow_dirty

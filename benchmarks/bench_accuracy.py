@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import DEFAULT_IMAGE_DIR, REPO_ROOT, machine_info, machine_line, prepare_imports, write_results
+from harness import DEFAULT_IMAGE_DIR, REPO_ROOT, Run, add_run_flags, machine_line, prepare_imports
 
 POETS_BASE = REPO_ROOT.parent / "shared" / "base" / "mobilenet_v1_025_224_frozen" / "frozen_graph.pb"
 POETS_FLAGS = ["--base_input_tensor", "input:0", "--base_bottleneck_tensor", "MobilenetV1/Predictions/Reshape:0",
@@ -72,21 +72,19 @@ def main() -> int:
                         help="finetune part: which tasks (default: %(default)s)")
     parser.add_argument("--orientation_tune", default=ORIENTATION_TUNE,
                         help="orientation part: the fine-tune flags (default: %(default)s)")
-    args = parser.parse_args()
+    args = add_run_flags(parser).parse_args()
     OPTIONS.update(vars(args))
     prepare_imports()
-    machine = machine_info()
+    run = Run("bench_accuracy", args)
+    machine = run.machine
     results = {"benchmark": "bench_accuracy", "machine": machine, "quick": args.quick, "parts": {}}
     with tempfile.TemporaryDirectory(prefix="bench_accuracy-") as tmp:
         for part in args.parts.split(","):
             started = time.time()
             results["parts"][part] = PARTS[part](Path(tmp) / part, args.quick)
             results["parts"][part]["part_seconds"] = round(time.time() - started, 1)
-    from common import load_average
-
-    machine["load_average_end"] = load_average()
-    print(machine_line(machine))
-    print(f"Results: {write_results('bench_accuracy', results, args.output)}")
+    print(machine_line(run.end()))
+    run.write(results, label="Results: ")
     return 0
 
 

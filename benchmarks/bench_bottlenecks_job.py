@@ -28,16 +28,16 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from common import (
+from harness import (
     DEFAULT_IMAGE_DIR,
     REPO_ROOT,
+    Run,
+    add_run_flags,
     load_average,
-    machine_info,
     machine_line,
     prepare_imports,
     resolve_image_dir,
     spread_sample,
-    write_results,
 )
 
 BATCH_SIZE = 32  # retrain.py's and the job's default --batch_size
@@ -50,7 +50,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image_dir", type=Path, help=f"one subfolder of images per class (default: {DEFAULT_IMAGE_DIR})")
     p.add_argument("--quick", action="store_true", help=f"at most {QUICK_IMAGES} images, spread over every class")
     p.add_argument("--output", type=Path, help="JSON file to write (default: under benchmarks/results/)")
-    return p.parse_args(argv)
+    return add_run_flags(p).parse_args(argv)
 
 
 def image_set(image_dir: Path, quick: bool, tmp: Path) -> tuple[Path, list[Path]]:
@@ -124,7 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     prepare_imports()
     requested, note = resolve_image_dir(args.image_dir)
-    machine = machine_info()
+    name = "bench_bottlenecks_job" + ("-quick" if args.quick else "")  # a quick run never overwrites a full one
+    run = Run(name, args)
     with tempfile.TemporaryDirectory(prefix="bench-job-") as tmp:
         tmp = Path(tmp)
         image_dir, paths = image_set(requested, args.quick, tmp)
@@ -135,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         in_process = bench_in_process(paths, tmp / "in-process-cache")
         print(f"in-process: {in_process['images_per_s']} images/s ({in_process['summary']})", flush=True)
         caches = compare_caches(tmp / "job-cache", tmp / "in-process-cache")
-    machine["load_average_end"] = load_average()
+    machine = run.end()
     results = {"machine": machine, "image_dir": str(requested), "note": note, "quick": args.quick,
                "batch_size": BATCH_SIZE, "job": job, "in_process": in_process,
                "ratio_job_to_in_process": round(job["images_per_s"] / in_process["images_per_s"], 3),
@@ -149,8 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(machine_line(machine))
     if note:
         print(f"note: {note}")
-    name = "bench_bottlenecks_job" + ("-quick" if args.quick else "")  # a quick run never overwrites a full one
-    print(f"results: {write_results(name, results, args.output)}")
+    run.write(results, label="results: ")
     return 0
 
 

@@ -39,19 +39,20 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench_service import Servers, graphs_dir_with, make_graph, service_cmd, wait_ready
-from common import (
+from bench_service import graphs_dir_with, make_graph, service_cmd
+from harness import (
     DEFAULT_IMAGE_DIR,
+    HOST,
     REPO_ROOT,
+    Processes,
+    Run,
+    add_run_flags,
     load_average,
-    machine_info_light,
     machine_line,
     process_memory_mib,
     spread_sample,
-    write_results,
 )
 
-HOST = "127.0.0.1"
 PROBE_EVERY_S = 0.5
 PROBE_TIMEOUT_S = 3.0
 REQUEST_TIMEOUT_S = 180.0
@@ -68,7 +69,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--part", choices=("load", "memory", "all"), default="all")
     p.add_argument("--quick", action="store_true", help="8 and 256 clients, thumbs, 10 s each")
     p.add_argument("--output", type=Path)
-    args = p.parse_args(argv)
+    args = add_run_flags(p).parse_args(argv)
     if args.quick:
         args.clients, args.workloads, args.seconds = "8,256", "thumbs", 10.0
     return args
@@ -234,12 +235,13 @@ def line(workload: str, shedding: str, s: dict) -> str:
 
 # ---------------------------------------------------------------- parts
 
-def bench_load(args: argparse.Namespace, servers: Servers, graphs: Path, root: Path) -> list[dict]:
+def bench_load(args: argparse.Namespace, servers: Processes, graphs: Path, root: Path) -> list[dict]:
     payloads = {"thumbs": [upload(b) for b in thumbnails()], "big": [upload(b) for b in big_pngs()]}
     rows = []
     for shedding in args.shedding.split(","):
         extra = [] if shedding == "on" else ["--max_queued_requests", "1000000"]
-        server = wait_ready(servers.start(f"service-shedding-{shedding}", [*service_cmd(graphs, root, 8), *extra]))
+        server = servers.start_service(f"service-shedding-{shedding}", [*service_cmd(graphs, root, 8), *extra]
+                                       ).wait_ready()
         for workload in args.workloads.split(","):
             for clients in (int(c) for c in args.clients.split(",")):
                 level = asyncio.run(run_level(server.port, server.proc.pid, clients, payloads[workload], args.seconds))
@@ -248,12 +250,12 @@ def bench_load(args: argparse.Namespace, servers: Servers, graphs: Path, root: P
                 print(line(workload, shedding, row), flush=True)
                 rows.append(row)
                 time.sleep(3 if shedding == "on" else 20)  # let the queue drain between levels
-        servers.stop(server)
+        server.stop()
     return rows
 
 
-def bench_memory(servers: Servers, graphs: Path, root: Path, env_name: str = "default") -> dict:
-    server = wait_ready(servers.start(f"service-memory-{env_name}", service_cmd(graphs, root, 8)))
+def bench_memory(servers: Processes, graphs: Path, root: Path, env_name: str = "default") -> dict:
+    server = servers.start_service(f"service-memory-{env_name}", service_cmd(graphs, root, 8)).wait_ready()
     thumbs, bigs = [upload(b) for b in thumbnails(20)], [upload(b) for b in big_pngs(12, side=4000)]
 
     async def burst(payloads: list[bytes]) -> Counter:
@@ -271,12 +273,12 @@ def bench_memory(servers: Servers, graphs: Path, root: Path, env_name: str = "de
 
     asyncio.run(burst(thumbs))
     time.sleep(2)
-    before = process_memory_mib(server.proc.pid)
+    before = server.memory()
     statuses = asyncio.run(burst(bigs))
-    right_after = process_memory_mib(server.proc.pid)
+    right_after = server.memory()
     time.sleep(10)
-    after = process_memory_mib(server.proc.pid)
-    servers.stop(server)
+    after = server.memory()
+    server.stop()
     result = {"before_mib": before["rss_mib"], "right_after_mib": right_after["rss_mib"],
               "after_10s_mib": after["rss_mib"], "peak_mib": after["peak_rss_mib"],
               "kept_after_10s_mib": round(after["rss_mib"] - before["rss_mib"], 1), "statuses": dict(statuses)}
@@ -288,27 +290,24 @@ def bench_memory(servers: Servers, graphs: Path, root: Path, env_name: str = "de
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    machine = machine_info_light()
+    run = Run("bench_overload", args, light=True)
+    machine = run.machine
     print(f"Machine: {machine['nproc']} CPUs ({machine['cpu_model']}), load {machine['load_average_start']}",
           flush=True)
-    results: dict = {"benchmark": "bench_overload", "machine": machine, "settings": vars(args) | {
+    flags = {k: v for k, v in vars(args).items() if k != "allow_dirty"}  # the keys the results always had
+    results: dict = {"benchmark": "bench_overload", "machine": machine, "settings": flags | {
         "graph": str(args.graph) if args.graph else None, "output": None,
         "imageclf_env": {k: v for k, v in os.environ.items() if k.startswith("IMAGECLF_") or k.startswith("MALLOC_")}}}
     with tempfile.TemporaryDirectory(prefix="bench_overload_") as tmp:
         work = Path(tmp)
         graph = args.graph or make_graph(work)
         graphs = graphs_dir_with(graph, work)
-        servers = Servers(work)
-        try:
+        with Processes(work) as servers:
             if args.part in ("load", "all"):
                 results["load"] = bench_load(args, servers, graphs, REPO_ROOT)
             if args.part in ("memory", "all"):
                 results["memory"] = bench_memory(servers, graphs, REPO_ROOT)
-        finally:
-            servers.stop_all()
-    machine["load_average_end"] = load_average()
-    out = write_results("bench_overload", results, args.output)
-    print(f"{machine_line(machine)}\nResults: {out}")
+    run.write(results, label=f"{machine_line(run.end())}\nResults: ")
     return 0
 
 

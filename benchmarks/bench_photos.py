@@ -36,7 +36,6 @@ import inspect
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,16 +46,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from common import (
+from harness import (
     DEFAULT_IMAGE_DIR,
+    HOST,
     REPO_ROOT,
-    load_average,
-    machine_info,
+    Processes,
+    Run,
+    add_run_flags,
+    latency_ms,
     machine_line,
     prepare_imports,
+    process_memory_mib,
     resolve_image_dir,
     spread_sample,
-    write_results,
 )
 
 if TYPE_CHECKING:
@@ -66,7 +68,6 @@ if TYPE_CHECKING:
     from imageclf.bottlenecks import BottleneckReport
     from imageclf.graph_model import GraphModel
 
-HOST = "127.0.0.1"  # the benchmark only ever talks to its own service
 PHOTO_SIZE = (4032, 3024)  # width, height as a phone sensor stores them (12.2 MP)
 JPEG_QUALITY = 92
 # Orientation tags given in turn: half the photos are stored turned, as a phone held upright or
@@ -76,7 +77,6 @@ SEED = 0
 TARGET_SIZE_MB = (2.0, 5.0)
 TARGET_SERVICE_RATIO = 2.0  # the goal for p50(12 MP) / p50(thumbnail) after the decode change
 BATCH_SIZE = 32  # retrain.py's default --batch_size
-READY_TIMEOUT_S = 180
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
 
@@ -173,10 +173,11 @@ def bare_forward_runner(base: BaseModel, n_images: int) -> Callable[[], float]:
 RUNTIMES = ("tf", "litert")
 
 
-def service_command(graphs_dir: Path, image_root: Path, port: int, runtime: str = "tf") -> list[str]:
-    """``python -m service`` with its defaults, except where it listens, what it serves and its runtime."""
-    return [sys.executable, "-m", "service", "--graphs_dir", str(graphs_dir), "--image_root", str(image_root),
-            "--host", HOST, "--port", str(port), "--grpc_port", "0", "--runtime", runtime]
+def service_command(graphs_dir: Path, image_root: Path, runtime: str = "tf") -> list[str]:
+    """``python -m service``'s flags: its defaults, except what it serves and its runtime (the harness adds
+    where it listens)."""
+    return ["--graphs_dir", str(graphs_dir), "--image_root", str(image_root), "--grpc_port", "0",
+            "--runtime", runtime]
 
 
 def classify_upload(conn: http.client.HTTPConnection, data: bytes) -> tuple[int, dict]:
@@ -334,21 +335,13 @@ def code_state() -> dict:
 
 
 def ms_stats(seconds: Sequence[float]) -> dict:
-    import numpy as np
-
-    ms = np.asarray(seconds, dtype=np.float64) * 1000.0
-    return {"n": len(ms), "p50_ms": round(float(np.percentile(ms, 50)), 1),
-            "p90_ms": round(float(np.percentile(ms, 90)), 1), "mean_ms": round(float(ms.mean()), 1)}
+    return latency_ms(seconds, (50, 90), digits=1)
 
 
 def proc_memory(pid: int | str = "self") -> dict:
-    """VmRSS and VmHWM (peak RSS) of a process, in MiB."""
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            fields[key] = int(value.split()[0])  # kB
-    return {"rss_mib": round(fields["VmRSS"] / 1024, 1), "hwm_mib": round(fields["VmHWM"] / 1024, 1)}
+    """VmRSS and VmHWM (peak RSS) of a process, in MiB, under this benchmark's key names."""
+    m = process_memory_mib(pid)
+    return {"rss_mib": m["rss_mib"], "hwm_mib": m["peak_rss_mib"]}
 
 
 def reset_peak_rss() -> bool:
@@ -503,40 +496,6 @@ def run_memory_probes(graph: Path, photos: list[Photo], sizes: Sizes, step: Call
 
 # ---------------------------------------------------------------- part b: the service
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(proc: subprocess.Popen, port: int, log: Path, timeout: float = READY_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the service exited ({proc.returncode}):\n{log.read_text(errors='replace')[-3000:]}")
-        conn = http.client.HTTPConnection(HOST, port, timeout=5)
-        try:
-            conn.request("GET", "/readyz")
-            if conn.getresponse().status == 200:
-                return
-        except OSError:
-            pass  # not listening yet
-        finally:
-            conn.close()
-        time.sleep(0.2)
-    raise RuntimeError(f"the service is not ready after {timeout:.0f} s:\n{log.read_text(errors='replace')[-3000:]}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def service_environment() -> dict[str, str]:
     """The IMAGECLF_* variables the service inherits (the flags service_command gives win over theirs)."""
     overridden = {f"IMAGECLF_{flag}" for flag in ("HOST", "PORT", "GRAPHS_DIR", "IMAGE_ROOT")}
@@ -550,19 +509,14 @@ def bench_service(graph: Path, photos: list[Photo], work: Path, sizes: Sizes, st
     (graphs_dir / graph.name).symlink_to(graph.resolve())
     thumbs = [p.thumbnail.read_bytes() for p in photos]
     big = [p.photo.read_bytes() for p in photos]
-    procs: dict[str, tuple[subprocess.Popen, int]] = {}
-    try:
-        for runtime in RUNTIMES:
-            port, log = free_port(), work / f"service-{runtime}.log"
-            with open(log, "wb") as f:  # a file, not a pipe: a full pipe would block the service
-                procs[runtime] = (subprocess.Popen(service_command(graphs_dir, work, port, runtime), cwd=REPO_ROOT,
-                                                   stdout=f, stderr=subprocess.STDOUT), port)
-            wait_ready(procs[runtime][0], port, log)
-        conns = {runtime: http.client.HTTPConnection(HOST, port, timeout=300) for runtime, (_, port) in procs.items()}
+    with Processes(work) as services:
+        procs = {runtime: services.start_service(f"service-{runtime}", service_command(graphs_dir, work, runtime)
+                                                 ).wait_ready() for runtime in RUNTIMES}
+        conns = {runtime: http.client.HTTPConnection(HOST, proc.port, timeout=300) for runtime, proc in procs.items()}
         for conn in conns.values():
             for data in thumbs[:3] + big[:2]:  # waitress threads, thread pools, the first large buffers
                 classify_upload(conn, data)
-        memory_before = {runtime: proc_memory(proc.pid) for runtime, (proc, _) in procs.items()}
+        memory_before = {runtime: proc_memory(proc.proc.pid) for runtime, proc in procs.items()}
         step(f"  services ready; {sizes.service_requests} thumbnails and {sizes.service_requests} photos each, "
              "interleaved")
         latencies = {r: {"thumbnail": [], "photo": []} for r in RUNTIMES}
@@ -580,15 +534,12 @@ def bench_service(graph: Path, photos: list[Photo], work: Path, sizes: Sizes, st
                         server_ms[runtime][kind].append(answer["time_ms"])
         for conn in conns.values():
             conn.close()
-        memory_after = {runtime: proc_memory(proc.pid) for runtime, (proc, _) in procs.items()}
-    finally:
-        for proc, _ in procs.values():
-            stop(proc)
+        memory_after = {runtime: proc_memory(proc.proc.pid) for runtime, proc in procs.items()}
     out = {}
     for runtime in RUNTIMES:
         one: dict = {"requests_each": sizes.service_requests, "errors": len(errors[runtime]),
                      "first_errors": errors[runtime][:3],
-                     "service_args": service_command(graphs_dir, work, 0, runtime)[3:],
+                     "service_args": service_command(graphs_dir, work, runtime),
                      "environment": service_environment(),
                      "memory_mib": {"before": memory_before[runtime], "after": memory_after[runtime]}}
         for kind, seconds in latencies[runtime].items():
@@ -754,7 +705,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory_probe", choices=("python", "in_graph"), help=argparse.SUPPRESS)
     p.add_argument("--probe_thumbnail", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--probe_photo", type=Path, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    args = add_run_flags(p).parse_args(argv)
     if args.photos is not None and args.photos < 2:
         p.error("--photos must be at least 2")
     return args
@@ -800,16 +751,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     sizes = QUICK if args.quick else Sizes()
     if args.photos is not None:
         sizes = Sizes(**{**asdict(sizes), "photos": args.photos})
-    machine = machine_info()
+    run = Run("bench_photos", args)
     code = code_state()
-    started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-photos-") as tmp:
         results = run_all(args, sizes, Path(tmp))
-    machine["load_average_end"] = load_average()
-    results = {"machine": machine, "code": code, "quick": bool(args.quick),
-               "wall_s": round(time.perf_counter() - started, 1), **results}
+    results = {"machine": run.end(), "code": code, "quick": bool(args.quick), "wall_s": run.wall_s(), **results}
     print(format_report(results))
-    print(f"\nWrote {write_results('bench_photos', results, args.output)}")
+    run.write(results)
     return 0
 
 

@@ -26,16 +26,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from common import (
+from harness import (
     DEFAULT_IMAGE_DIR,
     REPO_ROOT,
-    load_average,
-    machine_info,
+    Run,
+    add_run_flags,
     machine_line,
     prepare_imports,
     resolve_image_dir,
     spread_sample,
-    write_results,
 )
 
 if TYPE_CHECKING:
@@ -63,7 +62,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help=f"at most {QUICK_IMAGES} images for the throughput part; no retrains")
     p.add_argument("--output", type=Path, help="JSON file to write (default: under benchmarks/results/)")
-    return p.parse_args(argv)
+    return add_run_flags(p).parse_args(argv)
 
 
 def image_paths(image_dir: Path) -> list[Path]:
@@ -379,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.quick:
         paths = spread_sample(paths, QUICK_IMAGES)
-    machine = machine_info()
+    run = Run("bench_retrain", args)
     print(f"Part 1: bottleneck throughput on {len(paths):,} images...", file=sys.stderr)
     throughput = bench_throughput(paths)
     retrain = None
@@ -388,11 +387,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         retrain = bench_add_class(image_dir)
         if retrain is None:
             note = "; ".join(filter(None, [note, "retrains skipped: they need at least 3 class folders"]))
-    machine["load_average_end"] = load_average()
-    results = {"machine": machine, "image_dir": str(image_dir), "note": note, "quick": args.quick,
+    results = {"machine": run.end(), "image_dir": str(image_dir), "note": note, "quick": args.quick,
                "n_images": len(paths), "throughput": throughput, "retrain": retrain}
     print(format_report(results))
-    print(f"\nWrote {write_results('bench_retrain', results, args.output)}")
+    run.write(results)
     return 0
 
 

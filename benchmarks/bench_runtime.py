@@ -28,17 +28,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench_service import (
-    Servers,
     load_images,
     make_graph,
     per_s,
     run_load,
     take,
     upload_requests,
-    wait_ready,
     warm_up,
 )
-from common import load_average, machine_info, machine_line, prepare_imports, resolve_image_dir, write_results
+from harness import Processes, Run, add_run_flags, machine_line, prepare_imports, resolve_image_dir
 
 SETUPS = {
     "tf": ["--runtime", "tf"],
@@ -56,12 +54,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--graph", type=Path, help="graph to serve (default: retrain one on sample_images, ~20 s)")
     p.add_argument("--image_dir", type=Path, help="class folders of JPEGs (default: the dogs set, else sample_images)")
     p.add_argument("--output", type=Path, help="JSON file to write (default: under benchmarks/results/)")
-    return p.parse_args(argv)
+    return add_run_flags(p).parse_args(argv)
 
 
 def command(graphs_dir: Path, image_root: Path, threads: int, extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "service", "--graphs_dir", str(graphs_dir), "--image_root", str(image_root),
-            "--threads", str(threads), "--host", "127.0.0.1", "--grpc_port", "0", *extra]
+    return ["--graphs_dir", str(graphs_dir), "--image_root", str(image_root),
+            "--threads", str(threads), "--grpc_port", "0", *extra]
 
 
 def bench_services(graph: Path, image_dir: Path, encoded: list[bytes], work: Path, rounds: int, per_round: int
@@ -70,15 +68,14 @@ def bench_services(graph: Path, image_dir: Path, encoded: list[bytes], work: Pat
     graphs_dir.mkdir()
     (graphs_dir / graph.name).symlink_to(graph.resolve())
     uploads = upload_requests(encoded)
-    servers = Servers(work)
     rates: dict[str, list[float]] = {}
     p99: dict[str, list[float]] = {}
-    try:
+    with Processes(work) as servers:
         for clients in CLIENTS:
-            started = {name: servers.start(f"{name}-{clients}", command(graphs_dir, image_dir, clients, extra))
+            started = {name: servers.start_service(f"{name}-{clients}", command(graphs_dir, image_dir, clients, extra))
                        for name, extra in SETUPS.items()}
             for server in started.values():
-                warm_up(wait_ready(server), uploads, clients)
+                warm_up(server.wait_ready(), uploads, clients)
             for r in range(rounds):
                 for name, server in started.items():
                     result = run_load(server.port, take(uploads, r * per_round, per_round), clients)
@@ -88,9 +85,7 @@ def bench_services(graph: Path, image_dir: Path, encoded: list[bytes], work: Pat
                     if result.errors:
                         raise RuntimeError(f"{key}: {result.errors[0]}")
             for server in started.values():
-                servers.stop(server)
-    finally:
-        servers.stop_all()
+                server.stop()
     return {"rounds": rounds, "uploads_per_round": per_round,
             "images_per_s": {k: {"median": statistics.median(v), "rounds": v} for k, v in rates.items()},
             "p99_ms_median": {k: statistics.median(v) for k, v in p99.items()}}
@@ -166,7 +161,7 @@ def format_report(r: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     prepare_imports()
-    machine = machine_info()
+    run = Run("bench_runtime", args)
     image_dir, note = resolve_image_dir(args.image_dir)
     _, encoded = load_images(image_dir.resolve())
     rounds, per_round = (2, 96) if args.quick else (5, 192)
@@ -175,10 +170,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         graph = args.graph.resolve() if args.graph else make_graph(work)
         services = bench_services(graph, image_dir.resolve(), encoded, work, rounds, per_round)
         int8 = bench_int8(graph, encoded)
-    machine["load_average_end"] = load_average()
-    results = {"machine": machine, "note": note, "image_dir": str(image_dir), "services": services, "int8": int8}
+    results = {"machine": run.end(), "note": note, "image_dir": str(image_dir), "services": services, "int8": int8}
     print(format_report(results))
-    print(f"\nWrote {write_results('bench_runtime', results, args.output)}")
+    run.write(results)
     return 0
 
 

@@ -45,16 +45,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
-from common import (
+from harness import (
     DEFAULT_IMAGE_DIR,
+    HOST,
     REPO_ROOT,
-    load_average,
-    machine_info,
+    Processes,
+    Run,
+    ServiceProcess,
+    add_run_flags,
+    free_port,
+    latency_ms,
     machine_line,
     prepare_imports,
     resolve_image_dir,
     spread_sample,
-    write_results,
 )
 
 if TYPE_CHECKING:
@@ -62,13 +66,11 @@ if TYPE_CHECKING:
 
     from imageclf.classifier import Classifier
 
-HOST = "127.0.0.1"  # never anything else: the benchmark only talks to its own processes
 TARGET_LATENCY_RATIO = 1.3
 TARGET_THROUGHPUT_RATIO = 0.8
 N_IMAGES = 256  # distinct images cycled through by every measurement
 BATCH_SIZES = (8, 32)
 CLIENTS = (8, 32)  # each against a service with as many --threads
-READY_TIMEOUT_S = 180
 
 
 @dataclass(frozen=True)
@@ -126,7 +128,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--serve_naive", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=8, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    return add_run_flags(p).parse_args(argv)
 
 
 def load_images(image_dir: Path, n: int = N_IMAGES) -> tuple[list[Path], list[bytes]]:
@@ -164,14 +166,6 @@ def graph_details(model: Classifier, graph: Path) -> dict:
 
 
 # ---------------------------------------------------------------- statistics
-
-def percentiles(seconds: Sequence[float]) -> dict:
-    import numpy as np
-
-    ms = np.asarray(seconds) * 1000.0
-    return {"n": len(ms), "p50_ms": round(float(np.percentile(ms, 50)), 2),
-            "p99_ms": round(float(np.percentile(ms, 99)), 2), "mean_ms": round(float(ms.mean()), 2)}
-
 
 def per_s(n: int, seconds: float) -> float:
     return round(n / seconds, 1)
@@ -251,7 +245,7 @@ def inproc_stages(model: Classifier, encoded: list[bytes], n: int) -> dict:
         if getattr(model, "bytes_input", None) is not None:
             model.predict_encoded([data])
             stages["predict_encoded"].append(time.perf_counter() - t3)
-    return {name: percentiles(seconds) for name, seconds in stages.items() if seconds}
+    return {name: latency_ms(seconds) for name, seconds in stages.items() if seconds}
 
 
 def warm_up_model(model: Classifier, encoded: list[bytes]) -> None:
@@ -264,89 +258,11 @@ def warm_up_model(model: Classifier, encoded: list[bytes]) -> None:
 
 # ---------------------------------------------------------------- subprocesses
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Server:
-    name: str
-    proc: subprocess.Popen
-    port: int
-    log: Path
-
-    def memory(self) -> dict:
-        """VmRSS (now) and VmHWM (peak) of the server process, from /proc, in MiB."""
-        fields = {}
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                fields[key] = int(value.split()[0])  # kB
-        return {"rss_mib": round(fields["VmRSS"] / 1024, 1), "peak_rss_mib": round(fields["VmHWM"] / 1024, 1)}
-
-
-class Servers:
-    """Every process the benchmark starts, so that all of them are stopped in one finally block."""
-
-    def __init__(self, work: Path):
-        self.work = work
-        self.started: list[Server] = []
-
-    def start(self, name: str, cmd: list[str]) -> Server:
-        """Start without waiting, so that several servers can load their models at the same time."""
-        port = free_port()
-        log = self.work / f"{name}.log"
-        with open(log, "wb") as f:  # a file, not a pipe: a full pipe would block the server
-            proc = subprocess.Popen([*cmd, "--port", str(port)], cwd=REPO_ROOT, stdout=f, stderr=subprocess.STDOUT)
-        server = Server(name, proc, port, log)
-        self.started.append(server)
-        return server
-
-    def stop(self, server: Server) -> None:
-        if server.proc.poll() is None:
-            server.proc.terminate()
-            try:
-                server.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                server.proc.kill()
-                server.proc.wait()
-
-    def stop_all(self) -> None:
-        for server in self.started:
-            self.stop(server)
-
-
-def wait_ready(server: Server, timeout: float = READY_TIMEOUT_S) -> Server:
-    """Poll ``/readyz`` until 200: the model is loaded and warmed up."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.proc.poll() is not None:
-            raise RuntimeError(f"{server.name} exited ({server.proc.returncode}):\n{_tail(server.log)}")
-        conn = http.client.HTTPConnection(HOST, server.port, timeout=5)
-        try:
-            conn.request("GET", "/readyz")
-            if conn.getresponse().status == 200:
-                return server
-        except OSError:
-            pass  # not listening yet
-        finally:
-            conn.close()
-        time.sleep(0.2)
-    raise RuntimeError(f"{server.name} not ready after {timeout:.0f} s:\n{_tail(server.log)}")
-
-
-def _tail(path: Path, chars: int = 3000) -> str:
-    return path.read_text(errors="replace")[-chars:]
-
-
 def service_cmd(graphs_dir: Path, image_root: Path, threads: int, batched: bool = True, runtime: str = "tf",
                 grpc: bool = False) -> list[str]:
-    return [sys.executable, "-m", "service", "--graphs_dir", str(graphs_dir), "--image_root", str(image_root),
-            "--threads", str(threads), "--host", HOST, "--runtime", runtime,
+    """The service's flags (``Processes.start_service`` adds host and port)."""
+    return ["--graphs_dir", str(graphs_dir), "--image_root", str(image_root),
+            "--threads", str(threads), "--runtime", runtime,
             # HTTP only (several run at once), unless the memory part asks what gRPC costs.
             "--grpc_port", str(free_port() if grpc else 0), *([] if batched else ["--batch_size", "1"])]
 
@@ -357,8 +273,10 @@ def service_environment() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith("IMAGECLF_") and k not in overridden}
 
 
-def naive_cmd(graph: Path, threads: int) -> list[str]:
-    return [sys.executable, str(Path(__file__).resolve()), "--serve_naive", str(graph), "--threads", str(threads)]
+def start_naive(servers: Processes, graph: Path, threads: int) -> ServiceProcess:
+    port = free_port()
+    return servers.start("naive", [sys.executable, str(Path(__file__).resolve()), "--serve_naive", str(graph),
+                                   "--threads", str(threads), "--port", str(port)], port)
 
 
 # ---------------------------------------------------------------- HTTP load
@@ -406,9 +324,9 @@ class LoadResult:
 
     def summary(self) -> dict:
         out = {"requests": len(self.latencies), "errors": len(self.errors), "seconds": round(self.seconds, 3),
-               "requests_per_s": per_s(len(self.latencies), self.seconds), "latency": percentiles(self.latencies)}
+               "requests_per_s": per_s(len(self.latencies), self.seconds), "latency": latency_ms(self.latencies)}
         if self.server_ms:
-            out["server_time_ms_p50"] = {key: percentiles([t[key] / 1000 for t in self.server_ms])["p50_ms"]
+            out["server_time_ms_p50"] = {key: latency_ms([t[key] / 1000 for t in self.server_ms])["p50_ms"]
                                          for key in ("decode", "inference", "total")}
         if self.errors:
             out["first_error"] = self.errors[0]
@@ -461,14 +379,14 @@ def run_load(port: int, requests: list[Request], clients: int) -> LoadResult:
     return result
 
 
-def warm_up(server: Server, requests: list[Request], clients: int) -> None:
+def warm_up(server: ServiceProcess, requests: list[Request], clients: int) -> None:
     """A few requests first: waitress threads, TensorFlow's pools and the page cache get going."""
     run_load(server.port, take(requests, 0, 2 * clients), clients)
 
 
 # ---------------------------------------------------------------- parts 1-3: interleaved rounds
 
-def bench_latency(models: dict[str, Classifier], services: dict[str, Server], encoded: list[bytes],
+def bench_latency(models: dict[str, Classifier], services: dict[str, ServiceProcess], encoded: list[bytes],
                   by_path: list[Request], uploads: list[Request], sizes: Sizes) -> dict:
     """One request at a time: in-process, by path, by upload, per runtime, in alternating rounds; p50/p99 pooled."""
     chunk = sizes.latency // sizes.latency_rounds
@@ -486,8 +404,8 @@ def bench_latency(models: dict[str, Classifier], services: dict[str, Server], en
             o["by_path"].add(p)
             o["by_upload"].add(u)
             for key, seconds in (("in_process", times), ("by_path", p.latencies), ("by_upload", u.latencies)):
-                o["p50_ms_per_round"][key].append(percentiles(seconds)["p50_ms"])
-    return {runtime: {"in_process": percentiles(o["in_process"]), "by_path": o["by_path"].summary(),
+                o["p50_ms_per_round"][key].append(latency_ms(seconds)["p50_ms"])
+    return {runtime: {"in_process": latency_ms(o["in_process"]), "by_path": o["by_path"].summary(),
                       "by_upload": o["by_upload"].summary(), "p50_ms_per_round": o["p50_ms_per_round"]}
             for runtime, o in out.items()}
 
@@ -496,7 +414,7 @@ def _rate_key(runtime: str, what: str) -> str:
     return what if runtime == "tf" else f"{runtime}_{what}"
 
 
-def bench_throughput(models: dict[str, Classifier], services: dict[Setup, Server], encoded: list[bytes],
+def bench_throughput(models: dict[str, Classifier], services: dict[Setup, ServiceProcess], encoded: list[bytes],
                      uploads: list[Request], sizes: Sizes) -> dict:
     """In-process batches of 8 and 32 and batch 1 from 8 threads, per runtime, then each service, round
     after round."""
@@ -520,14 +438,14 @@ def bench_throughput(models: dict[str, Classifier], services: dict[Setup, Server
 
 
 def bench_rounds(graph: Path, graphs_dir: Path, image_root: Path, images: tuple[list[Path], list[bytes]],
-                 servers: Servers, sizes: Sizes, step: Callable[[str], None]) -> dict:
+                 servers: Processes, sizes: Sizes, step: Callable[[str], None]) -> dict:
     """Parts 1-3: the in-process models and the services are up together, used in turns."""
     from imageclf.graph_model import GraphModel
     from imageclf.litert_model import LiteModel, LiteOptions
 
     paths, encoded = images
     by_path, uploads = path_requests(paths, image_root), upload_requests(encoded)
-    services = {s: servers.start(s.key, service_cmd(graphs_dir, image_root, s.clients, s.batched, s.runtime))
+    services = {s: servers.start_service(s.key, service_cmd(graphs_dir, image_root, s.clients, s.batched, s.runtime))
                 for s in SETUPS}
     # In-process LiteRT as the service runs it by default: one single-threaded interpreter per core.
     cores = len(os.sched_getaffinity(0))
@@ -535,7 +453,7 @@ def bench_rounds(graph: Path, graphs_dir: Path, image_root: Path, images: tuple[
                                      "litert": LiteModel(graph, options=LiteOptions(threads=1, interpreters=cores))}
     try:
         for setup, server in services.items():
-            wait_ready(server)
+            server.wait_ready()
             warm_up(server, by_path + uploads, setup.clients)
         for model in models.values():
             warm_up_model(model, encoded)
@@ -552,22 +470,22 @@ def bench_rounds(graph: Path, graphs_dir: Path, image_root: Path, images: tuple[
         for model in models.values():
             model.close()  # frees thread pools and interpreters before the next parts
         for server in services.values():
-            servers.stop(server)
+            server.stop()
 
 
 # ---------------------------------------------------------------- parts 4-5
 
-def bench_naive(servers: Servers, graph: Path, uploads: list[Request], sizes: Sizes) -> dict:
-    server = wait_ready(servers.start("naive", naive_cmd(graph, threads=8)))
+def bench_naive(servers: Processes, graph: Path, uploads: list[Request], sizes: Sizes) -> dict:
+    server = start_naive(servers, graph, threads=8).wait_ready()
     try:
         run_load(server.port, uploads[:2], 1)  # TensorFlow's one-time start-up, which any server pays once
         result = run_load(server.port, take(uploads, 0, sizes.naive), 8)
         return {"clients": 8, "service_threads": 8, **result.summary(), **server.memory()}
     finally:
-        servers.stop(server)
+        server.stop()
 
 
-def bench_memory(servers: Servers, graphs_dir: Path, image_root: Path, uploads: list[Request],
+def bench_memory(servers: Processes, graphs_dir: Path, image_root: Path, uploads: list[Request],
                  sizes: Sizes, runtime: str = "tf", grpc: bool = False) -> dict:
     """RSS of a fresh service after each checkpoint of uploads from 8 clients: steady growth means a leak.
 
@@ -575,7 +493,8 @@ def bench_memory(servers: Servers, graphs_dir: Path, image_root: Path, uploads: 
     """
     uploads = with_bad_uploads(uploads)
     name = f"service-memory-{runtime}" + ("-grpc" if grpc else "")
-    server = wait_ready(servers.start(name, service_cmd(graphs_dir, image_root, 8, runtime=runtime, grpc=grpc)))
+    server = servers.start_service(name, service_cmd(graphs_dir, image_root, 8, runtime=runtime, grpc=grpc)
+                                   ).wait_ready()
     try:
         points = [{"requests": 0, **server.memory()}]
         total = LoadResult()
@@ -591,7 +510,7 @@ def bench_memory(servers: Servers, graphs_dir: Path, image_root: Path, uploads: 
                 "checkpoints": points, "errors": summary["errors"], "mixed_requests_per_s": summary["requests_per_s"],
                 "mixed_latency": summary["latency"]}
     finally:
-        servers.stop(server)
+        server.stop()
 
 
 # ---------------------------------------------------------------- the naive app (part 4)
@@ -804,8 +723,7 @@ def run_all(args: argparse.Namespace, work: Path, sizes: Sizes) -> dict:
     step("using --graph" if args.graph else "retraining a graph on sample_images (~20 s)")
     graph = args.graph.resolve() if args.graph else make_graph(work)
     graphs_dir = graphs_dir_with(graph, work)
-    servers = Servers(work)
-    try:
+    with Processes(work) as servers:
         step(f"starting the in-process model and {len(SETUPS)} services")
         results = bench_rounds(graph, graphs_dir, image_dir, images, servers, sizes, step)
         uploads = upload_requests(images[1])
@@ -816,8 +734,6 @@ def run_all(args: argparse.Namespace, work: Path, sizes: Sizes) -> dict:
             key = f"runtime {runtime}" + (", gRPC on" if grpc else ", HTTP only")
             step(f"memory of a fresh service ({key}) over {sizes.memory_checkpoints[-1]:,} uploads")
             results["memory"][key] = bench_memory(servers, graphs_dir, image_dir, uploads, sizes, runtime, grpc)
-    finally:
-        servers.stop_all()
     return {"image_dir": str(image_dir), "n_images": len(images[0]), "note": note, "quick": bool(args.quick),
             "sizes": asdict(sizes),
             "service_environment": service_environment(), **results}
@@ -829,15 +745,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.serve_naive:
         return serve_naive(args.serve_naive, args.port, args.threads)
     sizes = QUICK if args.quick else Sizes()
-    machine = machine_info()
-    started = time.perf_counter()
+    run = Run("bench_service", args)
     with work_dir() as work:
         results = run_all(args, work, sizes)
-    machine["load_average_end"] = load_average()
-    results = {"machine": machine, "wall_s": round(time.perf_counter() - started, 1), **results}
+    results = {"machine": run.end(), "wall_s": run.wall_s(), **results}
     add_ratios(results)
     print(format_report(results))
-    print(f"\nWrote {write_results('bench_service', results, args.output)}")
+    run.write(results)
     return 0
 
 

@@ -29,17 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_service import Servers, graphs_dir_with, make_graph, service_cmd, wait_ready
-from common import (
-    DEFAULT_IMAGE_DIR,
-    REPO_ROOT,
-    load_average,
-    machine_info_light,
-    machine_line,
-    write_results,
-)
+from bench_service import graphs_dir_with, make_graph, service_cmd
+from harness import DEFAULT_IMAGE_DIR, HOST, REPO_ROOT, Processes, Run, add_run_flags, machine_line, percentiles
 
-HOST = "127.0.0.1"
 WARM_UP = 10
 
 
@@ -49,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--graph", type=Path, help="graph to serve (default: retrain one on sample_images, ~20 s)")
     p.add_argument("--image", type=Path, help="the JPEG to send (default: a photo of ../shared, else a sample image)")
     p.add_argument("--output", type=Path, help="results JSON (default: benchmarks/results/bench_v2-HOST-TIME.json)")
-    return p.parse_args(argv)
+    return add_run_flags(p).parse_args(argv)
 
 
 def default_image() -> Path:
@@ -113,26 +105,23 @@ def measure(port: int, kinds: dict[str, tuple[str, bytes, dict]], n: int) -> dic
 
 
 def summary(values: list[float]) -> dict:
-    ordered = sorted(values)
-    return {"p50_ms": round(statistics.median(ordered), 3), "p90_ms": round(ordered[int(0.9 * len(ordered))], 3),
-            "mean_ms": round(statistics.fmean(ordered), 3), "n": len(ordered)}
+    p = percentiles(values, (50, 90))
+    return {"p50_ms": round(p[50], 3), "p90_ms": round(p[90], 3), "mean_ms": round(statistics.fmean(values), 3),
+            "n": len(values)}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    machine = machine_info_light()
+    run = Run("bench_v2", args, light=True)
     image = args.image or default_image()
     data = image.read_bytes()
     with tempfile.TemporaryDirectory(prefix="bench_v2_") as tmp:
         work = Path(tmp)
         graph = args.graph or make_graph(work)
-        servers = Servers(work)
-        try:
-            server = wait_ready(servers.start("service", service_cmd(graphs_dir_with(graph, work), work, 8)))
+        with Processes(work) as servers:
+            server = servers.start_service("service", service_cmd(graphs_dir_with(graph, work), work, 8)).wait_ready()
             times = measure(server.port, requests(graph.stem, data), args.requests)
-        finally:
-            servers.stop_all()
-    machine["load_average_end"] = load_average()
+    machine = run.end()
     results = {"machine": machine, "image": {"path": str(image), "bytes": len(data)},
                "requests_each": args.requests, "interleaved": True, "clients": 1,
                "results": {kind: summary(values) for kind, values in times.items()}}
@@ -142,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{kind:10s} p50 {row['p50_ms']:7.2f} ms  p90 {row['p90_ms']:7.2f} ms  mean {row['mean_ms']:7.2f} ms"
               f"  (p50 {row['p50_vs_v1_ms']:+.2f} ms vs v1)")
     print(machine_line(machine))
-    print(f"image {image} ({len(data):,} bytes); results: {write_results('bench_v2', results, args.output)}")
+    run.write(results, label=f"image {image} ({len(data):,} bytes); results: ")
     return 0
 
 

@@ -13,21 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
-from common import REPO_ROOT, machine_info_light, resolve_image_dir, write_results
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from harness import HOST, REPO_ROOT, Processes, Run, add_run_flags, resolve_image_dir
 
 
 def _get(url: str) -> dict | None:
@@ -51,28 +43,29 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image_dir", type=Path, default=None, help="class folders (default: the dev data)")
     parser.add_argument("--images", type=int, default=50, help="images in the dropped-in folder")
-    args = parser.parse_args()
+    parser.add_argument("--output", type=Path, help="results JSON (default: under benchmarks/results/)")
+    args = add_run_flags(parser).parse_args()
     source, note = resolve_image_dir(args.image_dir)
     classes = sorted(p for p in source.iterdir() if p.is_dir())
     if len(classes) < 4:
         sys.exit("need at least 4 class folders")
+    run = Run("bench_watch", args, light=True)
     work = Path(tempfile.mkdtemp(prefix="bench_watch-"))
-    data, graphs, port = work / "photos", work / "graphs", _free_port()
+    data, graphs = work / "photos", work / "graphs"
     graphs.mkdir()
     for folder in classes[:3]:
         shutil.copytree(folder, data / folder.name)
     new = classes[3]
-    python = sys.executable
-    procs = [subprocess.Popen([python, "-m", "service", "--graphs_dir", str(graphs), "--image_root", str(work),
-                               "--port", str(port), "--grpc_port", "0"], cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL),
-             subprocess.Popen([python, str(REPO_ROOT / "retrain.py"), "--image_dir", str(data), "--watch", "--quiet",
-                               "--output_graph", str(graphs / "photos.pb"), "--bottleneck_dir",
-                               str(work / "bottlenecks"), "--watch_interval", "1", "--watch_settle", "2"],
-                              cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    url = f"http://127.0.0.1:{port}"
+    procs = Processes(work)
     try:
-        first = _wait(lambda: (_get(f"{url}/readyz") or {}).get("status") == "ready", 600)
+        service = procs.start_service("service", ["--graphs_dir", str(graphs), "--image_root", str(work),
+                                                  "--grpc_port", "0"])
+        procs.start("retrain-watch", [sys.executable, str(REPO_ROOT / "retrain.py"), "--image_dir", str(data),
+                                      "--watch", "--quiet", "--output_graph", str(graphs / "photos.pb"),
+                                      "--bottleneck_dir", str(work / "bottlenecks"), "--watch_interval", "1",
+                                      "--watch_settle", "2"])
+        url = f"http://{HOST}:{service.port}"
+        first = service.wait_ready(600).ready_seconds
         label = new.name.lower().replace("_", " ")
         images = sorted(new.iterdir())[:args.images]
         probe = f"photos/{new.name}/{images[0].name}"
@@ -89,16 +82,14 @@ def main() -> int:
         seconds = _wait(answered, 600)
         total = time.perf_counter() - dropped if seconds is not None else None
     finally:
-        for proc in procs:
-            proc.terminate()
-            proc.wait(30)
+        procs.stop_all()
         shutil.rmtree(work, ignore_errors=True)
-    results = {"machine": machine_info_light(), "image_dir": str(source), "note": note,
+    results = {"machine": run.end(), "image_dir": str(source), "note": note,
                "base_classes": [c.name for c in classes[:3]], "new_class": new.name, "new_images": len(images),
                "watch_interval_s": 1, "watch_settle_s": 2, "first_model_served_s": first,
                "drop_to_new_label_s": total}
     print(json.dumps(results, indent=2))
-    write_results("bench_watch", results, None)
+    run.write(results)
     return 0
 
 

@@ -28,14 +28,11 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench_service import (
-    HOST,
-    Servers,
     graphs_dir_with,
     inproc_batched_rate,
     load_images,
@@ -43,12 +40,11 @@ from bench_service import (
     run_load,
     take,
     upload_requests,
-    wait_ready,
     warm_up,
     warm_up_model,
     work_dir,
 )
-from common import load_average, machine_info, machine_line, prepare_imports, resolve_image_dir, write_results
+from harness import Processes, Run, add_run_flags, load_average, machine_line, prepare_imports, resolve_image_dir
 
 TARGET_THROUGHPUT_RATIO = 0.8
 
@@ -88,7 +84,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--graph", type=Path, help="graph to serve (default: retrain one on sample_images, ~20 s)")
     p.add_argument("--image_dir", type=Path, help="class folders of JPEGs (default: as bench_service.py)")
     p.add_argument("--output", type=Path, help="JSON file to write (default: under benchmarks/results/)")
-    args = p.parse_args(argv)
+    args = add_run_flags(p).parse_args(argv)
     if args.rounds < 1 or args.images < 32 or args.clients < 1:
         p.error("--rounds must be positive, --images at least 32, --clients positive")
     return args
@@ -142,14 +138,12 @@ def run_rounds(args: argparse.Namespace, work: Path, cores: int) -> dict:
     graph = args.graph.resolve() if args.graph else make_graph(work)
     graphs_dir = graphs_dir_with(graph, work)
     all_configs = configs(cores, args.clients)
-    servers = Servers(work)
-    base = [sys.executable, "-m", "service", "--graphs_dir", str(graphs_dir), "--image_root", str(image_dir),
-            "--host", HOST, "--grpc_port", "0"]
-    try:
-        started = {c.key: servers.start(c.key, [*base, *c.flags]) for c in all_configs}
+    base = ["--graphs_dir", str(graphs_dir), "--image_root", str(image_dir), "--grpc_port", "0"]
+    with Processes(work) as servers:
+        started = {c.key: servers.start_service(c.key, [*base, *c.flags]) for c in all_configs}
         model = GraphModel(graph)
         for c in all_configs:
-            wait_ready(started[c.key])
+            started[c.key].wait_ready()
             warm_up(started[c.key], uploads, c.clients)
         warm_up_model(model, encoded)
         rounds: list[dict] = []
@@ -164,8 +158,6 @@ def run_rounds(args: argparse.Namespace, work: Path, cores: int) -> dict:
             print(f"  round {r + 1}/{args.rounds}, load {row['load_average']}: " + ", ".join(
                 f"{k} {v['per_s']}" for k, v in row.items() if k != "load_average"), file=sys.stderr, flush=True)
         model.close()
-    finally:
-        servers.stop_all()
     return {"image_dir": str(image_dir), "note": note, "n_images": len(paths), "graph": str(graph),
             "configs": {c.key: {"clients": c.clients, "flags": list(c.flags)} for c in all_configs},
             "rounds": rounds}
@@ -208,17 +200,15 @@ def format_report(results: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     prepare_imports()
-    machine = machine_info()
-    started = time.perf_counter()
+    run = Run("bench_workers", args)
     with work_dir() as work:
-        results = run_rounds(args, work, machine["nproc"])
-    machine["load_average_end"] = load_average()
-    results = {"machine": machine, "wall_s": round(time.perf_counter() - started, 1),
+        results = run_rounds(args, work, run.machine["nproc"])
+    results = {"machine": run.end(), "wall_s": run.wall_s(),
                "settings": {"rounds": args.rounds, "images_per_round": args.images, "clients": args.clients},
                **results}
     results["summary"] = summarize(results)
     print(format_report(results))
-    print(f"\nWrote {write_results('bench_workers', results, args.output)}")
+    run.write(results)
     return 0
 
 

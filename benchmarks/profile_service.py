@@ -29,8 +29,8 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bench_service import HOST, graphs_dir_with, load_images, make_graph, run_load, take, upload_requests, work_dir
-from common import load_average, machine_info, prepare_imports, resolve_image_dir, write_results
+from bench_service import graphs_dir_with, load_images, make_graph, run_load, take, upload_requests, work_dir
+from harness import HOST, Run, add_run_flags, prepare_imports, resolve_image_dir
 
 _STAGES: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0.0])  # calls, wall s, thread CPU s
 _LOCK = threading.Lock()
@@ -179,7 +179,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image_dir", type=Path, help="class folders of JPEGs (default: as bench_service.py)")
     p.add_argument("--output", type=Path, help="JSON file to write (default: under benchmarks/results/)")
     p.add_argument("--client", type=int, help=argparse.SUPPRESS)  # internal: the load process, on this port
-    return p.parse_args(argv)
+    return add_run_flags(p).parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -187,14 +187,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     prepare_imports()
     if args.client:
         return client(args.client, args.image_dir, args.clients, args.images)
-    machine = machine_info()
+    run = Run(f"profile_service-{args.clients}c", args)
     with work_dir() as work:
         results = profile(args, work)
-    machine["load_average_end"] = load_average()
-    results = {"machine": machine, "settings": {"clients": args.clients, "images": args.images,
+    results = {"machine": run.end(), "settings": {"clients": args.clients, "images": args.images,
                                                 "batch_wait_ms": args.batch_wait_ms}, **results}
     print(format_report(results))
-    print(f"\nWrote {write_results(f'profile_service-{args.clients}c', results, args.output)}")
+    run.write(results)
     return 0
 
 

@@ -58,17 +58,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
-from common import (
+from harness import (
+    HOST,
     REPO_ROOT,
-    load_average,
-    machine_info_light,
+    NotReady,
+    Processes,
+    Run,
+    ServiceProcess,
+    add_run_flags,
+    clone_first,
+    free_port,
+    latency_ms,
     machine_line,
     memory_available_mib,
-    process_memory_mib,
-    write_results,
+    percentile,
 )
 
-HOST = "127.0.0.1"  # never anything else: the benchmark only talks to its own service
 MODEL = "soak"      # the one model name served: graphs_dir/soak.pb
 READY_TIMEOUT_S = 240
 REQUEST_TIMEOUT_S = 60.0
@@ -141,7 +146,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", type=Path, help="JSON file to write [under benchmarks/results/]")
     # Internal: this file also retrains the graph variants, in a child process with --repo's code.
     p.add_argument("--make_graphs", type=Path, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    args = add_run_flags(p).parse_args(argv)
     preset = QUICK if args.quick else FULL
     args.reloads = args.reloads if args.reloads is not None else preset.reloads
     args.rss_every = args.rss_every or preset.rss_every
@@ -170,7 +175,7 @@ VARIANTS = (  # name, classes (None: all), training steps, learning rate
 
 def make_graphs_child(out: Path, repo: Path) -> int:
     """Retrain every variant with ``repo``'s code on its sample_images; one shared bottleneck cache."""
-    sys.path.insert(0, str(repo))
+    clone_first(repo)
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
     from imageclf.cli_common import quiet_tensorflow
 
@@ -313,82 +318,13 @@ def _child_env(repo: Path) -> dict[str, str]:
     return env
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGKILL if the benchmark dies without cleaning up (Linux)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Service:
-    proc: subprocess.Popen
-    port: int
-    log: Path
-    killed_by_watchdog: str | None = None
-
-    @classmethod
-    def start(cls, repo: Path, graphs_dir: Path, image_root: Path, port: int, log: Path,
-              extra: list[str]) -> Service:
-        cmd = [sys.executable, "-m", "service", "--graphs_dir", str(graphs_dir), "--image_root", str(image_root),
-               "--port", str(port), "--host", HOST, *extra]
-        with open(log, "wb") as f:  # a file, not a pipe: a full pipe would block the service
-            proc = subprocess.Popen(cmd, cwd=repo, env=_child_env(repo), stdout=f, stderr=subprocess.STDOUT,
-                                    start_new_session=True, preexec_fn=_die_with_parent)
-        return cls(proc, port, log)
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def memory(self) -> dict | None:
-        return process_memory_mib(self.proc.pid) if self.alive() else None
-
-    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> float:
-        started = time.monotonic()
-        while time.monotonic() - started < timeout:
-            if not self.alive():
-                raise ServiceDied(f"the service exited ({self.proc.returncode}) before it was ready:\n"
-                                  f"{self.tail()}")
-            if get(self.port, "/readyz", 5).status == 200:
-                return time.monotonic() - started
-            time.sleep(0.2)
-        raise ServiceDied(f"the service was not ready after {timeout:.0f} s:\n{self.tail()}")
-
-    def stop(self) -> None:
-        if self.alive():
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-    def tail(self, chars: int = 3000) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
-    def log_summary(self) -> dict:
-        text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        lines = text.splitlines()
-        errors = [ln for ln in lines if " ERROR " in ln or " CRITICAL " in ln]
-        return {"lines": len(lines), "tracebacks": text.count("Traceback (most recent call last)"),
-                "error_lines": len(errors), "warning_lines": sum(" WARNING " in ln for ln in lines),
-                "first_error_lines": errors[:5], "last_lines": lines[-15:]}
-
-
-class ServiceDied(RuntimeError):
-    """The service did not start (a finding, reported like the others)."""
+def service_log_summary(log: Path) -> dict:
+    text = log.read_text(errors="replace") if log.exists() else ""
+    lines = text.splitlines()
+    errors = [ln for ln in lines if " ERROR " in ln or " CRITICAL " in ln]
+    return {"lines": len(lines), "tracebacks": text.count("Traceback (most recent call last)"),
+            "error_lines": len(errors), "warning_lines": sum(" WARNING " in ln for ln in lines),
+            "first_error_lines": errors[:5], "last_lines": lines[-15:]}
 
 
 # ---------------------------------------------------------------- HTTP
@@ -562,18 +498,8 @@ def _category_order(cat: str) -> tuple:
     return next((i for i, p in enumerate(_ORDER) if cat.startswith(p)), len(_ORDER)), cat
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    s = sorted(values)
-    pos = (len(s) - 1) * q / 100
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
 def latency_summary(seconds: Sequence[float]) -> dict:
-    return {"n": len(seconds), "p50_ms": round(1000 * percentile(seconds, 50), 1),
-            "p99_ms": round(1000 * percentile(seconds, 99), 1), "max_ms": round(1000 * max(seconds), 1)}
+    return latency_ms(seconds, (50, 99), digits=1, mean=False, maximum=True)
 
 
 def slope(points: Sequence[tuple[float, float]]) -> float | None:
@@ -595,9 +521,10 @@ def _is_classification(parsed) -> bool:
 class Soak:
     """The shared state of one run: the service, the counters, the stop signal and the threads."""
 
-    def __init__(self, args: argparse.Namespace, service: Service, payloads: Payloads):
+    def __init__(self, args: argparse.Namespace, service: ServiceProcess, payloads: Payloads):
         self.args, self.service, self.p = args, service, payloads
         self.port = service.port
+        self.killed_by_watchdog: str | None = None
         self.stats = Stats()
         self.stop = threading.Event()           # everything stops
         self.phase_stop = threading.Event()     # hostile and slow clients stop (before the final checks)
@@ -866,7 +793,7 @@ class Soak:
                     reason = (f"machine MemAvailable {available:.0f} MiB under --min_available_mib "
                               f"{self.args.min_available_mib:.0f} (service RSS {mem['rss_mib']:.0f} MiB)")
                 if reason:
-                    self.service.killed_by_watchdog = reason
+                    self.killed_by_watchdog = reason
                     self.service.proc.kill()
                     self.event(f"WATCHDOG killed the service: {reason}")
                     self.stop.set()
@@ -1022,8 +949,9 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     graphs_dir.mkdir()
     atomic_replace(graphs_dir, variant_bytes[0])
     port = args.port or free_port()
-    service = Service.start(args.repo, graphs_dir, image_root, port, work / "service.log",
-                            shlex.split(args.service_args))
+    procs = Processes(work, cwd=args.repo, env=_child_env(args.repo), detach=True)
+    service = procs.start_service("service", ["--graphs_dir", str(graphs_dir), "--image_root", str(image_root),
+                                              *shlex.split(args.service_args)], port)
     out: dict = {"repo": repo_state(args.repo), "port": port, "setup_graphs_seconds": setup_graphs_s,
                  "variants": variants, "image_root": {"images": len(paths), "big": [p for p in paths if "big" in p]},
                  "payload_bytes": {"predict_many": len(payloads.predict_many), "deep_json": len(payloads.deep_json),
@@ -1032,8 +960,8 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     soak = None
     try:
         try:
-            out["ready_seconds"] = round(service.wait_ready(), 1)
-        except ServiceDied as e:
+            out["ready_seconds"] = round(service.wait_ready(READY_TIMEOUT_S).ready_seconds, 1)
+        except NotReady as e:
             out["findings"].append(f"service never became ready: {e}")
             return out
         out["rss_start"] = service.memory()
@@ -1071,7 +999,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         service.stop()
     out["still_running_threads"] = [t.name for t in soak.threads if t.is_alive()]
     out["service_exit_code"] = service.proc.returncode
-    out["killed_by_watchdog"] = service.killed_by_watchdog
+    out["killed_by_watchdog"] = soak.killed_by_watchdog
     out["soak_seconds"] = soak.elapsed()
     out["reloads"] = summarize_reloads(reloads, args.reloads, out.get("rss_after_warmup"), out.get("rss_start"))
     out["reload_log"] = reloads["reloads"]
@@ -1082,7 +1010,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     out["healthz"] = healthz_summary(soak.healthz)
     out["slow_clients"] = slow_summary(soak.slow_results)
     out["hostile"] = {"sent": dict(soak.hostile_sent), "limits": args.hostile_max, "log": soak.hostile_log}
-    out["service_log"] = service.log_summary()
+    out["service_log"] = service_log_summary(service.log)
     out["events"] = soak.events
     out["benchmark_thread_crash"] = soak.crashed
     out["findings"] += findings(out, args)
@@ -1265,8 +1193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.make_graphs:
         return make_graphs_child(args.make_graphs, args.repo)
-    machine = machine_info_light()
-    started = time.monotonic()
+    bench = Run("soak_service", args, light=True)  # not "run": that is the soak itself
     # SIGTERM (e.g. from a CI timeout) unwinds like Ctrl-C, so that the service is stopped; SIGINT is set
     # too, since a shell starts background jobs with it ignored.
     signal.signal(signal.SIGTERM, _interrupt)
@@ -1282,12 +1209,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"Kept {work}", file=sys.stderr)
         else:
             shutil.rmtree(work, ignore_errors=True)
-    machine["load_average_end"] = load_average()
     arguments = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                 if k not in ("preset", "make_graphs")}
-    results = {"machine": machine, "arguments": arguments, "wall_s": round(time.monotonic() - started, 1), **results}
+                 if k not in ("preset", "make_graphs", "allow_dirty")}
+    results = {"machine": bench.end(), "arguments": arguments, "wall_s": bench.wall_s(), **results}
     print(format_report(results))
-    print(f"\nWrote {write_results('soak_service', results, args.output)}")
+    bench.write(results)
     return 0
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -54,8 +55,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def image_set(image_dir: Path, quick: bool, tmp: Path) -> tuple[Path, list[Path]]:
-    """The folder both sides read and its files in retrain.py's order; with --quick, a folder of
-    symlinks to a sample spread over every class (the job lists folders, it takes no file list)."""
+    """The folder both sides read and its files in retrain.py's order; with --quick, a folder holding
+    copies of a sample spread over every class (the job lists folders, it takes no file list; copies,
+    since both sides leave out symlinks that lead out of the folder they read)."""
     from imageclf.dataset import scan_image_dir
 
     _, files = scan_image_dir(image_dir)
@@ -63,9 +65,9 @@ def image_set(image_dir: Path, quick: bool, tmp: Path) -> tuple[Path, list[Path]
         return image_dir, [f.path for f in files]
     subset = tmp / "subset"
     for f in spread_sample(files, QUICK_IMAGES):
-        link = subset / f.path.parent.name / f.path.name
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(f.path.resolve())
+        copy = subset / f.path.parent.name / f.path.name
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f.path, copy)
     _, files = scan_image_dir(subset)
     return subset, [f.path for f in files]
 

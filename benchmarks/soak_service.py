@@ -110,6 +110,25 @@ CLIENT_MIX = (("good_path", "good", 25), ("good_raw", "good", 18), ("good_multip
               ("bad_empty", "bad", 4), ("fuzz", "fuzz", 18))
 
 
+def _whole_answer(sock: socket.socket, limit: int = 65536) -> tuple[bytes, str | None]:
+    """An answer read up to its Content-Length or the end of the connection (one recv may hold only
+    the head: the service writes head and body apart), and the name of the error that ended it."""
+    data = b""
+    while len(data) < limit:
+        try:
+            chunk = sock.recv(limit)
+        except OSError as e:
+            return data, type(e).__name__
+        if not chunk:
+            break
+        data += chunk
+        head, sep, body = data.partition(b"\r\n\r\n")
+        length = re.search(rb"(?im)^content-length:[ \t]*(\d+)", head) if sep else None
+        if length and len(body) >= int(length.group(1)):
+            break
+    return data, None
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="Defaults in brackets are for a full run; --quick changes them as shown.")
@@ -736,11 +755,10 @@ class Soak:
     @staticmethod
     def _slow_answer(sock: socket.socket, t0: float) -> dict:
         seconds = round(time.monotonic() - t0, 1)
-        try:
-            sock.settimeout(5)
-            data = sock.recv(65536)
-        except OSError as e:
-            return {"outcome": "closed by service", "error": type(e).__name__, "seconds": seconds}
+        sock.settimeout(5)
+        data, error = _whole_answer(sock)
+        if error is not None and not data:
+            return {"outcome": "closed by service", "error": error, "seconds": seconds}
         if not data:
             return {"outcome": "closed by service", "seconds": seconds}
         head, _, body = data.partition(b"\r\n\r\n")

@@ -32,7 +32,6 @@ from waitress.task import ErrorTask, ThreadedTaskDispatcher
 
 from service.admission import Admission, Route
 from service.connections import BufferBudget, ClientConnections, Deadlines
-from service.event_loop import EpollLoop
 from service.framing import RequestTimeout, ServiceBusy, Stalled, StrictRequestParser
 
 log = logging.getLogger(__name__)
@@ -203,17 +202,6 @@ class GuardedServer(TcpWSGIServer):
         host, port = super().getsockname()
         return host, int(port)
 
-    def run(self):
-        """waitress's run, on the event loop that keeps its registrations (event_loop.py)."""
-        loop = EpollLoop(self._map)
-        try:
-            while self._map:
-                loop.turn(self.adj.asyncore_loop_timeout)
-        except (SystemExit, KeyboardInterrupt):
-            self.close()
-        finally:
-            loop.close()
-
     def note_refused(self, reason: str) -> None:
         self.refused[reason] += 1
         if self._on_refused is not None:
@@ -361,23 +349,14 @@ def serve_until(server, stop: threading.Event, grace_s: float = 5.0) -> None:
     stops its event loop at once, so answers still being written would be lost. Set ``stop``
     from a signal handler; call ``server.pull_trigger()`` too, to wake the loop at once.
     """
+    adj = server.adj
     channels = server._map  # noqa: SLF001 - waitress keeps its socket map there (BaseWSGIServer)
-    loop = EpollLoop(channels)
-    try:
-        _serve_then_drain(server, stop, grace_s, loop)
-    finally:
-        loop.close()
-    wasyncore.close_all(channels)
-
-
-def _serve_then_drain(server, stop: threading.Event, grace_s: float, loop: EpollLoop) -> None:
-    adj, channels = server.adj, server._map  # noqa: SLF001
 
     def turn(timeout: float) -> None:
-        loop.turn(timeout, full=True)  # connections are changed from here, outside their events
+        wasyncore.loop(timeout=timeout, map=channels, use_poll=adj.asyncore_use_poll, count=1)
 
     while not stop.is_set():
-        loop.turn(adj.asyncore_loop_timeout)
+        turn(adj.asyncore_loop_timeout)
     wasyncore.dispatcher.close(server)  # the listener only: the loop's trigger must keep working
     deadline = time.monotonic() + grace_s
     while True:
@@ -394,3 +373,4 @@ def _serve_then_drain(server, stop: threading.Event, grace_s: float, loop: Epoll
         log.warning("shutting down with %d request(s) unfinished after %g s", len(busy), grace_s)
     turn(0)  # close the idle connections marked above
     server.task_dispatcher.shutdown(cancel_pending=True, timeout=max(0.1, deadline - time.monotonic()))
+    wasyncore.close_all(channels)

@@ -200,6 +200,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not os.path.isdir(args.image_root):
         raise UserError(f"--image_root {args.image_root}: no such folder")
     worker = args.listen_fd >= 0
+    from imageclf.engine.trim import limit_malloc_arenas
+
+    limit_malloc_arenas()  # before any thread allocates: request threads share arenas (trim.py)
     # Ports first: a port in use is one line before a single model is loaded.
     listener = socket.socket(fileno=args.listen_fd) if worker else _bind_http(args.host, args.port)
     if args.grpc_port and not worker:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install, lint, and run the whole test suite (offline; about 8 minutes on 2 cores).
+# Install, lint, and run the whole test suite (offline; about 10 minutes on 2 cores, most of it the tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

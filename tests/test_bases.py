@@ -22,7 +22,7 @@ from imageclf.graph_model import GraphModel
 from imageclf.images import read_image
 from tests.demo_data import make_dataset
 
-from .conftest import FROZEN_BASE, TinyFeatures, needs_shared, run_tool, write_frozen_base
+from .conftest import FROZEN_BASE, TinyFeatures, needs_shared, run_in_process, write_frozen_base
 
 
 def features_of(base, images: np.ndarray) -> np.ndarray:
@@ -213,11 +213,13 @@ def test_frozen_graph_base_is_batched_and_scaled(tmp_path):
 @needs_shared
 def test_retrain_on_frozen_graph_base_cli(tmp_path):
     make_dataset(tmp_path / "data", per_class=8)
-    result = run_tool("retrain.py", "--image_dir", str(tmp_path / "data"), "--quiet",
-                      "--tfhub_module", str(FROZEN_BASE / "frozen_graph.pb"),
-                      "--base_input_tensor", "input:0", "--base_bottleneck_tensor", "MobilenetV1/Predictions/Reshape:0",
-                      "--base_input_mean", "127.5", "--base_input_std", "127.5", "--how_many_training_steps", "100",
-                      "--output_graph", str(tmp_path / "out.pb"), "--bottleneck_dir", str(tmp_path / "bn"))
+    result = run_in_process("retrain.py", retrain_cli.main, "--image_dir", str(tmp_path / "data"), "--quiet",
+                            "--tfhub_module", str(FROZEN_BASE / "frozen_graph.pb"),
+                            "--base_input_tensor", "input:0",
+                            "--base_bottleneck_tensor", "MobilenetV1/Predictions/Reshape:0",
+                            "--base_input_mean", "127.5", "--base_input_std", "127.5",
+                            "--how_many_training_steps", "100",
+                            "--output_graph", str(tmp_path / "out.pb"), "--bottleneck_dir", str(tmp_path / "bn"))
     assert result.returncode == 0, result.stderr
     assert "features MobilenetV1/Logits/AvgPool_1a/AvgPool:0" in result.stdout
     assert "224x224, 256 features" in result.stdout

@@ -7,11 +7,12 @@ import shutil
 import numpy as np
 import pytest
 
+from imageclf import retrain_cli
 from imageclf.dataset import TEST, TRAIN, VALIDATION, scan_image_dir, split_for
 from imageclf.errors import UserError
 from tests.demo_data import ALL_SHAPES, draw_shape, make_dataset
 
-from .conftest import run_tool
+from .conftest import run_in_process, run_tool
 
 
 def splits(image_dir):
@@ -96,7 +97,7 @@ def test_unusable_folders(tmp_path, setup, message):
 def test_cli_reports_folder_errors_without_traceback(tmp_path):
     make_dataset(tmp_path / "dogs", per_class=5, classes={"pug": "circle"})
     for image_dir, message in [(tmp_path / "nowhere", "no such folder"), (tmp_path / "dogs", "only one class")]:
-        result = run_tool("retrain.py", "--image_dir", str(image_dir), "--quiet")
+        result = run_in_process("retrain.py", retrain_cli.main, "--image_dir", str(image_dir), "--quiet")
         assert result.returncode == 2
         assert message in result.stderr and "Traceback" not in result.stderr
         assert result.stderr.startswith("retrain.py: error: ")

@@ -274,14 +274,15 @@ def test_config_values_out_of_range_are_user_errors(field, value, message):
 
 
 def test_retrain_refuses_to_fine_tune_a_frozen_graph_base_before_any_work(frozen_base, tmp_path):
+    from imageclf import retrain_cli
     from tests.demo_data import make_dataset
 
-    from .conftest import run_tool
+    from .conftest import run_in_process
 
     make_dataset(tmp_path / "data", per_class=3)
-    result = run_tool("retrain.py", "--image_dir", str(tmp_path / "data"), "--quiet", *frozen_base.flags(),
-                      "--fine_tune", "--output_graph", str(tmp_path / "out.pb"),
-                      "--bottleneck_dir", str(tmp_path / "bn"))
+    result = run_in_process("retrain.py", retrain_cli.main, "--image_dir", str(tmp_path / "data"), "--quiet",
+                            *frozen_base.flags(), "--fine_tune", "--output_graph", str(tmp_path / "out.pb"),
+                            "--bottleneck_dir", str(tmp_path / "bn"))
     assert result.returncode == 2 and "--fine_tune needs a base built here" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "bn").exists() and not (tmp_path / "out.pb").exists()

@@ -19,11 +19,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from imageclf import label_image_cli
 from imageclf.graph_model import GraphModel
 from imageclf.retrain import retrain
 from tests.demo_data import make_dataset
 
-from .conftest import POETS, REPO, needs_shared, quick_options, reference_input, run_tool
+from .conftest import POETS, REPO, needs_shared, quick_options, reference_input, run_in_process
 from .service_helpers import Server, multipart
 
 
@@ -44,8 +45,8 @@ def test_classify_by_path_matches_label_image(served, demo_model):
     status, answer = server.json("/?file=pictures/circle/circle_003.jpg&top_k=2")
     assert status == 200
     assert answer["model"]["name"] == "shapes" and answer["model"]["version"] > 0
-    cli = run_tool("label_image.py", "--graph", str(demo_model.graph), "--json",
-                   "--image", str(root / "pictures" / "circle" / "circle_003.jpg"))
+    cli = run_in_process("label_image.py", label_image_cli.main, "--graph", str(demo_model.graph), "--json",
+                         "--image", str(root / "pictures" / "circle" / "circle_003.jpg"))
     expected = json.loads(cli.stdout)["predictions"][:2]
     assert [p["label"] for p in answer["predictions"]] == [p["label"] for p in expected]
     for got, want in zip(answer["predictions"], expected, strict=True):

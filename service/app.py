@@ -23,7 +23,7 @@ from imageclf.paths import read_confined
 from imageclf.runtimes import RuntimeOptions
 from service.metrics import ServiceMetrics
 from service.security import install_security
-from service.tfs_rest import install_routes
+from service.tfs_rest import install_routes as install_tf_serving_routes
 from service.v2_api import v2_blueprint
 
 
@@ -91,7 +91,7 @@ def create_app(config: ServiceConfig, registry: ModelRegistry | None = None,
     _install_error_handlers(app, metrics)
     _install_metrics_hooks(app, metrics)
     _install_routes(app, engine, metrics, config)
-    _install_tf_serving_routes(app, engine)
+    install_tf_serving_routes(app, engine)  # TensorFlow Serving's REST API: tfs_rest.py
     app.register_blueprint(v2_blueprint(engine))  # Open Inference Protocol v2: docs/v2-protocol.md
     return app
 
@@ -133,11 +133,6 @@ def _install_routes(app: Flask, engine: Engine, metrics: ServiceMetrics, config:
     @app.get("/metrics")
     def prometheus():
         return Response(generate_latest(metrics.registry), mimetype=CONTENT_TYPE_LATEST)
-
-
-def _install_tf_serving_routes(app: Flask, engine: Engine) -> None:
-    """The TensorFlow Serving REST API, for our graphs (see tfs_rest)."""
-    install_routes(app, engine)
 
 
 def _classify_file(engine: Engine, config: ServiceConfig, user_path: str) -> dict:
